@@ -1,0 +1,54 @@
+"""Every error a user can cause, in one place.
+
+The CLI prints ``error: <message>`` and exits with status 2 for any GenArmError; the Python API raises these
+specific classes so applications can catch what they can handle. Messages name the file or value at fault and,
+where there is one, what to do about it.
+"""
+
+
+class GenArmError(Exception):
+    """Base class: bad input or an environment problem the user can fix."""
+
+
+class InputNotFoundError(GenArmError, FileNotFoundError):
+    """A path given by the user does not exist."""
+
+
+class NotACheckpointError(GenArmError, ValueError):
+    """A directory or file is not the kind of model or adapter the command expects."""
+
+
+class UnsupportedArchitectureError(GenArmError, ValueError):
+    """The model's architecture has no converter or runtime support."""
+
+
+class AdapterMismatchError(GenArmError, ValueError):
+    """A LoRA adapter does not fit the base model it is applied to."""
+
+
+class CorruptModelError(GenArmError, ValueError):
+    """A GGUF file is truncated, corrupt, or of the wrong kind for the operation."""
+
+
+class OutputExistsError(GenArmError, FileExistsError):
+    """The output file exists and --force was not given."""
+
+
+class InvalidOptionError(GenArmError, ValueError):
+    """An option has a value outside what it accepts."""
+
+
+class MissingDependencyError(GenArmError, ImportError):
+    """An optional dependency (an extra such as ``train``) is not installed."""
+
+
+def require(module: str, extra: str):
+    """Import an optional heavy dependency, or explain which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{module} is not installed; install it with: pip install 'genarm-local[{extra}]'"
+        ) from exc
