@@ -1,0 +1,51 @@
+"""The `genarm-local` command: one verb per module, imported only when that verb runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import GenArmError
+
+# verb -> (module, one-line help). Each module has add_arguments(parser) and main(args).
+VERBS = {
+    "convert": ("genarm_local.convert.convert", "convert an HF checkpoint or GGUF (+ LoRA) to GGUF"),
+    "quantize": ("genarm_local.convert.quantize", "quantize an F32/F16/BF16 GGUF with llama.cpp"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genarm-local",
+        description="GenARM test-time alignment on llama.cpp.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, (module, help_text) in VERBS.items():
+        sub = subparsers.add_parser(verb, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verb, show_traceback = args.verb, args.traceback
+    del args.verb, args.traceback
+    try:
+        importlib.import_module(VERBS[verb][0]).main(args)
+    except GenArmError as exc:
+        if show_traceback:
+            raise
+        print(f"genarm-local {verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"genarm-local {verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

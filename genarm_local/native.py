@@ -1,0 +1,243 @@
+"""Small owners of llama.cpp's native resources: model, LoRA adapter, context.
+
+Each object owns exactly one native handle and frees it in ``close()`` (also on ``with`` exit); nothing relies on
+``__del__`` alone. The wrappers go through llama-cpp-python's low-level ctypes bindings, not the high-level
+``Llama`` class, so the decode path does no per-token Python work beyond the call itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import llama_cpp as lc
+import numpy as np
+
+from .errors import CorruptModelError, InputNotFoundError, InvalidOptionError, NotACheckpointError
+
+GGUF_MAGIC = b"GGUF"
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+# llama.cpp logs to stderr by default; we keep the recent lines to quote them in error messages instead.
+_recent_log: collections.deque[str] = collections.deque(maxlen=20)
+
+
+@lc.llama_log_callback
+def _log_to_buffer(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    line = text.decode("utf-8", errors="replace").strip()
+    if line:
+        _recent_log.append(line)
+
+
+def backend_init() -> None:
+    """Initialise llama.cpp once per process and route its log into a ring buffer (GENARM_LOG=1 keeps stderr)."""
+    global _backend_ready
+    with _backend_lock:
+        if _backend_ready:
+            return
+        if not os.environ.get("GENARM_LOG"):
+            lc.llama_log_set(_log_to_buffer, ctypes.c_void_p())
+        lc.llama_backend_init()
+        _backend_ready = True
+
+
+def last_native_error() -> str:
+    """The most recent llama.cpp log line that looks like a failure, for error messages."""
+    for line in reversed(_recent_log):
+        if any(word in line.lower() for word in ("error", "failed", "invalid", "unable")):
+            return line
+    return _recent_log[-1] if _recent_log else "no details from llama.cpp"
+
+
+def check_gguf_path(path: str | os.PathLike) -> Path:
+    """Fail early, with a clear message, on a missing path or a file that is not GGUF at all."""
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise NotACheckpointError(f"{path} is a directory, expected a .gguf file")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise NotACheckpointError(f"{path} is not a GGUF file (bad magic bytes)")
+    return path
+
+
+class Model:
+    """One loaded GGUF model (weights shared by every context created over it)."""
+
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, vocab_only: bool = False):
+        self.path = check_gguf_path(path)
+        backend_init()
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
+        self._ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._ptr:
+            raise CorruptModelError(f"llama.cpp could not load {self.path}: {last_native_error()}")
+        self.vocab = lc.llama_model_get_vocab(self._ptr)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+
+    @property
+    def ptr(self):
+        if self._ptr is None:
+            raise InvalidOptionError(f"model {self.path} is closed")
+        return self._ptr
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as llama.cpp sees it (as a string), or None if absent."""
+        buf = ctypes.create_string_buffer(4096)
+        n = lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        tokens = (lc.llama_token * capacity)()
+        n = lc.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        if n < 0:  # buffer too small: llama.cpp returns minus the needed size
+            capacity = -n
+            tokens = (lc.llama_token * capacity)()
+            n = lc.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        return list(tokens[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The raw bytes of one token's piece (may be part of a UTF-8 character)."""
+        buf = ctypes.create_string_buffer(64)
+        n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary entry of a token as stored in the GGUF (used to compare vocabularies)."""
+        return lc.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            lc.llama_model_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Adapter:
+    """A GGUF LoRA adapter loaded against one model; applied per context with a scale."""
+
+    def __init__(self, model: Model, path: str | os.PathLike):
+        self.path = check_gguf_path(path)
+        self.model = model
+        self._ptr = lc.llama_adapter_lora_init(model.ptr, str(self.path).encode())
+        if not self._ptr:
+            raise CorruptModelError(
+                f"llama.cpp could not apply adapter {self.path} to {model.path}: {last_native_error()}"
+            )
+
+    @property
+    def ptr(self):
+        return self._ptr
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            lc.llama_adapter_lora_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> Adapter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Context:
+    """A llama.cpp context (KV cache + compute buffers) over a model, optionally with LoRA adapters set on it."""
+
+    def __init__(
+        self,
+        model: Model,
+        n_ctx: int = 512,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        adapters: Sequence[tuple[Adapter, float]] = (),
+        n_seq_max: int = 1,
+    ):
+        self.model = model
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = min(n_batch, n_ctx)
+        params.n_seq_max = n_seq_max
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        params.n_threads = params.n_threads_batch = threads
+        self._ptr = lc.llama_init_from_model(model.ptr, params)
+        if not self._ptr:
+            raise CorruptModelError(f"llama.cpp could not create a context for {model.path}: {last_native_error()}")
+        self.n_ctx = lc.llama_n_ctx(self._ptr)
+        self.n_batch = params.n_batch
+        if adapters:
+            handles = (lc.llama_adapter_lora_p_ctypes * len(adapters))(*(a.ptr for a, _ in adapters))
+            scales = (ctypes.c_float * len(adapters))(*(s for _, s in adapters))
+            if lc.llama_set_adapters_lora(self._ptr, handles, len(adapters), scales) != 0:
+                self.close()
+                raise CorruptModelError(f"llama.cpp refused the adapters for {model.path}: {last_native_error()}")
+
+    @property
+    def ptr(self):
+        return self._ptr
+
+    def clear(self) -> None:
+        """Forget every cached token (all sequences)."""
+        lc.llama_memory_clear(lc.llama_get_memory(self._ptr), True)
+
+    def logits_all(self, tokens: Sequence[int]) -> np.ndarray:
+        """Decode ``tokens`` from an empty cache and return a copy of the logits at every position, (n, n_vocab).
+
+        For evaluation and tests (fidelity, exactness checks); generation reads single rows in place instead.
+        """
+        if len(tokens) > self.n_ctx:
+            raise InvalidOptionError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
+        self.clear()
+        n_vocab = self.model.n_vocab
+        out = np.empty((len(tokens), n_vocab), dtype=np.float32)
+        batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start : start + self.n_batch]
+                batch.n_tokens = len(chunk)
+                for i, tok in enumerate(chunk):
+                    batch.token[i] = tok
+                    batch.pos[i] = start + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = True
+                rc = lc.llama_decode(self._ptr, batch)
+                if rc != 0:
+                    raise CorruptModelError(f"llama_decode failed ({rc}): {last_native_error()}")
+                for i in range(len(chunk)):
+                    row = lc.llama_get_logits_ith(self._ptr, i)
+                    out[start + i] = np.ctypeslib.as_array(row, shape=(n_vocab,))
+        finally:
+            lc.llama_batch_free(batch)
+        return out
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            lc.llama_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
