@@ -38,6 +38,10 @@ class InvalidOptionError(GenArmError, ValueError):
     """An option has a value outside what it accepts."""
 
 
+class NumericalError(GenArmError, ValueError):
+    """Logits hold NaN or +inf, or leave no token to sample."""
+
+
 class MissingDependencyError(GenArmError, ImportError):
     """An optional dependency (an extra such as ``train``) is not installed."""
 
