@@ -23,6 +23,6 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("genarm_local._fused", ["kernels/fused.c"])],
+    ext_modules=[Extension("genarm_local._fused", ["kernels/fused.c", "kernels/mix.c"], depends=["kernels/mix.h"])],
     cmdclass={"build_ext": BuildExt},
 )

@@ -1,0 +1,97 @@
+"""Speed of the fused guidance kernel against numpy, both measured in the same run.
+
+    python setup.py build_ext --inplace && PYTHONPATH=. python bench/bench_kernel.py
+
+Prints a markdown table of median microseconds per call: the numpy float32 reference (log_softmax of each row,
+weighted sum, renormalise) and genarm_local.mixing.mix_logprobs on 1 and 2 threads, with the speed-ups. The timings
+interleave, so a machine that slows down part-way slows all columns alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+
+from genarm_local.mixing import mix_logprobs
+
+N_VOCAB = 262_144  # Gemma-3
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    top = x.max(axis=-1, keepdims=True)
+    return x - (top + np.log(np.exp(x - top).sum(axis=-1, keepdims=True)))
+
+
+def numpy_mix(base: np.ndarray, arms: list[np.ndarray], alphas: list[float]) -> np.ndarray:
+    """What the kernel replaces, in float32 as the logits come."""
+    total = log_softmax(base)
+    for alpha, arm in zip(alphas, arms, strict=True):
+        total = total + np.float32(alpha) * log_softmax(arm)
+    return log_softmax(total)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_case(n_rows: int, n_arms: int, rounds: int, kernel_calls: int, seed: int = 0) -> dict[str, float]:
+    """Median µs per call for numpy and for the kernel on 1 and 2 threads, one round of each after the other."""
+    rng = np.random.default_rng(seed)
+    shape = (n_rows, N_VOCAB)
+    base = (rng.standard_normal(shape) * 3).astype(np.float32)  # the spread of real LLM logits
+    arms = [(rng.standard_normal(shape) * 3).astype(np.float32) for _ in range(n_arms)]
+    alphas = [1.0] + [0.5] * (n_arms - 1)
+    dst = np.empty_like(base)
+    runs = {
+        "numpy": lambda: numpy_mix(base, arms, alphas),
+        "kernel_1": lambda: mix_logprobs(dst, base, arms, alphas, n_threads=1),
+        "kernel_2": lambda: mix_logprobs(dst, base, arms, alphas, n_threads=2),
+    }
+    calls = {"numpy": 1, "kernel_1": kernel_calls, "kernel_2": kernel_calls}
+    for run in runs.values():  # warm caches and page in the buffers
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            for _ in range(calls[name]):
+                start = time.perf_counter_ns()
+                run()
+                times[name].append((time.perf_counter_ns() - start) / 1000)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=40, help="numpy calls per case (kernel: 10 per round)")
+    args = parser.parse_args()
+
+    cases = [
+        ("base + 1 ARM", 1, 1),
+        ("base + 3 ARMs", 1, 3),
+        ("batch of 8 rows, base + 1 ARM", 8, 1),
+    ]
+    print(f"vocab {N_VOCAB:,}; {cpu_name()}, {os.cpu_count()} CPUs; numpy {np.__version__}; median µs per call\n")
+    print("| case | numpy float32 | kernel, 1 thread | speed-up | kernel, 2 threads | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, n_rows, n_arms in cases:
+        result = bench_case(n_rows, n_arms, args.rounds, kernel_calls=10)
+        numpy_us, one, two = result["numpy"], result["kernel_1"], result["kernel_2"]
+        print(
+            f"| {label} | {numpy_us:,.0f} | {one:,.0f} | {numpy_us / one:.1f}× | {two:,.0f} | {numpy_us / two:.1f}× |"
+        )
+    print("\nReproduce: python setup.py build_ext --inplace && PYTHONPATH=. python bench/bench_kernel.py")
+
+
+if __name__ == "__main__":
+    main()
