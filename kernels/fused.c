@@ -11,6 +11,7 @@
 #include <Python.h>
 
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "mix.h"
@@ -45,12 +46,17 @@ static int source_open(Source *src, PyObject *obj, Py_ssize_t needed, int writab
 {
     src->has_view = 0;
     if (PyLong_Check(obj) && !PyBool_Check(obj)) {
-        src->ptr = (float *)PyLong_AsVoidPtr(obj);
-        if (src->ptr == NULL) {
-            if (!PyErr_Occurred())
-                PyErr_Format(PyExc_ValueError, "%s is a null address", src->name);
+        unsigned long long address = PyLong_AsUnsignedLongLong(obj);
+        if (PyErr_Occurred() || address > UINTPTR_MAX) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "%s is not an address: %R", src->name, obj);
             return -1;
         }
+        if (address == 0) {
+            PyErr_Format(PyExc_ValueError, "%s is a null address", src->name);
+            return -1;
+        }
+        src->ptr = (float *)(uintptr_t)address;
         return 0;
     }
     if (!PyObject_CheckBuffer(obj)) {

@@ -1,6 +1,9 @@
 """The fused guidance kernel (kernels/fused.c through genarm_local.mixing) against a float64 numpy reference."""
 
 import ctypes
+import sys
+import threading
+import time
 
 import llama_cpp
 import numpy as np
@@ -62,6 +65,20 @@ def test_matches_reference(n_vocab, alphas, scales):
     dst = np.empty(n_vocab, dtype=np.float32)
     mix_logprobs(dst, base, arms, alphas)
     assert_matches(dst, reference_logprobs(base, arms, alphas))
+
+
+@pytest.mark.parametrize("alphas", [(1.0,), (0.5, -0.3, 1.2)], ids=str)
+def test_realistic_logits_are_as_accurate_as_float32_allows(alphas):
+    """Logits spread like an LLM's (std 5, as Gemma-3's) take the float32 path, within a few roundings of float32."""
+    rng = np.random.default_rng(15)
+    base = random_logits(rng, 262_144, 5.0) - 4
+    arms = [random_logits(rng, 262_144, 5.0) - 4 for _ in alphas]
+    dst = np.empty_like(base)
+    mix_logprobs(dst, base, arms, alphas)
+    want = reference_logprobs(base, arms, alphas)
+    likely = want > -20
+    np.testing.assert_allclose(dst[likely], want[likely], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(dst, want, rtol=2e-6, atol=2e-5)
 
 
 @pytest.mark.parametrize("n_vocab", [7, 32_000, 262_144])
@@ -127,6 +144,37 @@ def test_threads_give_the_same_rows(n_rows):
     mix_logprobs(two, base, [arm], [1.0], n_threads=2)
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-6)
     assert_matches(two[0], reference_logprobs(base[0], [arm[0]], [1.0]))
+
+
+def test_the_gil_is_released_while_mixing():
+    rng = np.random.default_rng(16)
+    base, arm = random_logits(rng, (4, 262_144)), random_logits(rng, (4, 262_144))
+    dst = np.empty_like(base)
+    count, stop = 0, False
+
+    def count_whenever_allowed():
+        nonlocal count
+        while not stop:
+            count += 1
+            time.sleep(0)  # hands the GIL back, so the main thread can return from the kernel
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000)  # no forced switches: the counter runs only when the main thread lets go
+    counter = threading.Thread(target=count_whenever_allowed)
+    try:
+        counter.start()
+        during = 0
+        for _ in range(20):  # the counter may not be scheduled during one call on a busy machine
+            before = count
+            mix_logprobs(dst, base, [arm], [1.0])
+            during += count - before
+            if during:
+                break
+    finally:
+        stop = True
+        counter.join()
+        sys.setswitchinterval(switch_interval)
+    assert during > 0
 
 
 def test_addresses_equal_buffers():
@@ -330,6 +378,7 @@ ROW = np.zeros(100, dtype=np.float32)
         (lambda: mix_logprobs(ROW.copy(), ROW, [ROW], [1.0], arm_strides=[50]), "stride of ARM row 0 is 50"),
         (lambda: mix_logprobs(ROW.copy(), ROW, n_threads=0), "n_threads must be at least 1"),
         (lambda: mix_logprobs(0, ROW, n_vocab=100), "dst is a null address"),
+        (lambda: mix_logprobs(ROW.copy(), -8, n_vocab=100), "base row is not an address: -8"),
         (lambda: mix_logprobs(12345, ROW), "n_vocab is required when dst is an address"),
     ],
 )
