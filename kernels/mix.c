@@ -397,19 +397,20 @@ static MixStatus mix_blocks(float *dst, const float *const *rows, const double *
     return MIX_OK;
 }
 
-/* Pass B: shift every block from its own max to the row's normalisation, and from log2 units to nats. */
+/* Pass B over blocks [b_begin, b_end): shift each block from its own max to the row's normalisation, and from log2
+ * units to nats. */
 HOT_CLONES
-static void normalize_row(float *dst, const double *offsets, ptrdiff_t n_vocab, double log2_sum_exp)
+static void normalize_blocks(float *dst, const double *offsets, ptrdiff_t n_vocab, ptrdiff_t b_begin,
+                             ptrdiff_t b_end, double log2_sum_exp)
 {
-    for (ptrdiff_t b0 = 0; b0 < n_vocab; b0 += BLOCK) {
-        ptrdiff_t n = n_vocab - b0 < BLOCK ? n_vocab - b0 : BLOCK;
+    for (ptrdiff_t b = b_begin; b < b_end; b++) {
+        ptrdiff_t b0 = b * BLOCK, n = n_vocab - b0 < BLOCK ? n_vocab - b0 : BLOCK;
         float *out = dst + b0;
-        double offset = offsets[b0 / BLOCK];
-        if (offset == -INFINITY) {
+        if (offsets[b] == -INFINITY) {
             for (ptrdiff_t t = 0; t < n; t++)
                 out[t] = -INFINITY;
         } else {
-            float shift = (float)((offset - log2_sum_exp) * LN2);
+            float shift = (float)((offsets[b] - log2_sum_exp) * LN2);
             for (ptrdiff_t t = 0; t < n; t++)
                 out[t] = out[t] * (float)LN2 + shift;
         }
@@ -427,53 +428,145 @@ typedef struct {
     float *c32;
 } Mix;
 
-/* One thread's share: whole rows [row_begin, row_end), or (split_row) pass A over blocks [block_begin, block_end)
- * of row row_begin only, the caller finishing the row. */
+/* Mutex and condition variable. */
+#ifdef _WIN32
+typedef struct {
+    SRWLOCK lock;
+    CONDITION_VARIABLE changed;
+} Monitor;
+static void monitor_init(Monitor *m)
+{
+    InitializeSRWLock(&m->lock);
+    InitializeConditionVariable(&m->changed);
+}
+static void monitor_destroy(Monitor *m)
+{
+    (void)m;
+}
+static void monitor_enter(Monitor *m)
+{
+    AcquireSRWLockExclusive(&m->lock);
+}
+static void monitor_leave(Monitor *m)
+{
+    ReleaseSRWLockExclusive(&m->lock);
+}
+static void monitor_wait(Monitor *m)
+{
+    SleepConditionVariableSRW(&m->changed, &m->lock, INFINITE, 0);
+}
+static void monitor_notify(Monitor *m)
+{
+    WakeAllConditionVariable(&m->changed);
+}
+#else
+typedef struct {
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+} Monitor;
+static void monitor_init(Monitor *m)
+{
+    pthread_mutex_init(&m->lock, NULL);
+    pthread_cond_init(&m->changed, NULL);
+}
+static void monitor_destroy(Monitor *m)
+{
+    pthread_cond_destroy(&m->changed);
+    pthread_mutex_destroy(&m->lock);
+}
+static void monitor_enter(Monitor *m)
+{
+    pthread_mutex_lock(&m->lock);
+}
+static void monitor_leave(Monitor *m)
+{
+    pthread_mutex_unlock(&m->lock);
+}
+static void monitor_wait(Monitor *m)
+{
+    pthread_cond_wait(&m->changed, &m->lock);
+}
+static void monitor_notify(Monitor *m)
+{
+    pthread_cond_broadcast(&m->changed);
+}
+#endif
+
+/* The hand-over between threads sharing one row: each reports its pass A, then waits while the calling thread
+ * combines them, so that every thread runs pass B over the blocks it wrote (still in its own cache). */
+typedef struct {
+    Monitor monitor;
+    int reported;     /* worker threads done with pass A */
+    int decided, go;  /* the row is combined; pass B goes ahead */
+    double log2_sum_exp;
+} RowShare;
+
+/* One thread's share: whole rows [row_begin, row_end), or, with `share`, blocks [block_begin, block_end) of the
+ * single row. */
 typedef struct {
     const Mix *mix;
     ptrdiff_t row_begin, row_end, block_begin, block_end;
-    int split_row;
+    RowShare *share;
     const float **rows; /* scratch: the current row of each input */
     double *offsets;    /* one per block of a row */
     MixStatus status;
     ptrdiff_t row; /* the sequence at fault, with status */
-    int which;      /* the input at fault, with status */
+    int which;     /* the input at fault, with status */
     double row_max, row_sum;
 } Job;
 
-static void point_rows(const Mix *mix, const float **rows, ptrdiff_t r)
+static void pass_a(Job *job, ptrdiff_t r, ptrdiff_t b_begin, ptrdiff_t b_end)
 {
+    const Mix *mix = job->mix;
+    job->row = r;
+    job->row_max = -INFINITY;
+    job->row_sum = 0.0;
     for (int j = 0; j < mix->n_in; j++)
-        rows[j] = mix->row0[j] + r * mix->stride[j];
+        job->rows[j] = mix->row0[j] + r * mix->stride[j];
+    job->status = mix_blocks(mix->dst + r * mix->dst_stride, job->rows, mix->c, mix->c32, mix->n_in, mix->n_vocab,
+                             b_begin, b_end, job->offsets, &job->row_max, &job->row_sum, &job->which);
 }
 
-/* After pass A over a whole row: normalise it, or explain why there is nothing to normalise. */
-static MixStatus finish_row(const Mix *mix, float *dst, const float *const *rows, const double *offsets,
-                            double row_max, double row_sum, int *which)
-{
-    if (row_max == -INFINITY)
-        return explain_all_masked(rows, mix->n_in, mix->n_vocab, which);
-    normalize_row(dst, offsets, mix->n_vocab, row_max + log2(row_sum));
-    return MIX_OK;
-}
-
-static void run_job(Job *job)
+/* A job of whole rows. */
+static void run_rows(Job *job)
 {
     const Mix *mix = job->mix;
     job->status = MIX_OK;
     for (ptrdiff_t r = job->row_begin; r < job->row_end && job->status == MIX_OK; r++) {
-        float *dst = mix->dst + r * mix->dst_stride;
-        ptrdiff_t b_begin = job->split_row ? job->block_begin : 0;
-        ptrdiff_t b_end = job->split_row ? job->block_end : mix->n_blocks;
-        job->row = r;
-        job->row_max = -INFINITY;
-        job->row_sum = 0.0;
-        point_rows(mix, job->rows, r);
-        job->status = mix_blocks(dst, job->rows, mix->c, mix->c32, mix->n_in, mix->n_vocab, b_begin, b_end,
-                                 job->offsets, &job->row_max, &job->row_sum, &job->which);
-        if (job->status == MIX_OK && !job->split_row)
-            job->status = finish_row(mix, dst, job->rows, job->offsets, job->row_max, job->row_sum, &job->which);
+        pass_a(job, r, 0, mix->n_blocks);
+        if (job->status != MIX_OK)
+            break;
+        if (job->row_max == -INFINITY) /* nothing was written: the inputs are intact for the diagnosis */
+            job->status = explain_all_masked(job->rows, mix->n_in, mix->n_vocab, &job->which);
+        else
+            normalize_blocks(mix->dst + r * mix->dst_stride, job->offsets, mix->n_vocab, 0, mix->n_blocks,
+                             job->row_max + log2(job->row_sum));
     }
+}
+
+/* A worker's part of a shared row. */
+static void run_share(Job *job)
+{
+    RowShare *share = job->share;
+    pass_a(job, 0, job->block_begin, job->block_end);
+    monitor_enter(&share->monitor);
+    share->reported++;
+    monitor_notify(&share->monitor);
+    while (!share->decided)
+        monitor_wait(&share->monitor);
+    int go = share->go;
+    monitor_leave(&share->monitor);
+    if (go)
+        normalize_blocks(job->mix->dst, job->offsets, job->mix->n_vocab, job->block_begin, job->block_end,
+                         share->log2_sum_exp);
+}
+
+static void run_job(Job *job)
+{
+    if (job->share)
+        run_share(job);
+    else
+        run_rows(job);
 }
 
 #ifdef _WIN32
@@ -510,36 +603,83 @@ static void thread_join(Thread thread)
 }
 #endif
 
-/* Job 0 on the calling thread, the others on threads of their own (or here too, if a thread cannot start). */
-static void run_jobs(Job *jobs, int n_jobs)
+/* One row split by blocks. Job 0 is this thread's; it combines the others' pass A and decides on pass B. A job
+ * whose thread did not start is done here. */
+static void run_shared_row(const Mix *mix, Job *jobs, int n_jobs)
 {
     Thread threads[MAX_THREADS];
-    int started[MAX_THREADS];
+    int started[MAX_THREADS] = {0}, n_started = 0;
+    RowShare share = {0};
+    monitor_init(&share.monitor);
+    for (int i = 1; i < n_jobs; i++) {
+        jobs[i].share = &share;
+        started[i] = thread_start(&threads[i], &jobs[i]);
+        n_started += started[i];
+    }
+    for (int i = 0; i < n_jobs; i++)
+        if (!started[i])
+            pass_a(&jobs[i], 0, jobs[i].block_begin, jobs[i].block_end);
+    monitor_enter(&share.monitor);
+    while (share.reported < n_started)
+        monitor_wait(&share.monitor);
+    monitor_leave(&share.monitor);
+
+    double row_max = -INFINITY, row_sum = 0.0;
+    int ok = 1;
+    for (int i = 0; i < n_jobs && ok; i++) {
+        ok = jobs[i].status == MIX_OK;
+        fold(&row_max, &row_sum, jobs[i].row_max, jobs[i].row_sum);
+    }
+    if (ok && row_max == -INFINITY) {
+        jobs[0].status = explain_all_masked(jobs[0].rows, mix->n_in, mix->n_vocab, &jobs[0].which);
+        ok = 0;
+    }
+
+    monitor_enter(&share.monitor);
+    share.decided = 1;
+    share.go = ok;
+    share.log2_sum_exp = row_max + log2(row_sum);
+    monitor_notify(&share.monitor);
+    monitor_leave(&share.monitor);
+    for (int i = 0; i < n_jobs; i++)
+        if (!started[i] && ok)
+            normalize_blocks(mix->dst, jobs[i].offsets, mix->n_vocab, jobs[i].block_begin, jobs[i].block_end,
+                             share.log2_sum_exp);
+    for (int i = 1; i < n_jobs; i++)
+        if (started[i])
+            thread_join(threads[i]);
+    monitor_destroy(&share.monitor);
+}
+
+/* Rows split between jobs: job 0 here, the others on threads of their own (or here too, if one cannot start). */
+static void run_row_jobs(Job *jobs, int n_jobs)
+{
+    Thread threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
     for (int i = 1; i < n_jobs; i++)
         started[i] = thread_start(&threads[i], &jobs[i]);
-    run_job(&jobs[0]);
+    run_rows(&jobs[0]);
     for (int i = 1; i < n_jobs; i++) {
         if (started[i])
             thread_join(threads[i]);
         else
-            run_job(&jobs[i]);
+            run_rows(&jobs[i]);
     }
 }
 
-/* The whole call: n_threads jobs over rows (a batch) or over the blocks of the one row. Returns the
- * first error in row order, with its job in *failed. */
+/* The whole call: n_threads jobs over rows (a batch) or over the blocks of the one row. Returns the first error in
+ * row order, with its job in *failed. */
 static MixStatus run_mix(const Mix *mix, ptrdiff_t n_rows, int n_threads, Job *jobs, const float **rows,
                          double *offsets, Job **failed)
 {
-    int split_row = n_rows == 1 && n_threads > 1;
+    int shared_row = n_rows == 1 && n_threads > 1;
     for (int i = 0; i < n_threads; i++) {
         Job *job = &jobs[i];
         job->mix = mix;
-        job->split_row = split_row;
+        job->share = NULL;
+        job->status = MIX_OK;
         job->rows = rows + (size_t)i * mix->n_in;
-        if (split_row) {
-            job->row_begin = 0;
-            job->row_end = 1;
+        if (shared_row) {
             job->block_begin = mix->n_blocks * i / n_threads;
             job->block_end = mix->n_blocks * (i + 1) / n_threads;
             job->offsets = offsets; /* one row: each job fills its own blocks */
@@ -549,20 +689,16 @@ static MixStatus run_mix(const Mix *mix, ptrdiff_t n_rows, int n_threads, Job *j
             job->offsets = offsets + (size_t)i * mix->n_blocks;
         }
     }
-    run_jobs(jobs, n_threads);
+    if (shared_row)
+        run_shared_row(mix, jobs, n_threads);
+    else
+        run_row_jobs(jobs, n_threads);
     for (int i = 0; i < n_threads; i++)
         if (jobs[i].status != MIX_OK) {
             *failed = &jobs[i];
             return jobs[i].status;
         }
-    if (!split_row)
-        return MIX_OK;
-    double row_max = -INFINITY, row_sum = 0.0;
-    for (int i = 0; i < n_threads; i++)
-        fold(&row_max, &row_sum, jobs[i].row_max, jobs[i].row_sum);
-    *failed = &jobs[0];
-    jobs[0].status = finish_row(mix, mix->dst, jobs[0].rows, offsets, row_max, row_sum, &jobs[0].which);
-    return jobs[0].status;
+    return MIX_OK;
 }
 
 MixResult genarm_mix_rows(const MixSpec *spec, int n_threads)
