@@ -1,7 +1,8 @@
 """The GenARM guidance step: base and ARM logits in, one row of log-probabilities out.
 
-The arithmetic runs in the C kernel genarm_local._fused (kernels/fused.c); this module documents the formula,
-fills in defaults and turns the kernel's errors into genarm_local.errors classes.
+The arithmetic runs in the C extension genarm_local._fused (kernels/mix.c, with its Python face kernels/fused.c);
+this module documents the formula, fills in defaults and turns the kernel's errors into genarm_local.errors
+classes. The float64 numpy reference it is tested against lives in tests/test_kernel.py.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def mix_logprobs(
 ) -> None:
     """Write the GenARM decoding distribution's log-probabilities into ``dst``.
 
-    For each of ``n_rows`` sequences (GenARM, Xu et al., ICLR 2025, section 4):
+    For each of ``n_rows`` sequences, the guided decoding distribution of GenARM (Xu et al., ICLR 2025, section 4):
 
         dst = w0 * log_softmax(base) + sum_i alpha_i * log_softmax(arms[i])  -  logsumexp(same)
 

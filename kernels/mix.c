@@ -252,7 +252,7 @@ static inline void add_weighted_f64(double *RESTRICT mixed, const float *RESTRIC
     }
 }
 
-/* Largest value. A NaN may or may not win; either way it reaches the sum of exponentials, where it is caught. */
+/* Largest value (the caller has ruled out NaN). */
 static inline double max_f64(const double *RESTRICT v, ptrdiff_t n)
 {
     int64_t best = INT64_MIN;
@@ -363,8 +363,8 @@ static void fold(double *row_max, double *row_sum, double m, double s)
 }
 
 /* Pass A over blocks [b_begin, b_end) of one row: rows[j] are the n_in inputs with nonzero weight c[j], in log2
- * units (c32[j] the same in float32). Leaves each block's max in offsets[b] and folds the blocks into (*row_max, *row_sum). On error,
- * *which is the index into rows of the input at fault. */
+ * units (c32[j] the same in float32). Leaves each block's max in offsets[b] and folds the blocks into (*row_max,
+ * *row_sum). On error, *which is the index into rows of the input at fault. */
 HOT_CLONES
 static MixStatus mix_blocks(float *dst, const float *const *rows, const double *c, const float *c32, int n_in,
                             ptrdiff_t n_vocab, ptrdiff_t b_begin, ptrdiff_t b_end, double *offsets,

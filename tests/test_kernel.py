@@ -226,7 +226,8 @@ def test_rows_of_weight_zero_are_not_read():
     base = random_logits(rng, 5000)
     poisoned = np.full(5000, np.nan, dtype=np.float32)
     dst = np.empty_like(base)
-    mix_logprobs(dst, base, [poisoned, None, 0], [0.0, 0.0, 0.0])
+    unmapped = 8  # an address that would crash if read
+    mix_logprobs(dst, base, [poisoned, None, 0, unmapped], [0.0, 0.0, 0.0, 0.0])
     assert_matches(dst, reference_logprobs(base, [], []))
 
 
@@ -403,3 +404,9 @@ def test_the_extension_validates_on_its_own():
         _fused.mix(row, np.zeros(10, np.int32), [], [], 1.0, 10, 1, 10, [], 1)
     with pytest.raises(ValueError, match="needs 11"):
         _fused.mix(row, row, [], [], 1.0, 11, 1, 11, [], 1)
+    with pytest.raises(ValueError, match="must be positive"):
+        _fused.mix(row, row, [], [], 1.0, -10, 1, 10, [], 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _fused.mix(row, np.zeros(20, np.float32)[::2], [], [], 1.0, 10, 1, 10, [], 1)
+    with pytest.raises(TypeError, match="buffer or an address"):
+        _fused.mix(row, row, [object()], [1.0], 1.0, 10, 1, 10, [10], 1)
