@@ -59,9 +59,14 @@
 #endif
 
 /* The hot functions are compiled twice where GCC can dispatch at load time (glibc ifunc): once for the x86-64
- * baseline (SSE2), once for AVX2 + FMA. Wheels are moved between machines, so -march=native is not an option. */
+ * baseline (SSE2), once for AVX2 (+ FMA from GCC 12, which knows x86-64-v3). Wheels are moved between machines, so
+ * -march=native is not an option. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
+#if __GNUC__ >= 12
 #define HOT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define HOT_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
 #else
 #define HOT_CLONES
 #endif
