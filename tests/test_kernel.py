@@ -1,4 +1,4 @@
-"""The fused guidance kernel (kernels/fused.c through genarm_local.mixing) against a float64 numpy reference."""
+"""The fused guidance kernel (kernels/mix.c via genarm_local.mixing) against a float64 numpy reference."""
 
 import ctypes
 import sys
