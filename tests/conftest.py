@@ -1,0 +1,187 @@
+"""Offline fixtures: a byte-level BPE tokenizer trained on tests/data/corpus.txt and tiny random-weight HF models
+of every supported architecture, built once per session with fixed seeds. Nothing is downloaded.
+
+Widths are multiples of 256 so the K-quants really run (not their fallbacks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DATA = Path(__file__).parent / "data"
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# The fidelity text: the start of the corpus the fixture models were fitted on (over 64 tokens), where their
+# predictions are confident, as a real model's are on ordinary text.
+FIDELITY_TEXT = (DATA / "corpus.txt").read_text(encoding="utf-8")[:600]
+
+# name -> (HF class, config kwargs). "llama_small" is the small ARM, "llama_base" the larger base of the same
+# tokenizer (weak-to-strong).
+COMMON = dict(max_position_embeddings=512, rms_norm_eps=1e-6, initializer_range=0.06)
+MODEL_SPECS = {
+    "llama_small": ("LlamaForCausalLM", dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=512, tie_word_embeddings=True)),
+    "llama_base": ("LlamaForCausalLM", dict(hidden_size=512, num_hidden_layers=3, num_attention_heads=8,
+                                            num_key_value_heads=4, intermediate_size=1024, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2ForCausalLM", dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=512, tie_word_embeddings=False,
+                                       vocab_pad=16)),
+    "qwen3": ("Qwen3ForCausalLM", dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=128, intermediate_size=512,
+                                       tie_word_embeddings=True)),
+    "gemma3": ("Gemma3ForCausalLM", dict(hidden_size=256, num_hidden_layers=3, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
+                                         intermediate_size=512, sliding_window=16,
+                                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                         final_logit_softcapping=30.0, tie_word_embeddings=True)),
+}
+CONFIG_CLASSES = {
+    "LlamaForCausalLM": "LlamaConfig",
+    "Qwen2ForCausalLM": "Qwen2Config",
+    "Qwen3ForCausalLM": "Qwen3Config",
+    "Gemma3ForCausalLM": "Gemma3TextConfig",
+}
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("genarm")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(workdir) -> Path:
+    """Byte-level BPE (qwen2 pre-tokenizer regex) trained on the test corpus, saved as an HF fast tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    # BPE training is deterministic: same corpus, same merges.
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train([str(DATA / "corpus.txt")], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    out = workdir / "tokenizer"
+    fast.save_pretrained(out)
+    return out
+
+
+def build_model(name: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    hf_class, spec = MODEL_SPECS[name]
+    spec = dict(spec)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab_size = len(tokenizer) + spec.pop("vocab_pad", 0)
+    config = getattr(transformers, CONFIG_CLASSES[hf_class])(
+        vocab_size=vocab_size, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None, **COMMON, **spec,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, hf_class)(config).eval()
+    with torch.no_grad():  # norms away from their init so a mistake in handling them shows
+        for pname, param in model.named_parameters():
+            if "norm" in pname:
+                param.copy_(param + 0.2 * torch.randn_like(param))
+            elif pname.endswith("bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+    _fit_to_corpus(model, tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _fit_to_corpus(model, tokenizer, steps: int = int(os.environ.get("FIT_STEPS", 40)), block: int = 128) -> None:
+    """A few optimizer steps on the corpus: purely random models have near-flat, tie-prone next-token
+    distributions, unlike real ones; a briefly trained model has confident predictions whose top-1 is meaningful
+    to compare across quantization types."""
+    import torch
+
+    ids = tokenizer((DATA / "corpus.txt").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    blocks = torch.tensor([ids[i : i + block] for i in range(0, len(ids) - block + 1, block // 2)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(os.environ.get("FIT_LR", 1e-2)))
+    model.train()
+    for _ in range(steps):
+        loss = model(blocks, labels=blocks).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_model(workdir, tokenizer_dir):
+    """Factory: the checkpoint directory of a tiny model by name (built on first use, then cached)."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = build_model(name, tokenizer_dir, workdir / name, seed=len(cache) + 1)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_model(workdir, hf_model):
+    """Factory: (name, outtype) -> converted GGUF path, cached for the session."""
+    from genarm_local.convert import convert
+
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, outtype: str = "f32") -> Path:
+        key = (name, outtype)
+        if key not in cache:
+            cache[key] = convert(hf_model(name), workdir / f"{name}-{outtype}.gguf", outtype=outtype, progress=False)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(workdir, hf_model) -> Path:
+    """A PEFT LoRA adapter on llama_small with random (non-zero) A and B on every linear layer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(hf_model("llama_small"), dtype=torch.float32)
+    torch.manual_seed(7)
+    config = LoraConfig(
+        r=8, lora_alpha=16, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    peft_model = get_peft_model(base, config)
+    with torch.no_grad():  # init_lora_weights=False is random but small; make the effect clearly visible
+        for pname, param in peft_model.named_parameters():
+            if "lora_B" in pname:
+                param.mul_(4.0)
+    out = workdir / "lora_small"
+    peft_model.save_pretrained(out)
+    (out / "note.json").write_text(json.dumps({"base": "llama_small"}))
+    return out

@@ -1,0 +1,51 @@
+"""Shared checks for the tests: logits from HF and from llama.cpp over the same token ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def hf_logits(model_dir: Path | None, ids: list[int], model=None) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def llama_logits(gguf_path: Path, ids: list[int], adapter: Path | None = None, scale: float = 1.0) -> np.ndarray:
+    from genarm_local.native import Adapter, Context, Model
+
+    with Model(gguf_path) as model:
+        lora = Adapter(model, adapter) if adapter else None
+        try:
+            with Context(model, n_ctx=512, adapters=[(lora, scale)] if lora else ()) as ctx:
+                return ctx.logits_all(ids)
+        finally:
+            if lora:
+                lora.close()
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
+    """Mean over positions of KL(reference || other), in nats."""
+    p, q = log_softmax(reference), log_softmax(other)
+    return float((np.exp(p) * (p - q)).sum(axis=-1).mean())
+
+
+def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+def relative_max_error(reference: np.ndarray, other: np.ndarray) -> float:
+    """max |Δ| divided by the range of the reference logits."""
+    return float(np.abs(reference - other).max() / (reference.max() - reference.min()))
