@@ -64,6 +64,8 @@ def write_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, arch: st
         tokens.append(text)
         scores.append(score)
         types.append(token_type)
+    if isinstance(vocab, LlamaHfVocab):
+        _score_by_merge_rank(model_dir, scores)
     _mark_user_defined(model_dir, tokens, types)
     if len(tokens) > n_vocab:
         raise NotACheckpointError(
@@ -86,7 +88,37 @@ def write_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, arch: st
     if arch == "gemma3":
         writer.add_add_space_prefix(False)
     special = SpecialVocab(model_dir, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=n_vocab)
+    _add_special_from_template(model_dir, special)
     special.add_to_gguf(writer, quiet=True)
+
+
+def _score_by_merge_rank(model_dir: Path, scores: list) -> None:
+    """LlamaHfVocab scores every token -1000, but llama.cpp's SPM tokenizer merges the adjacent pair whose merged
+    token scores highest, so equal scores merge left to right instead of in the tokenizer's order. Score each token
+    by the rank of the first merge producing it (earlier merge, higher score), as SentencePiece's BPE scores do;
+    tokens no merge produces score below every merge."""
+    model = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    merges, token_ids = model.get("merges") or [], model.get("vocab") or {}
+    scores[:] = [-float(len(merges))] * len(scores)
+    for rank in reversed(range(len(merges))):  # reversed: the first merge producing a token sets its score
+        merge = merges[rank]
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        token_id = token_ids.get(left + right)
+        if token_id is not None and token_id < len(scores):
+            scores[token_id] = -float(rank)
+
+
+def _add_special_from_template(model_dir: Path, special: SpecialVocab) -> None:
+    """A tokenizer.json post-processor template of the sequence alone means HF adds no BOS/EOS; gguf-py reads only
+    templates with specials in them and would leave llama.cpp at its default (the SPM default adds BOS)."""
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        return
+    processor = json.loads(path.read_text(encoding="utf-8")).get("post_processor") or {}
+    single = processor.get("single") or []
+    if processor.get("type") == "TemplateProcessing" and [list(step) for step in single] == [["Sequence"]]:
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
 
 
 def _mark_user_defined(model_dir: Path, tokens: list, types: list) -> None:
