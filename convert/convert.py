@@ -52,7 +52,8 @@ def convert(
 
     if adapter_only:
         adapter = read_adapter(Path(lora))
-        with open_source(source) if source.is_dir() else _gguf_base(source) as ckpt, atomic_output(output, force) as tmp:
+        base = open_source(source) if source.is_dir() else _gguf_base(source)
+        with base as ckpt, atomic_output(output, force) as tmp:
             export_adapter(ckpt, adapter, tmp, FLOAT_TYPES[outtype], progress)
             if source.is_file():  # llama.cpp checks adapter tensors against a loaded base; we have one
                 _test_load_adapter(source, tmp)
@@ -72,7 +73,7 @@ def convert(
 
 def _gguf_base(source: Path):
     """A GGUF base for --adapter-only: only its architecture, config and tensor shapes are needed."""
-    from .checkpoint import load_transformers_model, _from_model
+    from .checkpoint import _from_model, load_transformers_model
 
     model, reader = load_transformers_model(source)
     return _from_model(model, source, reader)
@@ -89,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="Hugging Face checkpoint directory, or a GGUF file (loaded dequantized)")
     parser.add_argument("-o", "--output", required=True, help="output .gguf path")
     parser.add_argument(
-        "--outtype", default="f16", help=f"output type: {', '.join(OUTTYPES)} (default: %(default)s)"
+        "--outtype", default="f16", help=f"output type: {', '.join(OUTTYPES)}"
     )
     parser.add_argument("--lora", metavar="ADAPTER_DIR", help="PEFT LoRA adapter to merge into the weights")
     parser.add_argument(

@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, (module, help_text) in VERBS.items():
-        sub = subparsers.add_parser(verb, help=help_text, description=help_text)
+        sub = subparsers.add_parser(
+            verb, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         importlib.import_module(module).add_arguments(sub)
     return parser
 

@@ -23,7 +23,10 @@ def llama_logits(gguf_path: Path, ids: list[int], adapter: Path | None = None, s
     with Model(gguf_path) as model:
         lora = Adapter(model, adapter) if adapter else None
         try:
-            with Context(model, n_ctx=512, adapters=[(lora, scale)] if lora else ()) as ctx:
+            # F32 KV cache and no flash attention: llama.cpp's CPU flash-attention path rounds K, V and the scores
+            # through F16 whatever the cache type, which would dominate an F32 comparison.
+            adapters = [(lora, scale)] if lora else ()
+            with Context(model, n_ctx=512, adapters=adapters, kv_cache_type="f32", flash_attn=False) as ctx:
                 return ctx.logits_all(ids)
         finally:
             if lora:

@@ -72,7 +72,8 @@ def test_unsupported_architecture_lists_supported(hf_model, out_dir, tmp_path):
 @pytest.mark.parametrize("adapter_only", [False, True])
 def test_adapter_that_does_not_fit(hf_model, lora_adapter, out_dir, adapter_only):
     extra = ["--adapter-only"] if adapter_only else []
-    r = run_cli("convert", hf_model("llama_base"), "-o", out_dir / "x.gguf", "--lora", lora_adapter, *extra, cwd=out_dir)
+    base = hf_model("llama_base")
+    r = run_cli("convert", base, "-o", out_dir / "x.gguf", "--lora", lora_adapter, *extra, cwd=out_dir)
     assert_clean_failure(r, out_dir, "lora_small", "another model")
 
 
