@@ -56,6 +56,10 @@ def _to_numpy(tensor) -> np.ndarray:
     return tensor.detach().to(torch.float32).cpu().numpy()
 
 
+# safetensors' dtype names -> torch's
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
 def _weight_files(model_dir: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = model_dir / index_name
@@ -98,17 +102,16 @@ def open_hf_dir(model_dir: Path) -> Checkpoint:
             for name in handle.keys():
                 view = handle.get_slice(name)
                 shapes[name] = tuple(view.get_shape())
-                dtypes.add(view.get_dtype())
+                dtypes.add(_DTYPE_NAMES.get(view.get_dtype(), "float32"))
                 readers[name] = lambda h=handle, n=name: h.get_tensor(n)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             for name, tensor in state.items():
                 shapes[name] = tuple(tensor.shape)
-                dtypes.add(str(tensor.dtype))
+                dtypes.add(str(tensor.dtype).removeprefix("torch."))
                 readers[name] = lambda t=tensor: t
-    source_dtype = "bfloat16" if any("bf16" in d.lower() or "bfloat16" in d for d in dtypes) else (
-        "float16" if any(d.lower() in ("f16", "torch.float16") for d in dtypes) else "float32"
-    )
+    # The widest float type present decides the precision a quantized export passes through.
+    source_dtype = next((d for d in ("float32", "bfloat16", "float16") if d in dtypes), "float32")
     return Checkpoint(
         source=model_dir,
         config=config,

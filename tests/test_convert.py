@@ -7,9 +7,10 @@ from conftest import FIDELITY_TEXT, MODEL_SPECS
 from helpers import hf_logits, llama_logits, mean_kl, relative_max_error, top1_agreement
 
 # Bounds asserted, as a fraction of the HF logits' range (max - min over the whole text):
-# F32 (weights, KV cache, attention without flash-attn) differs from HF by summation order only (observed 2e-5);
-# F16 also rounds weights to 11 significant bits.
-F32_BOUND = 1e-4
+# F32 (weights, KV cache, attention without flash-attn) differs from HF by summation order (observed 2e-5) and,
+# for Gemma, ggml's CPU GELU, which goes through an F16 lookup table (observed 1.1e-4); F16 also rounds weights
+# to 11 significant bits.
+F32_BOUND = 3e-4
 F16_BOUND = 5e-3
 
 
