@@ -56,3 +56,11 @@ def require(module: str, extra: str):
         raise MissingDependencyError(
             f"{module} is not installed; install it with: pip install 'genarm-local[{extra}]'"
         ) from exc
+
+
+class VocabularyMismatchError(GenArmError, ValueError):
+    """An ARM's token table differs from the base's: guidance needs one shared vocabulary."""
+
+
+class ContextOverflowError(GenArmError, ValueError):
+    """A prompt, or a prompt plus max_tokens, does not fit the context window."""

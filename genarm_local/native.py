@@ -67,6 +67,26 @@ def check_gguf_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def gguf_header(path: str | os.PathLike) -> dict[str, str]:
+    """general.type and general.architecture of a GGUF file, read without loading it ("model" when unset).
+
+    An ARM file is either a full model or a LoRA adapter (general.type = "adapter"); this tells which.
+    """
+    from gguf import GGUFReader
+
+    path = check_gguf_path(path)
+    try:
+        fields = GGUFReader(path).fields
+    except Exception as exc:  # gguf-py raises ValueError, struct.error, IndexError... on damaged headers
+        raise CorruptModelError(f"{path}: unreadable GGUF header ({exc})") from exc
+
+    def text(key: str, default: str) -> str:
+        field = fields.get(key)
+        return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else default
+
+    return {"type": text("general.type", "model"), "architecture": text("general.architecture", "")}
+
+
 class Model:
     """One loaded GGUF model (weights shared by every context created over it)."""
 
@@ -121,6 +141,25 @@ class Model:
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", errors="replace")
 
+    def is_eog(self, token: int) -> bool:
+        """End of generation: EOS, EOT and the other tokens llama.cpp treats as the end of a turn."""
+        return bool(lc.llama_vocab_is_eog(self.vocab, token))
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(lc.llama_vocab_get_add_bos(self.vocab))
+
+    def special_token_text(self, token: int) -> str:
+        return self.token_text(token) if 0 <= token < self.n_vocab else ""
+
+    @property
+    def bos_text(self) -> str:
+        return self.special_token_text(lc.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos_text(self) -> str:
+        return self.special_token_text(lc.llama_vocab_eos(self.vocab))
+
     def close(self) -> None:
         if self._ptr is not None:
             lc.llama_model_free(self._ptr)
@@ -161,6 +200,10 @@ class Adapter:
         self.close()
 
 
+# llama.cpp's --cache-type-k/-v names → ggml types (GGML_TYPE_F32 0, F16 1, Q8_0 8).
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+
+
 class Context:
     """A llama.cpp context (KV cache + compute buffers) over a model, optionally with LoRA adapters set on it."""
 
@@ -172,9 +215,19 @@ class Context:
         n_threads: int | None = None,
         adapters: Sequence[tuple[Adapter, float]] = (),
         n_seq_max: int = 1,
+        kv_cache_type: str = "f16",
+        flash_attn: bool | None = None,
     ):
         self.model = model
+        if kv_cache_type not in KV_CACHE_TYPES:
+            choices = ", ".join(KV_CACHE_TYPES)
+            raise InvalidOptionError(f"unknown KV cache type {kv_cache_type!r}; choose one of {choices}")
         params = lc.llama_context_default_params()
+        params.type_k = params.type_v = KV_CACHE_TYPES[kv_cache_type]
+        # None keeps llama.cpp's "auto". Off is needed for float32-exact logits: the CPU flash-attention path
+        # rounds through F16 (about 0.02 nats on the tiny test models).
+        if flash_attn is not None:
+            params.flash_attn_type = int(flash_attn)
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = min(n_batch, n_ctx)
         params.n_seq_max = n_seq_max
@@ -192,6 +245,13 @@ class Context:
                 self.close()
                 raise CorruptModelError(f"llama.cpp refused the adapters for {model.path}: {last_native_error()}")
 
+        # The tokens whose keys and values sit in the cache (sequence 0), in order: what prefix reuse compares.
+        self.tokens: list[int] = []
+        # Tokens pushed through llama_decode since creation: how tests see that a prefix was reused.
+        self.n_decoded = 0
+        self._one = (lc.llama_token * 1)()
+        self._one_batch = lc.llama_batch_get_one(self._one, 1)
+
     @property
     def ptr(self):
         return self._ptr
@@ -199,6 +259,65 @@ class Context:
     def clear(self) -> None:
         """Forget every cached token (all sequences)."""
         lc.llama_memory_clear(lc.llama_get_memory(self._ptr), True)
+        self.tokens = []
+
+    def decode(self, tokens: Sequence[int]) -> None:
+        """Append ``tokens`` to sequence 0 in chunks of n_batch; afterwards the last token's logits are readable.
+
+        llama_batch_get_one lets llama.cpp place the tokens after the cached ones and output only the last row,
+        as in llama.cpp's examples/simple.
+        """
+        if len(self.tokens) + len(tokens) > self.n_ctx:
+            raise InvalidOptionError(f"{len(self.tokens) + len(tokens)} tokens do not fit the context of {self.n_ctx}")
+        array = (lc.llama_token * len(tokens))(*tokens)
+        for start in range(0, len(tokens), self.n_batch):
+            count = min(self.n_batch, len(tokens) - start)
+            chunk = ctypes.cast(ctypes.addressof(array) + start * ctypes.sizeof(lc.llama_token), lc.llama_token_p)
+            self._check(lc.llama_decode(self._ptr, lc.llama_batch_get_one(chunk, count)))
+            self.tokens.extend(tokens[start : start + count])
+            self.n_decoded += count
+
+    def decode_one(self, token: int) -> None:
+        """Append one token, reusing a preallocated one-token batch (the per-step path of generation)."""
+        if len(self.tokens) >= self.n_ctx:
+            raise InvalidOptionError(f"the context of {self.n_ctx} tokens is full")
+        self._one[0] = token
+        self._check(lc.llama_decode(self._ptr, self._one_batch))
+        self.tokens.append(token)
+        self.n_decoded += 1
+
+    def sync(self, tokens: Sequence[int]) -> int:
+        """Make the cache hold exactly ``tokens`` with the last one's logits fresh; returns how many were decoded.
+
+        Only the tokens after the common prefix with the cache are decoded (llama_memory_seq_rm drops the rest).
+        The last token is always decoded again: its logits row may have been overwritten (mixing works in place).
+        """
+        if not tokens:
+            raise InvalidOptionError("empty prompt: give at least one token")
+        keep = 0
+        for cached, new in zip(self.tokens, tokens[:-1], strict=False):
+            if cached != new:
+                break
+            keep += 1
+        if keep < len(self.tokens):
+            # A cache that cannot drop a partial sequence (llama.cpp returns false) starts over.
+            if not lc.llama_memory_seq_rm(lc.llama_get_memory(self._ptr), 0, keep, -1):
+                self.clear()
+                keep = 0
+            del self.tokens[keep:]
+        before = self.n_decoded
+        self.decode(tokens[keep:])
+        return self.n_decoded - before
+
+    def logits_address(self) -> int:
+        """Address of the last decoded token's logits row (n_vocab float32s, written in place by the mixing)."""
+        return ctypes.cast(lc.llama_get_logits_ith(self._ptr, -1), ctypes.c_void_p).value
+
+    def _check(self, rc: int) -> None:
+        if rc != 0:
+            # A failed decode leaves the cache in an unknown state: forget it rather than trust it.
+            self.clear()
+            raise CorruptModelError(f"llama_decode failed ({rc}) on {self.model.path}: {last_native_error()}")
 
     def logits_all(self, tokens: Sequence[int]) -> np.ndarray:
         """Decode ``tokens`` from an empty cache and return a copy of the logits at every position, (n, n_vocab).
@@ -229,6 +348,7 @@ class Context:
                     out[start + i] = np.ctypeslib.as_array(row, shape=(n_vocab,))
         finally:
             lc.llama_batch_free(batch)
+        self.tokens = list(tokens)
         return out
 
     def close(self) -> None:
