@@ -175,15 +175,30 @@ def swapped_vocabulary(source, out):
     return first, bytes(a).decode(), bytes(b).decode()
 
 
-def test_vocabulary_mismatch_names_the_first_differing_token(files, tmp_path):
+def test_vocabulary_mismatch_names_the_first_differing_token(files, tmp_path, monkeypatch):
     from genarm_local import GuidedModel
     from genarm_local.errors import VocabularyMismatchError
+    from genarm_local.native import Adapter, Context, Model
 
+    opened = []
+
+    def recording(init):
+        def wrapped(self, *args, **kwargs):
+            opened.append(self)
+            init(self, *args, **kwargs)
+
+        return wrapped
+
+    for owner in (Model, Adapter, Context):
+        monkeypatch.setattr(owner, "__init__", recording(owner.__init__))
     token, base_text, arm_text = swapped_vocabulary(files["base"], tmp_path / "other-vocab.gguf")
+    arms = {str(files["adapter"]): 1.0, str(tmp_path / "other-vocab.gguf"): 1.0}
     with pytest.raises(VocabularyMismatchError) as info:
-        GuidedModel(files["small"], {str(tmp_path / "other-vocab.gguf"): 1.0})
+        GuidedModel(files["small"], arms, n_threads=1)
     message = str(info.value)
     assert f"token {token} " in message and repr(base_text) in message and repr(arm_text) in message
+    # nothing half-loaded: base model, base context, adapter, its context and the refused model are all freed
+    assert len(opened) == 5 and all(owner._ptr is None for owner in opened)
 
 
 def test_padded_arm_vocabulary_is_accepted(gguf_model):
