@@ -87,6 +87,7 @@ class GuidedModel:
         seed: int | None = None,
         kv_cache_type: str = "f16",
         flash_attn: bool | None = None,
+        concurrent: bool = False,
         chat_template: str | None = None,
     ):
         self._engine = Engine(
@@ -97,6 +98,7 @@ class GuidedModel:
             n_threads=n_threads,
             kv_cache_type=kv_cache_type,
             flash_attn=flash_attn,
+            concurrent=concurrent,
         )
         self.seed = seed
         self.chat_template = chat_template

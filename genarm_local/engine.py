@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,8 +109,13 @@ class Engine:
         n_threads: int | None = None,
         kv_cache_type: str = "f16",
         flash_attn: bool | None = None,
+        concurrent: bool = False,
     ):
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        # Concurrent: each active context decodes its token on its own thread with a share of the cores
+        # (llama_decode releases the GIL). Worth it only where measured (bench/bench_engine.py).
+        self.concurrent = concurrent
+        self._pool: ThreadPoolExecutor | None = None
         context_options = dict(
             n_ctx=n_ctx, n_threads=self.n_threads, kv_cache_type=kv_cache_type, flash_attn=flash_attn
         )
@@ -231,7 +237,7 @@ class Engine:
         temperature_scale = self._normalizer([a for _, a in active]) if config.normalized else 1.0
         scratch = np.empty(self.n_vocab, dtype=np.float32) if not guided and config.logprobs is not None else None
 
-        with SamplerChain(config, self.base_model, temperature_scale) as chain:
+        with SamplerChain(config, self.base_model, temperature_scale) as chain, self._thread_shares(contexts):
             # 1. Prefill every active context; only tokens after the cached common prefix are decoded.
             start = time.perf_counter()
             timings.per_context_decoded = self._prefill(prompt, contexts)
@@ -262,8 +268,33 @@ class Engine:
                     return
                 yield step
                 # 4. Feed the token to every active context.
-                for context in contexts:
-                    context.decode_one(token)
+                self._decode_one_each(contexts, token)
+
+    def _decode_one_each(self, contexts: Sequence[Context], token: int) -> None:
+        if not self.concurrent or len(contexts) == 1:
+            for context in contexts:
+                context.decode_one(token)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=len(self.arms), thread_name_prefix="genarm-decode")
+        others = [self._pool.submit(context.decode_one, token) for context in contexts[1:]]
+        contexts[0].decode_one(token)
+        for future in others:
+            future.result()
+
+    @contextlib.contextmanager
+    def _thread_shares(self, contexts: Sequence[Context]) -> Iterator[None]:
+        """While decoding concurrently, the contexts split the cores instead of each using all of them."""
+        if not self.concurrent or len(contexts) == 1:
+            yield
+            return
+        for context in contexts:
+            context.set_threads(max(1, self.n_threads // len(contexts)))
+        try:
+            yield
+        finally:
+            for context in contexts:
+                context.set_threads(self.n_threads)
 
     def _read_logprobs(self, token: int, top_n: int, scratch: np.ndarray | None) -> tuple[float, dict[int, float]]:
         """The sampled token's mixed log-prob and the top-n alternatives, read from the mixed row."""
@@ -279,6 +310,9 @@ class Engine:
         return float(row[token]), top
 
     def close(self) -> None:
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown()
+            self._pool = None
         resources, self._resources = getattr(self, "_resources", None), None
         if resources is not None:
             resources.close()

@@ -237,6 +237,7 @@ class Context:
         if not self._ptr:
             raise CorruptModelError(f"llama.cpp could not create a context for {model.path}: {last_native_error()}")
         self.n_ctx = lc.llama_n_ctx(self._ptr)
+        self.n_threads_batch = threads
         self.n_batch = params.n_batch
         if adapters:
             handles = (lc.llama_adapter_lora_p_ctypes * len(adapters))(*(a.ptr for a, _ in adapters))
@@ -308,6 +309,10 @@ class Context:
         before = self.n_decoded
         self.decode(tokens[keep:])
         return self.n_decoded - before
+
+    def set_threads(self, n_threads: int) -> None:
+        """Threads for single-token decode (prompt batches keep theirs)."""
+        lc.llama_set_n_threads(self._ptr, n_threads, self.n_threads_batch)
 
     def logits_address(self) -> int:
         """Address of the last decoded token's logits row (n_vocab float32s, written in place by the mixing)."""

@@ -230,3 +230,12 @@ def test_chat_template_fallbacks(gguf_model):
         assert render_chat(vocab, messages, template=override) == ("[user] Hi\n", False)
         with pytest.raises(InvalidOptionError, match="unsafe"):
             render_chat(vocab, messages, template="{{ messages.append(messages[0]) }}")
+
+
+def test_concurrent_decoding_gives_the_same_tokens(model, paths):
+    from genarm_local import GuidedModel
+
+    with GuidedModel(paths[0], {str(paths[1]): 1.0}, n_ctx=256, n_threads=2, concurrent=True) as concurrent:
+        tokens = concurrent.generate(PROMPT, max_tokens=20, temperature=0.0).tokens
+        assert all(context.n_decoded > 0 for context in [concurrent.engine.base, concurrent.engine.arms[0].context])
+    assert tokens == model.generate(PROMPT, max_tokens=20, temperature=0.0).tokens
