@@ -13,6 +13,7 @@ that context only, so the weights are in memory once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -33,7 +34,7 @@ from .errors import (
     VocabularyMismatchError,
 )
 from .mixing import mix_logprobs
-from .native import Adapter, Context, Model, gguf_header
+from .native import Adapter, Batch, Context, Model, gguf_header
 from .sampling import SamplerChain, SamplingConfig
 
 Cancel = Callable[[], bool] | threading.Event | None
@@ -46,7 +47,7 @@ class Arm:
     name: str
     alpha: float
     context: Context
-    is_adapter: bool
+    adapter: Adapter | None  # a LoRA ARM: its context is over the base's model with this adapter set
 
 
 @dataclass
@@ -116,7 +117,7 @@ class Engine:
         # (llama_decode releases the GIL). Worth it only where measured (bench/bench_engine.py).
         self.concurrent = concurrent
         self._pool: ThreadPoolExecutor | None = None
-        context_options = dict(
+        self._context_options = context_options = dict(
             n_ctx=n_ctx, n_threads=self.n_threads, kv_cache_type=kv_cache_type, flash_attn=flash_attn
         )
         # Everything loaded so far is freed, in reverse order, if a later step fails: nothing half-loaded remains.
@@ -134,10 +135,11 @@ class Engine:
                     adapted = Context(self.base_model, adapters=[(adapter, 1.0)], **context_options)
                     context = stack.enter_context(adapted)
                 else:
+                    adapter = None
                     model = stack.enter_context(Model(name, n_gpu_layers=n_gpu_layers))
                     check_same_vocabulary(self.base_model, model)
                     context = stack.enter_context(Context(model, **context_options))
-                self.arms.append(Arm(str(name), float(alpha), context, header["type"] == "adapter"))
+                self.arms.append(Arm(str(name), float(alpha), context, adapter))
             self._resources = stack.pop_all()
         self.n_ctx = self.base.n_ctx
 
@@ -269,6 +271,102 @@ class Engine:
                 yield step
                 # 4. Feed the token to every active context.
                 self._decode_one_each(contexts, token)
+
+    def batch_steps(
+        self,
+        prompts: Sequence[Sequence[int]],
+        config: SamplingConfig,
+        weights: Mapping[str, float] | None = None,
+        cancel: Cancel = None,
+        finished: set[int] | None = None,
+    ) -> Iterator[tuple[int, Step]]:
+        """``steps`` for B prompts at once: one multi-sequence batch per step in fresh contexts (n_seq_max = B),
+        one sampler chain per sequence (seed + index). Yields (sequence index, Step); the caller may add an index
+        to ``finished`` (a stop string) to drop that sequence from the next batch."""
+        finished = finished if finished is not None else set()
+        active = self._active(self.alphas(weights))
+        n_seq = len(prompts)
+        if n_seq == 0 or any(len(prompt) == 0 for prompt in prompts):
+            raise InvalidOptionError("generate_batch needs at least one prompt, and no empty prompt")
+        per_sequence = max(len(prompt) for prompt in prompts) + config.max_tokens
+        if per_sequence > self.n_ctx:
+            raise ContextOverflowError(
+                f"the longest prompt + max_tokens ({per_sequence} tokens) exceed the context of {self.n_ctx} tokens"
+            )
+        temperature_scale = self._normalizer([a for _, a in active]) if config.normalized else 1.0
+        seeds = [None if config.seed is None else config.seed + index for index in range(n_seq)]
+        with contextlib.ExitStack() as stack:
+            options = dict(self._context_options, n_ctx=per_sequence * n_seq, n_seq_max=n_seq)
+            base = stack.enter_context(Context(self.base_model, **options))
+            arms = [
+                stack.enter_context(
+                    Context(self.base_model, adapters=[(arm.adapter, 1.0)], **options)
+                    if arm.adapter
+                    else Context(arm.context.model, **options)
+                )
+                for arm, _ in active
+            ]
+            contexts = [base, *arms]
+            chains = [
+                stack.enter_context(
+                    SamplerChain(dataclasses.replace(config, seed=seed), self.base_model, temperature_scale)
+                )
+                for seed in seeds
+            ]
+            batch = stack.enter_context(Batch(max(n_seq, self.base.n_batch)))
+            # 1. Prefill every prompt but its last token, sequence by sequence.
+            for seq, prompt in enumerate(prompts):
+                for start in range(0, len(prompt) - 1, batch.capacity):
+                    batch.clear()
+                    for pos in range(start, min(start + batch.capacity, len(prompt) - 1)):
+                        batch.add(prompt[pos], pos, seq, False)
+                    for context in contexts:
+                        context.decode_batch(batch)
+            pending = {seq: (prompt[-1], len(prompt) - 1) for seq, prompt in enumerate(prompts)}
+            for index in range(config.max_tokens):
+                running = [seq for seq in sorted(pending) if seq not in finished]
+                if not running:
+                    return
+                if _is_set(cancel):
+                    for seq in running:
+                        yield seq, Step(None, finish_reason="cancelled")
+                    return
+                # 2. One batch holding every running sequence's newest token, decoded in every context.
+                batch.clear()
+                for seq in running:
+                    token, pos = pending[seq]
+                    batch.add(token, pos, seq, True)
+                for context in contexts:
+                    context.decode_batch(batch)
+                for row, seq in enumerate(running):
+                    # 3. Mix and sample each sequence's row.
+                    self._mix_row(base, arms, row, active, config.normalized)
+                    token = chains[seq].sample(base, row)
+                    step = Step(token)
+                    if self.base_model.is_eog(token):
+                        step.finish_reason = "eos"
+                    elif index + 1 == config.max_tokens:
+                        step.finish_reason = "length"
+                    if step.finish_reason:
+                        del pending[seq]
+                    else:
+                        pending[seq] = (token, pending[seq][1] + 1)
+                    yield seq, step
+
+    def _mix_row(self, base: Context, arms: Sequence[Context], row: int, active, normalized: bool) -> None:
+        if not active and not normalized:
+            return
+        scale = 1.0 / self._normalizer([alpha for _, alpha in active]) if normalized else 1.0
+        base_row = base.logits_address(row)
+        mix_logprobs(
+            base_row,
+            base_row,
+            [arm.logits_address(row) for arm in arms],
+            [alpha * scale for _, alpha in active],
+            base_weight=scale,
+            n_vocab=self.n_vocab,
+            n_threads=self.n_threads,
+        )
 
     def _decode_one_each(self, contexts: Sequence[Context], token: int) -> None:
         if not self.concurrent or len(contexts) == 1:

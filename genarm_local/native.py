@@ -310,13 +310,20 @@ class Context:
         self.decode(tokens[keep:])
         return self.n_decoded - before
 
+    def decode_batch(self, batch: Batch) -> None:
+        """Decode a multi-sequence batch (batched generation; ``tokens`` tracks sequence 0 only, so not mixed
+        with sync/decode on the same context)."""
+        self._check(lc.llama_decode(self._ptr, batch.batch))
+        self.n_decoded += batch.batch.n_tokens
+
     def set_threads(self, n_threads: int) -> None:
         """Threads for single-token decode (prompt batches keep theirs)."""
         lc.llama_set_n_threads(self._ptr, n_threads, self.n_threads_batch)
 
-    def logits_address(self) -> int:
-        """Address of the last decoded token's logits row (n_vocab float32s, written in place by the mixing)."""
-        return ctypes.cast(lc.llama_get_logits_ith(self._ptr, -1), ctypes.c_void_p).value
+    def logits_address(self, index: int = -1) -> int:
+        """Address of the logits row of output ``index`` of the last decode (default: the last one); n_vocab
+        float32s, written in place by the mixing."""
+        return ctypes.cast(lc.llama_get_logits_ith(self._ptr, index), ctypes.c_void_p).value
 
     def _check(self, rc: int) -> None:
         if rc != 0:
@@ -362,6 +369,37 @@ class Context:
             self._ptr = None
 
     def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Batch:
+    """A llama_batch of up to ``capacity`` tokens, each tagged with its position and sequence."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.batch = lc.llama_batch_init(capacity, 0, 1)
+        self._open = True
+
+    def clear(self) -> None:
+        self.batch.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> None:
+        i = self.batch.n_tokens
+        if i >= self.capacity:
+            raise InvalidOptionError(f"batch of {self.capacity} tokens is full")
+        self.batch.token[i], self.batch.pos[i], self.batch.n_seq_id[i] = token, pos, 1
+        self.batch.seq_id[i][0], self.batch.logits[i] = seq, logits
+        self.batch.n_tokens = i + 1
+
+    def close(self) -> None:
+        if self._open:
+            lc.llama_batch_free(self.batch)
+            self._open = False
+
+    def __enter__(self) -> Batch:
         return self
 
     def __exit__(self, *exc) -> None:

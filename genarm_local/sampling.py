@@ -115,9 +115,9 @@ class SamplerChain:
         seed = lc.LLAMA_DEFAULT_SEED if config.seed is None else config.seed & 0xFFFFFFFF
         add(lc.llama_sampler_init_dist(seed))
 
-    def sample(self, context) -> int:
-        """Pick a token from the context's last logits row and accept it (llama_sampler_sample does both)."""
-        return lc.llama_sampler_sample(self._ptr, context.ptr, -1)
+    def sample(self, context, index: int = -1) -> int:
+        """Pick a token from the logits row of output ``index`` and accept it (llama_sampler_sample does both)."""
+        return lc.llama_sampler_sample(self._ptr, context.ptr, index)
 
     def close(self) -> None:
         if self._ptr is not None:

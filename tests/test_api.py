@@ -239,3 +239,26 @@ def test_concurrent_decoding_gives_the_same_tokens(model, paths):
         tokens = concurrent.generate(PROMPT, max_tokens=20, temperature=0.0).tokens
         assert all(context.n_decoded > 0 for context in [concurrent.engine.base, concurrent.engine.arms[0].context])
     assert tokens == model.generate(PROMPT, max_tokens=20, temperature=0.0).tokens
+
+
+def test_generate_batch_matches_one_at_a_time(paths):
+    from genarm_local import GuidedModel
+
+    prompts = [PROMPT, "Early designs had no pedals", "Cycling became popular with people of all ages, and"]
+    options = dict(n_ctx=256, n_threads=1, kv_cache_type="f32", flash_attn=False)
+    with GuidedModel(paths[0], {str(paths[1]): 0.8}, **options) as model:
+        batched = model.generate_batch(prompts, max_tokens=10, seed=21, **SAMPLED)
+        single = [model.generate(p, max_tokens=10, seed=21 + i, **SAMPLED) for i, p in enumerate(prompts)]
+        assert [r.tokens for r in batched] == [r.tokens for r in single]
+        assert [r.text for r in batched] == [r.text for r in single]
+        alone = model.generate(prompts[1], max_tokens=10, temperature=0.0).text
+        stop = alone[3:6]
+        assert len(stop) == 3
+        greedy = model.generate_batch(prompts, max_tokens=10, temperature=0.0, stop=stop)
+        assert greedy[1].finish_reason == "stop" and greedy[1].text == alone[: alone.find(stop)]
+        assert greedy[0].finish_reason in {"length", "eos"}
+        unguided = model.generate_batch(prompts[:2], max_tokens=6, seed=2, weights={paths[1].stem: 0}, **SAMPLED)
+        assert [r.tokens for r in unguided] == [
+            model.generate(p, max_tokens=6, seed=2 + i, weights={paths[1].stem: 0}, **SAMPLED).tokens
+            for i, p in enumerate(prompts[:2])
+        ]
