@@ -175,18 +175,28 @@ class Engine:
 
     # ---- the mixing ----------------------------------------------------------------------------------------------
 
-    def _mix(self, active: Sequence[tuple[Arm, float]], normalized: bool, dst: np.ndarray | None = None) -> None:
+    def _mix(
+        self,
+        active: Sequence[tuple[Arm, float]],
+        normalized: bool,
+        dst: np.ndarray | None = None,
+        contexts: Sequence[Context] | None = None,
+        row: int = -1,
+    ) -> None:
         """Write log p = w0·log_softmax(base) + Σ α_i·log_softmax(arm_i) − log Z (DESIGN.md) into ``dst``, by
-        default the base context's own logits row (in place, where the sampler chain reads it).
+        default the base's own logits row (in place, where the sampler chain reads it).
 
-        ``normalized`` is the paper code's form (base + Σα_i·arm_i)/(1 + Σα_i): every weight divided by 1 + Σα_i.
+        ``contexts`` (base first, then one per active ARM) default to the loaded ones; ``row`` picks a sequence's
+        row after a multi-sequence decode. ``normalized`` is the paper code's form (base + Σα_i·arm_i)/(1 + Σα_i):
+        every weight divided by 1 + Σα_i.
         """
+        base, *arms = contexts or [self.base, *(arm.context for arm, _ in active)]
         scale = 1.0 / self._normalizer([alpha for _, alpha in active]) if normalized else 1.0
-        base_row = self.base.logits_address()
+        base_row = base.logits_address(row)
         mix_logprobs(
             base_row if dst is None else dst,
             base_row,
-            [arm.context.logits_address() for arm, _ in active],
+            [arm.logits_address(row) for arm in arms],
             [alpha * scale for _, alpha in active],
             base_weight=scale,
             n_vocab=self.n_vocab,
@@ -307,6 +317,7 @@ class Engine:
                 for arm, _ in active
             ]
             contexts = [base, *arms]
+            guided = bool(active) or config.normalized  # as in steps: unguided rows stay plain llama.cpp
             chains = [
                 stack.enter_context(
                     SamplerChain(dataclasses.replace(config, seed=seed), self.base_model, temperature_scale)
@@ -340,7 +351,8 @@ class Engine:
                     context.decode_batch(batch)
                 for row, seq in enumerate(running):
                     # 3. Mix and sample each sequence's row.
-                    self._mix_row(base, arms, row, active, config.normalized)
+                    if guided:
+                        self._mix(active, config.normalized, contexts=contexts, row=row)
                     token = chains[seq].sample(base, row)
                     step = Step(token)
                     if self.base_model.is_eog(token):
@@ -352,21 +364,6 @@ class Engine:
                     else:
                         pending[seq] = (token, pending[seq][1] + 1)
                     yield seq, step
-
-    def _mix_row(self, base: Context, arms: Sequence[Context], row: int, active, normalized: bool) -> None:
-        if not active and not normalized:
-            return
-        scale = 1.0 / self._normalizer([alpha for _, alpha in active]) if normalized else 1.0
-        base_row = base.logits_address(row)
-        mix_logprobs(
-            base_row,
-            base_row,
-            [arm.logits_address(row) for arm in arms],
-            [alpha * scale for _, alpha in active],
-            base_weight=scale,
-            n_vocab=self.n_vocab,
-            n_threads=self.n_threads,
-        )
 
     def _decode_one_each(self, contexts: Sequence[Context], token: int) -> None:
         if not self.concurrent or len(contexts) == 1:
