@@ -262,3 +262,16 @@ def test_generate_batch_matches_one_at_a_time(paths):
             model.generate(p, max_tokens=6, seed=2 + i, weights={paths[1].stem: 0}, **SAMPLED).tokens
             for i, p in enumerate(prompts[:2])
         ]
+
+
+def test_no_memory_growth_over_1000_calls(model):
+    def rss_kib() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+    for _ in range(100):  # warm-up: allocator pools, lazily built tables
+        model.generate(PROMPT, max_tokens=2, logprobs=2, stop="zz")
+    before = rss_kib()
+    for _ in range(1000):
+        model.generate(PROMPT, max_tokens=2, logprobs=2, stop="zz")
+    assert rss_kib() - before < 4096
