@@ -54,18 +54,18 @@ def convert(
         adapter = read_adapter(Path(lora))
         base = open_source(source) if source.is_dir() else _gguf_base(source)
         with base as ckpt, atomic_output(output, force) as tmp:
-            export_adapter(ckpt, adapter, tmp, FLOAT_TYPES[outtype], progress)
+            export_adapter(ckpt, adapter, tmp, FLOAT_TYPES[outtype], progress, label=output.name)
             if source.is_file():  # llama.cpp checks adapter tensors against a loaded base; we have one
                 _test_load_adapter(source, tmp)
         return output
 
     with open_source(source, Path(lora) if lora else None) as ckpt, atomic_output(output, force) as tmp:
         if outtype in FLOAT_TYPES:
-            export_model(ckpt, tmp, FLOAT_TYPES[outtype], progress)
+            export_model(ckpt, tmp, FLOAT_TYPES[outtype], progress, label=output.name)
         else:
             with tempfile.TemporaryDirectory(dir=output.parent, prefix=".genarm-convert-") as work:
                 intermediate = Path(work) / "model.gguf"
-                export_model(ckpt, intermediate, _intermediate_type(ckpt.source_dtype), progress)
+                export_model(ckpt, intermediate, _intermediate_type(ckpt.source_dtype), progress, label=output.name)
                 run_quantizer(intermediate, tmp, QUANT_TYPES[outtype])
         test_load(tmp)
     return output

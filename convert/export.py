@@ -131,19 +131,21 @@ def plan_model(ckpt: Checkpoint, float_type) -> tuple[list[PlannedTensor], int]:
     return planned, n_vocab
 
 
-def export_model(ckpt: Checkpoint, path: Path, float_type, progress: bool = True) -> None:
+def export_model(ckpt: Checkpoint, path: Path, float_type, progress: bool = True, label: str | None = None) -> None:
     tensors, n_vocab = plan_model(ckpt, float_type)
     write_gguf(
         path,
         ckpt.arch.name,
         lambda writer: _add_model_metadata(writer, ckpt, n_vocab, FILE_TYPE[float_type]),
         tensors,
-        desc=f"writing {path.name}",
+        desc=f"writing {label or path.name}",
         progress=progress,
     )
 
 
-def export_adapter(ckpt: Checkpoint, adapter: LoraAdapter, path: Path, float_type, progress: bool = True) -> None:
+def export_adapter(
+    ckpt: Checkpoint, adapter: LoraAdapter, path: Path, float_type, progress: bool = True, label: str | None = None
+) -> None:
     """Write a PEFT LoRA adapter as a GGUF LoRA adapter for llama_adapter_lora_init.
 
     llama.cpp scales B·A by alpha / rank with rank read from the tensors, so alpha is written such that this
@@ -176,4 +178,4 @@ def export_adapter(ckpt: Checkpoint, adapter: LoraAdapter, path: Path, float_typ
         writer.add_file_type(FILE_TYPE[float_type])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    write_gguf(path, ckpt.arch.name, add_metadata, planned, desc=f"writing {path.name}", progress=progress)
+    write_gguf(path, ckpt.arch.name, add_metadata, planned, desc=f"writing {label or path.name}", progress=progress)
