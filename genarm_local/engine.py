@@ -262,7 +262,7 @@ class Engine:
                     return
                 # 2. Mix the ARMs' log-probs into the base's logits row, in place.
                 if guided:
-                    self._mix(active, config.normalized)
+                    self._mix(active, config.normalized, contexts=contexts)
                 # 3. Sample from that row with llama.cpp's chain (which also accepts the token).
                 token = chain.sample(self.base)
                 step = Step(token)
