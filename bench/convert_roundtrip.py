@@ -10,9 +10,13 @@ original: greedy continuation of a prompt and top-1 agreement over a text.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
+
+# transformers (torch) and llama.cpp share this process: keep torch's idle OpenMP threads from spinning.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 PROMPT = "The three most important things to remember when learning to cook are"
 TEXT = (

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# torch's OpenMP workers spin after every parallel region by default; in a process that also runs llama.cpp's
+# threads on 2 cores that starves llama.cpp (steps ~100x slower). Passive waiting must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DATA = Path(__file__).parent / "data"

@@ -37,6 +37,7 @@ def greedy(ctx, prompt_ids, n):
 def test_reexported_f16_is_the_model_transformers_loaded(real_pair):
     """The converter's own fidelity: llama.cpp on our F16 file vs transformers on the weights it was given."""
     from genarm_local.convert.checkpoint import load_transformers_model
+
     from genarm_local.native import Model
 
     original, reexported = real_pair
