@@ -126,11 +126,16 @@ def open_hf_dir(model_dir: Path) -> Checkpoint:
 
 
 def _from_model(model, source: Path, reader: gguf.GGUFReader | None) -> Checkpoint:
+    """A Checkpoint over a loaded transformers model; the tokenizer comes from the source GGUF or HF directory."""
     config = model.config.to_dict()
     if not config.get("architectures"):
         config["architectures"] = [type(model).__name__]
     hf_arch, arch = architecture_for(config, str(source))
     state = model.state_dict()
+    if reader is not None:
+        vocab = lambda writer, n_vocab: copy_vocab_from_gguf(writer, reader)  # noqa: E731
+    else:
+        vocab = lambda writer, n_vocab: write_vocab(writer, source, n_vocab, arch.name)  # noqa: E731
     return Checkpoint(
         source=source,
         config=config,
@@ -138,7 +143,7 @@ def _from_model(model, source: Path, reader: gguf.GGUFReader | None) -> Checkpoi
         arch=arch,
         shapes={name: tuple(t.shape) for name, t in state.items()},
         load=lambda name: _to_numpy(state[name]),
-        write_vocab=lambda writer, n_vocab: None,  # set by the caller, which knows where the tokenizer lives
+        write_vocab=vocab,
         source_dtype=str(model.dtype).removeprefix("torch."),
         gguf_reader=reader,
     )
@@ -201,12 +206,7 @@ def open_source(source: Path, lora: Path | None = None) -> Checkpoint:
     model, reader = load_transformers_model(source)
     if lora is not None:
         model = merge_adapter(model, lora)
-    ckpt = _from_model(model, source, reader)
-    if reader is not None:
-        ckpt.write_vocab = lambda writer, n_vocab: copy_vocab_from_gguf(writer, reader)
-    else:
-        ckpt.write_vocab = lambda writer, n_vocab: write_vocab(writer, source, n_vocab, ckpt.arch.name)
-    return ckpt
+    return _from_model(model, source, reader)
 
 
 # ---- PEFT adapters ----------------------------------------------------------------------------------------
