@@ -188,11 +188,17 @@ class GuidedModel:
         return self._pieces(prompt, weights, cancel, sampling, GenerationResult())
 
     def generate_batch(
-        self, prompts: Sequence[Prompt], *, weights=None, cancel: Cancel = None, **sampling
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        weights=None,
+        cancel: Cancel = None,
+        seeds: Sequence[int | None] | None = None,
+        **sampling,
     ) -> list[GenerationResult]:
         """Generate completions of several prompts at once (one multi-sequence batch per step; sequence i samples
-        with seed + i). For the batch runner: much higher throughput than one prompt after another. Logprobs are
-        not reported here."""
+        with ``seeds[i]``, by default seed + i). For the batch runner: much higher throughput than one prompt after
+        another. Logprobs are not reported here."""
         self._acquire()
         try:
             engine = self.engine
@@ -200,7 +206,8 @@ class GuidedModel:
             results = [GenerationResult() for _ in prompts]
             texts = [_StopText(engine.base_model.token_bytes, config.stop) for _ in prompts]
             finished: set[int] = set()
-            steps = engine.batch_steps([self._prompt_tokens(p) for p in prompts], config, weights, cancel, finished)
+            prompt_tokens = [self._prompt_tokens(p) for p in prompts]
+            steps = engine.batch_steps(prompt_tokens, config, weights, cancel, finished, seeds)
             try:
                 for seq, step in steps:
                     result = results[seq]

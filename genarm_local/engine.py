@@ -289,10 +289,11 @@ class Engine:
         weights: Mapping[str, float] | None = None,
         cancel: Cancel = None,
         finished: set[int] | None = None,
+        seeds: Sequence[int | None] | None = None,
     ) -> Iterator[tuple[int, Step]]:
         """``steps`` for B prompts at once: one multi-sequence batch per step in fresh contexts (n_seq_max = B),
-        one sampler chain per sequence (seed + index). Yields (sequence index, Step); the caller may add an index
-        to ``finished`` (a stop string) to drop that sequence from the next batch."""
+        one sampler chain per sequence (``seeds[index]``, by default seed + index). Yields (sequence index, Step);
+        the caller may add an index to ``finished`` (a stop string) to drop that sequence from the next batch."""
         finished = finished if finished is not None else set()
         active = self._active(self.alphas(weights))
         n_seq = len(prompts)
@@ -304,7 +305,10 @@ class Engine:
                 f"the longest prompt + max_tokens ({per_sequence} tokens) exceed the context of {self.n_ctx} tokens"
             )
         temperature_scale = self._normalizer([a for _, a in active]) if config.normalized else 1.0
-        seeds = [None if config.seed is None else config.seed + index for index in range(n_seq)]
+        if seeds is None:
+            seeds = [None if config.seed is None else config.seed + index for index in range(n_seq)]
+        elif len(seeds) != n_seq:
+            raise InvalidOptionError(f"{len(seeds)} seeds for {n_seq} prompts: give one seed per prompt")
         with contextlib.ExitStack() as stack:
             options = dict(self._context_options, n_ctx=per_sequence * n_seq, n_seq_max=n_seq)
             base = stack.enter_context(Context(self.base_model, **options))
