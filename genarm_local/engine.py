@@ -329,14 +329,14 @@ class Engine:
                 for seed in seeds
             ]
             batch = stack.enter_context(Batch(max(n_seq, self.base.n_batch)))
-            # 1. Prefill every prompt but its last token, sequence by sequence.
-            for seq, prompt in enumerate(prompts):
-                for start in range(0, len(prompt) - 1, batch.capacity):
-                    batch.clear()
-                    for pos in range(start, min(start + batch.capacity, len(prompt) - 1)):
-                        batch.add(prompt[pos], pos, seq, False)
-                    for context in contexts:
-                        context.decode_batch(batch)
+            # 1. Prefill every prompt but its last token, the sequences packed together into full batches.
+            prefill = [(prompt[pos], pos, seq) for seq, prompt in enumerate(prompts) for pos in range(len(prompt) - 1)]
+            for start in range(0, len(prefill), batch.capacity):
+                batch.clear()
+                for token, pos, seq in prefill[start : start + batch.capacity]:
+                    batch.add(token, pos, seq, False)
+                for context in contexts:
+                    context.decode_batch(batch)
             pending = {seq: (prompt[-1], len(prompt) - 1) for seq, prompt in enumerate(prompts)}
             for index in range(config.max_tokens):
                 running = [seq for seq in sorted(pending) if seq not in finished]
