@@ -12,6 +12,7 @@ from .errors import GenArmError
 VERBS = {
     "convert": ("genarm_local.convert.convert", "convert an HF checkpoint or GGUF (+ LoRA) to GGUF"),
     "quantize": ("genarm_local.convert.quantize", "quantize an F32/F16/BF16 GGUF with llama.cpp"),
+    "train": ("genarm_local.train", "train an ARM (LoRA, GenARM loss) from preference data"),
 }
 
 

@@ -64,3 +64,11 @@ class VocabularyMismatchError(GenArmError, ValueError):
 
 class ContextOverflowError(GenArmError, ValueError):
     """A prompt, or a prompt plus max_tokens, does not fit the context window."""
+
+
+class PreferenceDataError(GenArmError, ValueError):
+    """A preference data file or row is malformed, of an unknown format, or leaves nothing to train on."""
+
+
+class TokenizerMismatchError(GenArmError, ValueError):
+    """Preference data was rendered for another model's chat template, or needs a template the model lacks."""
