@@ -12,6 +12,9 @@ from .errors import GenArmError
 VERBS = {
     "convert": ("genarm_local.convert.convert", "convert an HF checkpoint or GGUF (+ LoRA) to GGUF"),
     "quantize": ("genarm_local.convert.quantize", "quantize an F32/F16/BF16 GGUF with llama.cpp"),
+    "chat": ("genarm_local.chat", "guided chat in the terminal, streamed, with live ARM weights"),
+    "generate": ("genarm_local.generate", "guided completions of one prompt to stdout (text or JSON)"),
+    "batch": ("genarm_local.batch", "guided completions of a JSONL file of prompts, resumable"),
     "train": ("genarm_local.train", "train an ARM (LoRA, GenARM loss) from preference data"),
 }
 
@@ -22,11 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="GenARM test-time alignment on llama.cpp.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--traceback", "--debug", action="store_true", help="show the full traceback on errors")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, (module, help_text) in VERBS.items():
         sub = subparsers.add_parser(
             verb, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        # also accepted after the verb; SUPPRESS keeps the subparser from resetting a value given before it
+        sub.add_argument(
+            "--traceback", "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback"
         )
         importlib.import_module(module).add_arguments(sub)
     return parser
@@ -38,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     verb, show_traceback = args.verb, args.traceback
     del args.verb, args.traceback
     try:
-        importlib.import_module(VERBS[verb][0]).main(args)
+        status = importlib.import_module(VERBS[verb][0]).main(args)
     except GenArmError as exc:
         if show_traceback:
             raise
@@ -47,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"genarm-local {verb}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0  # a verb may return a status (batch: 1 if rows failed)
 
 
 if __name__ == "__main__":

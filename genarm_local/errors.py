@@ -72,3 +72,7 @@ class PreferenceDataError(GenArmError, ValueError):
 
 class TokenizerMismatchError(GenArmError, ValueError):
     """Preference data was rendered for another model's chat template, or needs a template the model lacks."""
+
+
+class BatchInputError(GenArmError, ValueError):
+    """A batch input file cannot be read as JSONL or repeats an id, or an output file holds lines that are not ours."""
