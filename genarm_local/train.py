@@ -203,8 +203,6 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) ->
     export = check_output(config.export, config.force) if config.export else None  # not after hours of training
     data = load_preferences(config.data)
     notify = _notifier(config.progress)
-    if data.skipped:
-        notify(f"skipped rows: {', '.join(f'{n} {reason}' for reason, n in data.skipped.items())}")
     _prepare_output(output, config)
 
     # torch's OpenMP workers spin between parallel regions by default, which starves llama.cpp's threads ~100x
@@ -216,6 +214,8 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) ->
 
     with Run(config, output, notify) as run:
         pairs = run.load_base(data)
+        if data.skipped:
+            notify(f"skipped rows: {', '.join(f'{n} {reason}' for reason, n in data.skipped.items())}")
         train_pairs, eval_pairs = split(pairs, config.eval_split, config.seed)
         run.setup(train_pairs, eval_pairs)
         run.loop(on_step)
@@ -260,9 +260,11 @@ def pick_device(name: str) -> str:
     return "cpu"
 
 
-def _notifier(enabled: bool) -> Callable[[str], None]:
-    def notify(message: str) -> None:
-        if enabled:
+def _notifier(enabled: bool) -> Callable[..., None]:
+    """Notices on stderr; ``always`` ones (what an interrupt saved) even without progress output."""
+
+    def notify(message: str, always: bool = False) -> None:
+        if enabled or always:
             print(f"genarm-local train: {message}", file=sys.stderr, flush=True)
 
     return notify

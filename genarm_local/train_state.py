@@ -98,7 +98,7 @@ def deferred_interrupt(notify: Callable[[str], None]):
         if pressed:
             raise KeyboardInterrupt
         pressed.append(True)
-        notify("interrupted: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)")
+        notify("interrupted: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)", True)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -141,7 +141,6 @@ class Run:
         reader = _gguf_architecture(source)[0] if source.is_file() else None
         if reader is None:
             architecture_for(read_config(source), str(source))
-        self.notify(f"loading {source}")
         tokenizer = load_tokenizer(source)
         pairs = tokenize_pairs(
             data,
@@ -152,6 +151,7 @@ class Run:
             model=str(source),
         )
         self.pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+        self.notify(f"loading {source} ({len(pairs)} pairs tokenized)")
         self.base, self.reader = load_transformers_model(source)
         self.data_hash = hashlib.sha256(
             json.dumps([(p.prompt, p.chosen, p.rejected) for p in pairs]).encode()
@@ -259,13 +259,14 @@ class Run:
                 if config.eval_every and self.step % config.eval_every == 0 and self.eval_pairs and not last:
                     metrics = self.evaluate()
                     self.log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
-                    bar.write(
-                        f"step {self.step}: held-out accuracy {metrics['accuracy']:.3f}, "
-                        f"loss {metrics['loss']:.4f}, margin {metrics['margin']:.3f}"
-                    )
+                    if config.progress:
+                        bar.write(
+                            f"step {self.step}: held-out accuracy {metrics['accuracy']:.3f}, "
+                            f"loss {metrics['loss']:.4f}, margin {metrics['margin']:.3f}"
+                        )
                 if interrupted():
                     path = self.save_checkpoint()
-                    self.notify(f"saved {path} at step {self.step}/{self.total}; continue with --resume")
+                    self.notify(f"saved {path} at step {self.step}/{self.total}; continue with --resume", True)
                     raise KeyboardInterrupt
                 if config.save_every and self.step % config.save_every == 0 and not last:
                     self.save_checkpoint()
@@ -392,3 +393,4 @@ class Run:
                     export_model(ckpt, intermediate, F32, config.progress, path.name)
                     run_quantizer(intermediate, tmp, QUANT_TYPES[outtype])
                 test_load(tmp)
+            _readable(tmp)
