@@ -312,4 +312,4 @@ def main(args: argparse.Namespace) -> int:
 def _progress(total: int, output: Path, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=output.name, unit="row", disable=not enabled, file=sys.stderr)
+    return tqdm(total=total, desc=output.name, unit="row", disable=not enabled or total == 0, file=sys.stderr)
