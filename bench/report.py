@@ -1,0 +1,190 @@
+"""Regenerate every table and plot of the README's "Results" section from measurements taken now.
+
+    python bench/report.py [--peft-dir DIR] [--reuse]
+
+Runs bench/bench_methods.py (speed, memory, batching, time to first token) and bench/evaluate.py (quality of the
+shipped ARMs against the base, ARGS and best-of-N; the multi-objective grid; quantization fidelity), writes
+docs/bench.json, docs/eval.json and docs/*.png, and replaces the README between its report markers, stamped with the
+date, the machine and the commit. --reuse renders from the existing JSON files without measuring again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+START, END = "<!-- report:start -->", "<!-- report:end -->"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import os
+
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.release()}"
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    return out.stdout.strip() + ("+changes" if dirty else "")
+
+
+def plots(bench: dict, evaluation: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(bench["methods"])
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.barh(names[::-1], [bench["methods"][n]["tok_s"] for n in names[::-1]], color="#4c72b0")
+    ax.set_xlabel("generated tokens/s (single stream)")
+    ax.set_title("GenARM on Gemma-3-270M Q4_K_M, CPU")
+    fig.tight_layout()
+    fig.savefig(DOCS / "methods.png", dpi=120)
+    plt.close(fig)
+
+    sizes = sorted(bench["batch"], key=int)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([int(s) for s in sizes], [bench["batch"][s] for s in sizes], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequences per batch")
+    ax.set_ylabel("guided tokens/s (all sequences)")
+    ax.set_title("Batched GenARM throughput (LoRA ARM)")
+    fig.tight_layout()
+    fig.savefig(DOCS / "batch.png", dpi=120)
+    plt.close(fig)
+
+    grid = evaluation["grid"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.scatter([p["sentence_tokens"] for p in grid], [p["positivity"] for p in grid], c="#dd8452")
+    for p in grid:
+        ax.annotate(
+            f"({p['alpha_positive']:g}, {p['alpha_concise']:g})",
+            (p["sentence_tokens"], p["positivity"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
+    ax.set_xlabel("tokens to finish the first sentence (lower: more concise)")
+    ax.set_ylabel("mean VADER compound (higher: more positive)")
+    ax.set_title("(α_positive, α_concise) grid, held-out prompts")
+    fig.tight_layout()
+    fig.savefig(DOCS / "pareto.png", dpi=120)
+    plt.close(fig)
+
+
+def fmt(value, digits=2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(bench: dict, evaluation: dict, stamp: str) -> str:
+    lines = [START, "", f"_Measured {stamp}. Regenerate with `python bench/report.py`._", ""]
+    lines += [
+        "#### Quality on held-out prompts (positive ARM)",
+        "",
+        f"{evaluation['prompts']} held-out prompts, {evaluation['tokens']} tokens each, "
+        f"sampling {json.dumps(evaluation['sampling'])}; reward = VADER compound; win rate vs the base's "
+        "continuation of the same prompt; perplexity of the output under the base.",
+        "",
+        "| method | reward | win rate | perplexity | distinct-2 | tok/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in evaluation["methods"]:
+        lines.append(
+            f"| {m['method']} | {m['reward']:+.3f} | {m['win_rate']:.2f} | {m['perplexity']:.1f} | "
+            f"{m['distinct_2']:.2f} | {fmt(m['tok_s'], 1)} |"
+        )
+    lines += [
+        "",
+        "#### Two objectives at once: (α_positive, α_concise)",
+        "",
+        "![pareto](docs/pareto.png)",
+        "",
+        "| α_positive | α_concise | positivity | tokens to finish the sentence |",
+        "|---|---|---|---|",
+    ]
+    for p in evaluation["grid"]:
+        lines.append(
+            f"| {p['alpha_positive']:g} | {p['alpha_concise']:g} | {p['positivity']:+.3f} | "
+            f"{p['sentence_tokens']:.1f} |"
+        )
+    if "quantization" in evaluation:
+        lines += [
+            "",
+            "#### Quantized ARMs: KL(guided with the merged F16 ARM ‖ guided with …)",
+            "",
+            "| ARM | mean KL | max KL | file MiB |",
+            "|---|---|---|---|",
+        ]
+        for name, q in evaluation["quantization"].items():
+            lines.append(f"| {name} | {q['mean_kl']:.2e} | {q['max_kl']:.2e} | {q['size_mib']:.1f} |")
+    lines += [
+        "",
+        f"#### Speed and memory ({bench['threads']} threads, {bench['tokens']} tokens)",
+        "",
+        "![methods](docs/methods.png)",
+        "",
+        "| method | tok/s | × base only | peak RSS MiB |",
+        "|---|---|---|---|",
+    ]
+    base_speed = bench["methods"]["base only"]["tok_s"]
+    for name, m in bench["methods"].items():
+        lines.append(f"| {name} | {m['tok_s']:.1f} | {m['tok_s'] / base_speed:.2f} | {m['peak_rss_mib']:.0f} |")
+    lines += ["", "![batch](docs/batch.png)", "", "| batch size | guided tok/s | × batch 1 |", "|---|---|---|"]
+    one = bench["batch"]["1"]
+    for size, speed in sorted(bench["batch"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {size} | {speed:.1f} | {speed / one:.2f} |")
+    lines += [
+        "",
+        "Chat, time to first token per turn (LoRA ARM; only the new turn's tokens are decoded):",
+        "",
+        "| turn | prompt tokens | decoded | TTFT s |",
+        "|---|---|---|---|",
+    ]
+    for t in bench["ttft"]:
+        lines.append(f"| {t['turn']} | {t['prompt_tokens']} | {t['prompt_decoded']} | {fmt(t['ttft_s'], 3)} |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peft-dir", type=Path, default=None, help="the positive ARM's PEFT adapter (optional)")
+    parser.add_argument("--reuse", action="store_true", help="render from docs/*.json without measuring")
+    args = parser.parse_args()
+    DOCS.mkdir(exist_ok=True)
+    if not args.reuse:
+        extra = ["--peft-dir", str(args.peft_dir)] if args.peft_dir else []
+        peft = ["--peft", str(args.peft_dir)] if args.peft_dir else []
+        subprocess.run([sys.executable, str(REPO / "bench" / "bench_methods.py"), *peft], check=True)
+        subprocess.run([sys.executable, str(REPO / "bench" / "evaluate.py"), *extra], check=True)
+    bench = json.loads((DOCS / "bench.json").read_text())
+    evaluation = json.loads((DOCS / "eval.json").read_text())
+    plots(bench, evaluation)
+    stamp = f"{datetime.date.today().isoformat()} on {machine()}, commit {commit()}"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    if START not in readme:
+        raise SystemExit(f"README.md has no {START} … {END} markers")
+    head, rest = readme.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    (REPO / "README.md").write_text(head + markdown(bench, evaluation, stamp) + tail, encoding="utf-8")
+    print("README.md and docs/*.png updated")
+
+
+if __name__ == "__main__":
+    main()
