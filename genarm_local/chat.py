@@ -18,11 +18,12 @@ import textwrap
 import threading
 from pathlib import Path
 
-from .errors import GenArmError, InvalidOptionError
+from .errors import ContextOverflowError, GenArmError, InvalidOptionError
 from .options import (
     LoadedModel,
     add_model_arguments,
     add_sampling_arguments,
+    chat_prompt,
     load_model,
     sampling_options,
     timings_line,
@@ -176,7 +177,14 @@ class ChatSession:
         streamed = not (self.compare and self.layout == "side")
         if streamed and label:
             self.out.write(f"[{label}] ")
-        pieces = self.model.chat(self.history(), weights=weights, cancel=cancel, stream=True, **self.sampling)
+        # As GuidedModel.chat, but a reply may use whatever room the conversation leaves (llama-cli does the same).
+        prompt = chat_prompt(self.model, self.history())
+        n_ctx = self.model.engine.n_ctx
+        room = n_ctx - len(prompt)
+        if room < 1:
+            raise ContextOverflowError(f"the conversation ({len(prompt)} tokens) fills the context of {n_ctx} (-c)")
+        options = dict(self.sampling, max_tokens=min(self.sampling["max_tokens"], room))
+        pieces = self.model.stream(prompt, weights=weights, cancel=cancel, **options)
         for piece in pieces:
             if streamed:
                 self.out.write(piece)
@@ -233,6 +241,8 @@ def run(session: ChatSession, interactive: bool) -> None:
             continue
         try:
             session.turn(line)
+        except ContextOverflowError as exc:
+            session.note(f"error: {exc}; /reset starts a new conversation")
         except GenArmError as exc:
             session.note(f"error: {exc}")
 
