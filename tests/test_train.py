@@ -176,6 +176,56 @@ def test_guided_decoding_raises_marker_frequency(marker_run):
     assert counts["guided"] >= counts["base"] + 0.3
 
 
+def test_chat_rows_train_on_the_prompt_the_engine_renders(gguf_model):
+    """Chat data is rendered for training exactly as GuidedModel.chat renders it at run time."""
+    import gguf
+
+    from genarm_local.chat_template import render_chat
+    from genarm_local.native import Model
+    from genarm_local.preference import pairs_from_rows, tokenize_pairs
+    from genarm_local.train_state import chat_renderer, load_tokenizer
+
+    base = gguf_model("llama_small", "f32")
+    tokenizer = load_tokenizer(base)
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Tell me about the sea."}]
+    reply = [{"role": "assistant", "content": "The sea is lovely."}]
+    data = pairs_from_rows(
+        [{"prompt": messages, "chosen": reply, "rejected": [{"role": "assistant", "content": "No."}]}]
+    )
+    (pair,) = tokenize_pairs(data, tokenizer, 128, 64, chat_renderer(tokenizer, gguf.GGUFReader(base)))
+    with Model(base) as model:
+        text, add_special = render_chat(model, messages)
+        assert pair.prompt == model.tokenize(text, add_special=add_special, parse_special=True)
+        full, _ = render_chat(model, messages + reply, add_generation_prompt=False)
+        assert pair.prompt + pair.chosen == model.tokenize(full, add_special=add_special, parse_special=True)
+
+
+def test_merged_export_matches_peft(hf_model, gguf_model, tmp_path):
+    """--export --merge: the adapter merged into a full GGUF model reproduces the PEFT model's logits."""
+    import torch
+    from conftest import FIDELITY_TEXT
+    from helpers import hf_logits, llama_logits, relative_max_error
+    from peft import PeftModel
+    from test_convert import F32_BOUND
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = train_small(
+        hf_model,
+        tmp_path / "arm",
+        max_steps=4,
+        lr=1e-2,
+        export=str(tmp_path / "merged.gguf"),
+        merge=True,
+        outtype="f32",
+    )
+    ids = AutoTokenizer.from_pretrained(hf_model("llama_small"))(FIDELITY_TEXT)["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(hf_model("llama_small"), dtype=torch.float32)
+    plain = hf_logits(None, ids, model=base)
+    reference = hf_logits(None, ids, model=PeftModel.from_pretrained(base, result.output).eval())
+    assert relative_max_error(reference, plain) > 10 * F32_BOUND
+    assert relative_max_error(reference, llama_logits(result.export, ids)) < F32_BOUND
+
+
 # ---- resume --------------------------------------------------------------------------------------------------
 
 
@@ -196,6 +246,12 @@ def small_config(hf_model, out, **overrides):
         progress=False,
     )
     return TrainConfig(**{**settings, **overrides})
+
+
+def train_small(hf_model, out, **overrides):
+    from genarm_local.train import train
+
+    return train(small_config(hf_model, out, **overrides))
 
 
 def test_crash_then_resume_equals_uninterrupted_run(hf_model, tmp_path):
