@@ -95,6 +95,9 @@ def test_rows_carry_their_own_settings(files, tmp_path):
     assert out["chat"]["text"] + "\n" == generate("--chat", "-p", question[0]["content"], "-n", 6, *arm)
     sampled = run_cli("generate", *common, "-p", PROMPT, *arm, "--seed", 1, cwd=tmp_path)
     assert out["plain"]["text"] + "\n" == sampled.stdout  # batched = one at a time with the row's seed
+    # "plain" (line 1) and line 8 shared one generate_batch call, with seeds 1 and 8: not consecutive
+    again = run_cli("generate", *common, "-p", PROMPT + " again", *arm, "--seed", 8, cwd=tmp_path)
+    assert out[8]["settings"]["seed"] == 8 and out[8]["text"] + "\n" == again.stdout
 
 
 def test_bad_input_files(files, tmp_path):
