@@ -318,6 +318,8 @@ class Run:
             shutil.rmtree(self.checkpoints, ignore_errors=True)  # a --force restart must not mix with old state
             self.log_path.unlink(missing_ok=True)
             return
+        for stale in self.checkpoints.glob(".step-*.tmp"):  # a kill during a save leaves its temporary file
+            stale.unlink()
         state = torch.load(latest, map_location="cpu", weights_only=True)
         changed = [k for k in RUN_SETTINGS if state["settings"].get(k) != self.settings[k]]
         if changed:
@@ -342,13 +344,21 @@ class Run:
         self.notify(f"resuming from {latest.name} (step {self.step}/{self.total})")
 
     def _trim_log(self) -> None:
-        """Drop log records of steps after the checkpoint: they are about to be trained again."""
+        """Drop log records of steps after the checkpoint (they are about to be trained again) and a line torn by a
+        kill mid-write."""
         if not self.log_path.exists():
             return
-        lines = self.log_path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        kept = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= self.step:
+                kept.append(line + "\n")
         with atomic_output(self.log_path, force=True) as tmp:
             tmp.write_text("".join(kept), encoding="utf-8")
+            _readable(tmp)
 
     # ---- outputs -------------------------------------------------------------------------------------------------
 
