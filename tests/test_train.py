@@ -426,3 +426,19 @@ def test_cli_flags_are_generated_from_train_config():
     assert {f.name for f in dataclasses.fields(TrainConfig)} == set(vars(args)) | {"progress"}
     assert config.target_modules == ["q_proj", "v_proj"] and config.beta == 0.05 and config.lr == 5e-4
     assert config.progress and not parser.parse_args(["-m", "b", "--data", "d", "-o", "o", "--no-progress"]).progress
+
+
+def test_schedule_warmup_then_cosine_and_split():
+    from genarm_local.train import lr_factor, split, warmup_steps
+
+    assert warmup_steps(0.1, 100) == 10 and warmup_steps(3, 100) == 3 and warmup_steps(0, 100) == 0
+    factors = [lr_factor(step, 2, 10) for step in range(10)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])  # linear warmup reaching the peak
+    assert (
+        all(a > b for a, b in zip(factors[2:-1], factors[3:], strict=True)) and 0 < factors[-1] < 0.05
+    )  # cosine decay
+    pairs = list(range(100))
+    train_part, held = split(pairs, 0.05, seed=0)
+    assert len(held) == 5 and sorted(train_part + held) == pairs
+    assert split(pairs, 0.05, seed=0) == (train_part, held) and split(pairs, 0.05, seed=1)[1] != held
+    assert split(pairs, 0.0, seed=0) == (pairs, [])
