@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_output
-from .errors import BatchInputError, GenArmError, InputNotFoundError, InvalidOptionError
+from .errors import BatchInputError, ContextOverflowError, GenArmError, InputNotFoundError, InvalidOptionError
 from .options import (
     LoadedModel,
     add_model_arguments,
@@ -108,7 +108,8 @@ def read_input(path: Path, sampling_keys: set[str]) -> list[Row]:
         raise BatchInputError(f"{path} is not UTF-8 text (byte {exc.start}); give a JSONL file") from None
     except OSError as exc:
         raise BatchInputError(f"cannot read {path}: {exc.strerror}") from None
-    rows = [parse_row(n, line, sampling_keys) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # split on "\n" only: str.splitlines would also cut at U+2028 and friends, which JSON strings may hold raw
+    rows = [parse_row(n, line, sampling_keys) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if rows and all(row.error and "not JSON" in row.error for row in rows):
         raise BatchInputError(f"{path}: no line is JSON; give a JSONL file (one JSON object per line)")
     first: dict[str, int] = {}
@@ -166,7 +167,7 @@ class Sink:
     """OUT opened for appending; every row is on disk (flushed and fsynced) before the next one starts."""
 
     def __init__(self, path: Path):
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self._file = open(path, "a", encoding="utf-8")  # closed by close()
         self.done = self.failed = 0
 
     def write(self, row: dict) -> None:
@@ -215,7 +216,7 @@ def prepare(row: Row, loaded: LoadedModel, defaults: dict) -> Job:
     if not tokens:
         raise InvalidOptionError("the prompt is empty")
     if len(tokens) + config.max_tokens > model.engine.n_ctx:
-        raise InvalidOptionError(
+        raise ContextOverflowError(
             f"prompt ({len(tokens)} tokens) + max_tokens ({config.max_tokens}) exceed the context of "
             f"{model.engine.n_ctx} tokens (-c)"
         )
@@ -286,9 +287,9 @@ def main(args: argparse.Namespace) -> int:
     todo = [row for row in rows if row.key not in finished]
     skipped = len(rows) - len(todo)
     earlier_failures = sum(1 for row in rows if "error" in finished.get(row.key, {}))
-    sink = Sink(output)
-    try:
-        with load_model(args) as loaded, _progress(len(todo), output, args.progress) as progress:
+    with load_model(args) as loaded, _progress(len(todo), output, args.progress) as progress:
+        sink = Sink(output)  # opened only once the model loaded: a bad model leaves no empty OUT behind
+        try:
             jobs = []
             for row in todo:
                 if row.error is None:
@@ -300,8 +301,8 @@ def main(args: argparse.Namespace) -> int:
                 sink.error(row, row.error)
                 progress.update(1)
             run_jobs(jobs, loaded, sink, args.batch_size, progress)
-    finally:
-        sink.close()
+        finally:
+            sink.close()
     summary = f"{output}: done {sink.done}, skipped {skipped} (already in OUT), failed {sink.failed}"
     if earlier_failures:
         summary += f"; {earlier_failures} earlier failures kept in OUT (--retry-failed redoes them)"

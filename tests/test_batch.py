@@ -73,6 +73,7 @@ def test_rows_carry_their_own_settings(files, tmp_path):
         {"id": "bad-weights", "prompt": PROMPT, "weights": {"nobody": 1}},
         {"id": "bad-type", "prompt": PROMPT, "temperature": "hot"},
         {"id": "typo", "prompt": PROMPT, "temprature": 0.5},
+        {"id": "too-long", "prompt": PROMPT, "max_tokens": 5000},
         {"prompt": PROMPT + " again"},
     ]
     write_jsonl(tmp_path / "in.jsonl", rows)
@@ -80,11 +81,12 @@ def test_rows_carry_their_own_settings(files, tmp_path):
     arm = ["--arm", f"kind={files['lora']}:1.5"]
     result = run_cli("batch", "in.jsonl", "-o", "out.jsonl", *common, *arm, cwd=tmp_path)
     assert result.returncode == 1, result.stderr
-    assert "done 5, skipped 0 (already in OUT), failed 3" in result.stderr
+    assert "done 5, skipped 0 (already in OUT), failed 4" in result.stderr
     out = {row["id"]: row for row in read_jsonl(tmp_path / "out.jsonl")}
-    assert set(out) == {"plain", "unguided", "chat", "seeded", "bad-weights", "bad-type", "typo", 8}
+    assert set(out) == {"plain", "unguided", "chat", "seeded", "bad-weights", "bad-type", "typo", "too-long", 9}
     assert "nobody" in out["bad-weights"]["error"] and out["bad-weights"]["line"] == 5
     assert "temperature" in out["bad-type"]["error"] and "temprature" in out["typo"]["error"]
+    assert "context" in out["too-long"]["error"]
     plain = out["plain"]["settings"]
     assert plain["seed"] == 1 and plain["weights"] == {"kind": 1.5} and plain["temperature"] == 0.8  # seed 0 + line
     assert out["seeded"]["settings"]["seed"] == 123 and "\n" not in out["seeded"]["text"]
@@ -95,9 +97,9 @@ def test_rows_carry_their_own_settings(files, tmp_path):
     assert out["chat"]["text"] + "\n" == generate("--chat", "-p", question[0]["content"], "-n", 6, *arm)
     sampled = run_cli("generate", *common, "-p", PROMPT, *arm, "--seed", 1, cwd=tmp_path)
     assert out["plain"]["text"] + "\n" == sampled.stdout  # batched = one at a time with the row's seed
-    # "plain" (line 1) and line 8 shared one generate_batch call, with seeds 1 and 8: not consecutive
-    again = run_cli("generate", *common, "-p", PROMPT + " again", *arm, "--seed", 8, cwd=tmp_path)
-    assert out[8]["settings"]["seed"] == 8 and out[8]["text"] + "\n" == again.stdout
+    # "plain" (line 1) and line 9 shared one generate_batch call, with seeds 1 and 9: not consecutive
+    again = run_cli("generate", *common, "-p", PROMPT + " again", *arm, "--seed", 9, cwd=tmp_path)
+    assert out[9]["settings"]["seed"] == 9 and out[9]["text"] + "\n" == again.stdout
 
 
 def test_bad_input_files(files, tmp_path):
@@ -115,3 +117,6 @@ def test_bad_input_files(files, tmp_path):
     (tmp_path / "foreign.jsonl").write_text("not ours\n{}\n")
     result = run_cli("batch", "ok.jsonl", "-o", "foreign.jsonl", *base, cwd=tmp_path)
     assert_one_line_error(result, "foreign.jsonl", "line 1")
+    result = run_cli("batch", "ok.jsonl", "-o", "new.jsonl", "-m", tmp_path / "nope.gguf", cwd=tmp_path)
+    assert_one_line_error(result, "nope.gguf")
+    assert not (tmp_path / "new.jsonl").exists()
