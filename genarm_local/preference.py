@@ -227,19 +227,24 @@ class TokenizedPair:
 Render = Callable[[list, bool], str]  # (messages, add_generation_prompt) -> text
 
 
+def unknown_markup(text: str, vocab: Mapping[str, int]) -> str | None:
+    """The first chat-template marker in ``text`` that is not a token of ``vocab`` (see CHAT_MARKUP), if any."""
+    return next((marker for marker in CHAT_MARKUP.findall(text) if marker not in vocab), None)
+
+
 def check_chat_markup(data: PreferenceData, vocab: Mapping[str, int], model: str) -> None:
-    """Refuse string data written in another model's chat markup (see CHAT_MARKUP)."""
+    """Refuse string data written in another model's chat markup."""
+    if data.format == "chat":
+        return
     for pair in data.pairs:
-        if data.format == "chat":
-            return
         for text in (pair.prompt, pair.chosen, pair.rejected):
-            for marker in CHAT_MARKUP.findall(text):
-                if marker not in vocab:
-                    raise TokenizerMismatchError(
-                        f"{data.source}:{pair.line}: the data uses chat markup {marker!r} that the tokenizer of "
-                        f"{model} does not have as a token; it was rendered for another model's chat template — "
-                        "render it with this model's template, or give chat-style rows"
-                    )
+            marker = unknown_markup(text, vocab)
+            if marker:
+                raise TokenizerMismatchError(
+                    f"{data.source}:{pair.line}: the data uses chat markup {marker!r} that the tokenizer of "
+                    f"{model} does not have as a token; it was rendered for another model's chat template — "
+                    "render it with this model's template, or give chat-style rows"
+                )
 
 
 def truncate(
@@ -271,7 +276,8 @@ def tokenize_pairs(
     templates write their own); string responses end with EOS, chat replies with the template's end of turn."""
     if max_prompt_length >= max_length:
         raise InvalidOptionError(f"--max-prompt-length {max_prompt_length} must be below --max-length {max_length}")
-    check_chat_markup(data, tokenizer.get_vocab(), model)
+    vocab = tokenizer.get_vocab()
+    check_chat_markup(data, vocab, model)
     bos_text, bos_id, eos_id = tokenizer.bos_token, tokenizer.bos_token_id, tokenizer.eos_token_id
 
     def encode(text: str, prompt: bool) -> list[int]:
@@ -288,6 +294,12 @@ def tokenize_pairs(
     for pair in data.pairs:
         if chat:
             prompt = render(pair.prompt, True)
+            marker = unknown_markup(prompt, vocab)
+            if marker:
+                raise TokenizerMismatchError(
+                    f"the chat template of {model} writes {marker!r}, which its tokenizer does not have as a token: "
+                    "the template and the tokenizer do not belong together"
+                )
             replies = []
             for reply in (pair.chosen, pair.rejected):
                 full = render(pair.prompt + reply, False)

@@ -241,6 +241,24 @@ def test_data_in_another_models_chat_markup_is_refused(tokenizer):
     assert tokenize_pairs(chatml, tokenizer, 64, 32)[0].prompt[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
 
 
+def test_a_chat_template_of_another_tokenizer_is_refused(tokenizer):
+    data = pairs_from_rows(
+        [
+            {
+                "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No"}],
+            }
+        ]
+    )
+
+    def gemma_template(messages, generation):
+        text = "".join(f"<start_of_turn>{m['role']}\n{m['content']}<end_of_turn>\n" for m in messages)
+        return text + ("<start_of_turn>model\n" if generation else "")
+
+    with pytest.raises(TokenizerMismatchError, match="template and the tokenizer do not belong together"):
+        tokenize_pairs(data, tokenizer, 64, 32, render=gemma_template)
+
+
 def test_truncation_keeps_prompt_end_and_bos_then_cuts_responses():
     prompt, chosen, rejected = [1, 10, 11, 12, 13, 14], [20, 21, 22, 23], [30, 31]
     pair = truncate(prompt, chosen, rejected, max_length=7, max_prompt_length=3, bos_id=1)
