@@ -174,9 +174,6 @@ class ChatSession:
         return self.reply(unguided, cancel, "base")
 
     def reply(self, weights: dict, cancel: threading.Event, label: str | None):
-        streamed = not (self.compare and self.layout == "side")
-        if streamed and label:
-            self.out.write(f"[{label}] ")
         # As GuidedModel.chat, but a reply may use whatever room the conversation leaves (llama-cli does the same).
         prompt = chat_prompt(self.model, self.history())
         n_ctx = self.model.engine.n_ctx
@@ -185,6 +182,9 @@ class ChatSession:
             raise ContextOverflowError(f"the conversation ({len(prompt)} tokens) fills the context of {n_ctx} (-c)")
         options = dict(self.sampling, max_tokens=min(self.sampling["max_tokens"], room))
         pieces = self.model.stream(prompt, weights=weights, cancel=cancel, **options)
+        streamed = not (self.compare and self.layout == "side")
+        if streamed and label:
+            self.out.write(f"[{label}] ")
         for piece in pieces:
             if streamed:
                 self.out.write(piece)
