@@ -63,7 +63,7 @@ BAD_INPUT = {
     ),
     "alpha not a number": (lambda f, tmp: ["-m", f["base"], "--arm", f"{f['lora']}:strong"], ["'strong'", "number"]),
     "context too small": (lambda f, tmp: ["-m", f["base"], "-c", 256, "-p", PROMPT * 60], ["context", "256"]),
-    "unknown ARM name": (lambda f, tmp: ["-m", f["base"], "--arm", "positive:1.5"], ["positive", "shipped"]),
+    "unknown ARM name": (lambda f, tmp: ["-m", f["base"], "--arm", "no-such-arm:1.5"], ["no-such-arm", "shipped"]),
     "bad option": (lambda f, tmp: ["-m", f["base"], "--top-p", 1.5], ["top_p", "1.5"]),
 }
 
