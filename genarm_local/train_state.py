@@ -166,8 +166,8 @@ class Run:
         self.total = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup = warmup_steps(config.warmup, self.total)
         torch.manual_seed(config.seed)  # LoRA init, then dropout
-        if config.gradient_checkpointing:
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.gradient_checkpointing:  # non-reentrant: replays dropout's RNG, so results do not change
+            self.base.activation_checkpointing_enable({"use_reentrant": False})
         lora = peft.LoraConfig(
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
