@@ -450,3 +450,13 @@ def test_gradient_checkpointing_changes_nothing(hf_model, tmp_path):
     expected, got = adapter_weights(plain.output), adapter_weights(recomputed.output)
     for name in expected:  # dropout included: the recomputation replays its random numbers
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_the_verb_module_does_not_import_torch(tmp_path):
+    """`genarm-local chat` builds every verb's parser: train's must not pull in torch, transformers or peft."""
+    code = (
+        "import sys, genarm_local.cli as cli; cli.build_parser(); "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr
