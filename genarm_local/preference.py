@@ -271,9 +271,11 @@ def tokenize_pairs(
     max_prompt_length: int,
     render: Render | None = None,
     model: str = "the model",
+    eos: bool = True,
 ) -> list[TokenizedPair]:
     """Token ids of every pair, truncated (see ``truncate``). BOS is added unless the text starts with it (chat
-    templates write their own); string responses end with EOS, chat replies with the template's end of turn."""
+    templates write their own); string responses end with EOS (unless ``eos`` is false), chat replies with the
+    template's end of turn."""
     if max_prompt_length >= max_length:
         raise InvalidOptionError(f"--max-prompt-length {max_prompt_length} must be below --max-length {max_length}")
     vocab = tokenizer.get_vocab()
@@ -312,8 +314,8 @@ def tokenize_pairs(
             chosen, rejected = replies
         else:
             prompt = pair.prompt
-            eos = [eos_id] if eos_id is not None else []
-            chosen, rejected = encode(pair.chosen, False) + eos, encode(pair.rejected, False) + eos
+            end = [eos_id] if eos and eos_id is not None else []
+            chosen, rejected = encode(pair.chosen, False) + end, encode(pair.rejected, False) + end
         prompt_ids = encode(prompt, True)
         if not prompt_ids:
             raise PreferenceDataError(f"{data.source}:{pair.line}: the prompt has no tokens")

@@ -82,6 +82,12 @@ class TrainConfig:
         "at the end to fit",
     )
     max_prompt_length: int = _option(256, "prompt tokens kept when a pair exceeds --max-length (< --max-length)")
+    eos: bool = _option(
+        True,
+        "end string responses with EOS (--no-eos: for responses cut at a length limit, e.g. sampled continuations, "
+        "which must not teach the ARM to stop there)",
+        flags=("--no-eos",),
+    )
     gradient_checkpointing: bool = _option(
         False, "recompute activations in the backward pass (less memory, ~30%% slower)"
     )

@@ -149,6 +149,7 @@ class Run:
             self.config.max_prompt_length,
             chat_renderer(tokenizer, reader),
             model=str(source),
+            eos=self.config.eos,
         )
         self.pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
         self.notify(f"loading {source} ({len(pairs)} pairs tokenized)")

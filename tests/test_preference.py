@@ -207,6 +207,9 @@ def test_trl_tokens_end_with_eos(tokenizer):
     assert pair.prompt == encode("Once upon a time")
     assert pair.chosen == encode(" the sea") + [tokenizer.eos_token_id]
     assert pair.rejected == encode(" the dog") + [tokenizer.eos_token_id]
+    # --no-eos: continuations cut at a length limit did not end there
+    (cut,) = tokenize_pairs(data, tokenizer, max_length=64, max_prompt_length=32, eos=False)
+    assert cut.chosen == encode(" the sea") and cut.rejected == encode(" the dog")
 
 
 def test_chat_rows_rendered_with_the_template(tokenizer):
