@@ -52,18 +52,20 @@ def run_naive(base: str, arm: str, tokens: int, threads: int) -> float:
 def run_transformers(base: str, arm_peft: str | None, tokens: int, threads: int) -> float:
     """The reference implementation's loop: two float32 HF models, log_softmax sum, multinomial sampling."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from genarm_local.convert.checkpoint import load_transformers_model
+
+    from genarm_local.native import Model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    folder, name = str(Path(base).parent), Path(base).name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    models = [AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32) for _ in range(2)]
+    # Dequantized from the same GGUF, as the reference code would run the base in float32.
+    models = [load_transformers_model(Path(base))[0].eval() for _ in range(2)]
     if arm_peft:
         from peft import PeftModel
 
         models[1] = PeftModel.from_pretrained(models[1], arm_peft).merge_and_unload()
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with Model(base, vocab_only=True) as vocab:  # the same token ids as llama.cpp's
+        ids = torch.tensor([vocab.tokenize(PROMPT)])
     with torch.inference_mode():
         outs = [m(ids, use_cache=True) for m in models]
         caches = [o.past_key_values for o in outs]
