@@ -39,7 +39,7 @@ def run_engine(base: str, arm: str | None, tokens: int, threads: int) -> float:
 
     with GuidedModel(base, {arm: 1.0} if arm else None, n_ctx=1024, n_threads=threads) as model:
         model.generate(PROMPT, max_tokens=4, seed=0)  # warm-up
-        result = model.generate(PROMPT, max_tokens=tokens, seed=1, temperature=1.0, min_p=0.0, top_p=1.0, top_k=0)
+        result = model.generate(PROMPT, max_tokens=tokens, seed=1)  # default sampling settings
         return result.timings.generated_tokens_per_s
 
 
@@ -88,7 +88,7 @@ def run_batch(base: str, arm: str, tokens: int, threads: int) -> dict:
         model.generate_batch([PROMPT] * 2, max_tokens=4, seed=0)  # warm-up
         for size in (1, 2, 4, 8, 16):
             start = time.perf_counter()
-            results = model.generate_batch([PROMPT] * size, max_tokens=tokens, seed=1, min_p=0.0, temperature=1.0)
+            results = model.generate_batch([PROMPT] * size, max_tokens=tokens, seed=1)
             speeds[size] = sum(len(r.tokens) for r in results) / (time.perf_counter() - start)
             print(json.dumps({"batch": size, "tok_s": speeds[size]}), file=sys.stderr, flush=True)
     return speeds

@@ -87,7 +87,7 @@ class GuidedModel:
         seed: int | None = None,
         kv_cache_type: str = "f16",
         flash_attn: bool | None = None,
-        concurrent: bool = False,
+        concurrent: bool | None = None,
         chat_template: str | None = None,
     ):
         self._engine = Engine(

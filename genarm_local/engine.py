@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import llama_cpp as lc
 import numpy as np
@@ -38,6 +39,7 @@ from .native import Adapter, Batch, Context, Model, gguf_header
 from .sampling import SamplerChain, SamplingConfig
 
 Cancel = Callable[[], bool] | threading.Event | None
+T = TypeVar("T")
 
 
 @dataclass
@@ -110,12 +112,15 @@ class Engine:
         n_threads: int | None = None,
         kv_cache_type: str = "f16",
         flash_attn: bool | None = None,
-        concurrent: bool = False,
+        concurrent: bool | None = None,
     ):
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
-        # Concurrent: each active context decodes its token on its own thread with a share of the cores
-        # (llama_decode releases the GIL). Worth it only where measured (bench/bench_engine.py).
+        # Concurrent: each active context decodes on its own thread with its share of the cores (llama_decode
+        # releases the GIL). None decides per call: on the CPU, when every context gets at least one core -- a
+        # small model's decode scales poorly across threads, so two contexts side by side on one core each beat
+        # one after the other on both (bench/bench_engine.py measures it).
         self.concurrent = concurrent
+        self.n_gpu_layers = n_gpu_layers
         self._pool: ThreadPoolExecutor | None = None
         self._context_options = context_options = dict(
             n_ctx=n_ctx, n_threads=self.n_threads, kv_cache_type=kv_cache_type, flash_attn=flash_attn
@@ -213,12 +218,14 @@ class Engine:
     def _prefill(self, tokens: Sequence[int], contexts: Sequence[Context]) -> list[int]:
         if len(tokens) > self.n_ctx:
             raise ContextOverflowError(f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}")
-        return [context.sync(tokens) for context in contexts]
+        return self._each(contexts, lambda context: context.sync(tokens))
 
     def mixed_logprobs(self, tokens: Sequence[int], weights=None, normalized: bool = False) -> np.ndarray:
         """The guided next-token log-probabilities after ``tokens`` (before temperature), as a new array."""
         active = self._active(self.alphas(weights))
-        self._prefill(tokens, [self.base] + [arm.context for arm, _ in active])
+        contexts = [self.base] + [arm.context for arm, _ in active]
+        with self._thread_shares(contexts):
+            self._prefill(tokens, contexts)
         out = np.empty(self.n_vocab, dtype=np.float32)
         self._mix(active, normalized, dst=out)
         return out
@@ -280,7 +287,7 @@ class Engine:
                     return
                 yield step
                 # 4. Feed the token to every active context.
-                self._decode_one_each(contexts, token)
+                self._each(contexts, lambda context, token=token: context.decode_one(token))
 
     def batch_steps(
         self,
@@ -329,14 +336,14 @@ class Engine:
                 for seed in seeds
             ]
             batch = stack.enter_context(Batch(max(n_seq, self.base.n_batch)))
+            stack.enter_context(self._thread_shares(contexts))
             # 1. Prefill every prompt but its last token, the sequences packed together into full batches.
             prefill = [(prompt[pos], pos, seq) for seq, prompt in enumerate(prompts) for pos in range(len(prompt) - 1)]
             for start in range(0, len(prefill), batch.capacity):
                 batch.clear()
                 for token, pos, seq in prefill[start : start + batch.capacity]:
                     batch.add(token, pos, seq, False)
-                for context in contexts:
-                    context.decode_batch(batch)
+                self._each(contexts, lambda context: context.decode_batch(batch))
             pending = {seq: (prompt[-1], len(prompt) - 1) for seq, prompt in enumerate(prompts)}
             for index in range(config.max_tokens):
                 running = [seq for seq in sorted(pending) if seq not in finished]
@@ -351,8 +358,7 @@ class Engine:
                 for seq in running:
                     token, pos = pending[seq]
                     batch.add(token, pos, seq, True)
-                for context in contexts:
-                    context.decode_batch(batch)
+                self._each(contexts, lambda context: context.decode_batch(batch))
                 for row, seq in enumerate(running):
                     # 3. Mix and sample each sequence's row.
                     if guided:
@@ -369,31 +375,37 @@ class Engine:
                         pending[seq] = (token, pending[seq][1] + 1)
                     yield seq, step
 
-    def _decode_one_each(self, contexts: Sequence[Context], token: int) -> None:
-        if not self.concurrent or len(contexts) == 1:
-            for context in contexts:
-                context.decode_one(token)
-            return
+    def _concurrent(self, contexts: Sequence[Context]) -> bool:
+        if len(contexts) < 2:
+            return False
+        if self.concurrent is not None:
+            return self.concurrent
+        return self.n_gpu_layers == 0 and len(contexts) <= self.n_threads
+
+    def _each(self, contexts: Sequence[Context], work: Callable[[Context], T]) -> list[T]:
+        """``work(context)`` for every context: one after the other, or concurrently on the pool's threads."""
+        if not self._concurrent(contexts):
+            return [work(context) for context in contexts]
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=len(self.arms), thread_name_prefix="genarm-decode")
-        others = [self._pool.submit(context.decode_one, token) for context in contexts[1:]]
-        contexts[0].decode_one(token)
-        for future in others:
-            future.result()
+            self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.arms)), thread_name_prefix="genarm-decode")
+        others = [self._pool.submit(work, context) for context in contexts[1:]]
+        first = work(contexts[0])
+        return [first, *(future.result() for future in others)]
 
     @contextlib.contextmanager
     def _thread_shares(self, contexts: Sequence[Context]) -> Iterator[None]:
         """While decoding concurrently, the contexts split the cores instead of each using all of them."""
-        if not self.concurrent or len(contexts) == 1:
+        if not self._concurrent(contexts):
             yield
             return
+        share = max(1, self.n_threads // len(contexts))
         for context in contexts:
-            context.set_threads(max(1, self.n_threads // len(contexts)))
+            context.set_threads(share, share)
         try:
             yield
         finally:
             for context in contexts:
-                context.set_threads(self.n_threads)
+                context.set_threads(self.n_threads, self.n_threads)
 
     def _read_logprobs(self, token: int, top_n: int, scratch: np.ndarray | None) -> tuple[float, dict[int, float]]:
         """The sampled token's mixed log-prob and the top-n alternatives, read from the mixed row."""

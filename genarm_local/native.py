@@ -316,9 +316,10 @@ class Context:
         self._check(lc.llama_decode(self._ptr, batch.batch))
         self.n_decoded += batch.batch.n_tokens
 
-    def set_threads(self, n_threads: int) -> None:
-        """Threads for single-token decode (prompt batches keep theirs)."""
-        lc.llama_set_n_threads(self._ptr, n_threads, self.n_threads_batch)
+    def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
+        """Threads for single-token decode and for batches (by default batches keep theirs)."""
+        batch = self.n_threads_batch if n_threads_batch is None else n_threads_batch
+        lc.llama_set_n_threads(self._ptr, n_threads, batch)
 
     def logits_address(self, index: int = -1) -> int:
         """Address of the logits row of output ``index`` of the last decode (default: the last one); n_vocab

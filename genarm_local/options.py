@@ -132,7 +132,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "-fa", "--flash-attn", default="auto", choices=["on", "off", "auto"], help="llama.cpp flash attention"
     )
-    group.add_argument("--concurrent", action="store_true", help="decode the base and ARM contexts on parallel threads")
+    group.add_argument(
+        "--concurrent", choices=["on", "off", "auto"], default="auto",
+        help="decode the base and ARM contexts on parallel threads, each with its share of -t (auto: on the CPU when "
+        "every context gets a thread)",
+    )  # fmt: skip
     group.add_argument("--chat-template-file", metavar="FILE", help="Jinja chat template overriding the model's")
 
 
@@ -286,7 +290,7 @@ def load_model(args: argparse.Namespace, use_default_arms: bool = False) -> Load
         n_threads=args.n_threads,
         kv_cache_type=args.kv_cache_type,
         flash_attn={"on": True, "off": False, "auto": None}[args.flash_attn],
-        concurrent=args.concurrent,
+        concurrent={"on": True, "off": False, "auto": None}[args.concurrent],
         chat_template=template,
     )
     return LoadedModel(model, arms)

@@ -132,6 +132,7 @@ def test_flag_defaults_are_the_apis():
         if f.name != "stop":
             assert getattr(args, f.name) == f.default, f.name
     signature = inspect.signature(GuidedModel).parameters
-    for name in ("n_ctx", "n_gpu_layers", "n_threads", "kv_cache_type", "concurrent"):
+    for name in ("n_ctx", "n_gpu_layers", "n_threads", "kv_cache_type"):
         assert getattr(args, name) == signature[name].default, name
+    assert {"on": True, "off": False, "auto": None}[args.concurrent] == signature["concurrent"].default
     assert build_parser().parse_args(["generate", "--debug"]).traceback is True
