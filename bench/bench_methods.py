@@ -147,7 +147,10 @@ def in_fresh_process(args, what: str) -> dict:
     ]
     if args.peft:
         command += ["--peft", args.peft]
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    # No OMP_WAIT_POLICY=PASSIVE here: it turns llama.cpp's OpenMP barriers into sleeps (~2x slower decode on
+    # 2 threads); only processes that run torch next to llama.cpp need it.
+    env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{what} failed:\n{out.stderr[-2000:]}")

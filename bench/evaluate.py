@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from build_arms import SAMPLING, load_prompts  # noqa: E402
@@ -133,20 +132,23 @@ def as_rows(model, results) -> list[dict]:
 def quantization_fidelity(model_path: str, peft_dir: Path, workdir: Path) -> dict:
     """KL of the guided next-token distribution (positive ARM, α = 1) with the merged F16 ARM against the same ARM
     quantized to Q8_0 and Q4_K_M, and against the F16 LoRA adapter (which should match it), over FIDELITY_TEXT."""
-    from genarm_local.convert import convert, quantize
-
     from genarm_local import GuidedModel
+
+    # The exports run torch: in their own processes, so that neither torch's idle OpenMP threads nor the passive
+    # waiting that tames them (which turns llama.cpp's OpenMP barriers into sleeps) touch this process.
+    def cli(*args) -> None:
+        subprocess.run([sys.executable, "-m", "genarm_local.cli", *map(str, args)], check=True)
 
     workdir.mkdir(parents=True, exist_ok=True)
     files = {"adapter f16": workdir / "positive-adapter-f16.gguf", "merged f16": workdir / "positive-merged-f16.gguf"}
     if not files["adapter f16"].exists():
-        convert(model_path, files["adapter f16"], "f16", lora=peft_dir, adapter_only=True, progress=False)
+        cli("convert", model_path, "--lora", peft_dir, "--adapter-only", "-o", files["adapter f16"], "--outtype", "f16")
     if not files["merged f16"].exists():
-        convert(model_path, files["merged f16"], "f16", lora=peft_dir, progress=False)
+        cli("convert", model_path, "--lora", peft_dir, "-o", files["merged f16"], "--outtype", "f16")
     for qtype in ("q8_0", "q4_k_m"):
         files[f"merged {qtype}"] = workdir / f"positive-merged-{qtype}.gguf"
         if not files[f"merged {qtype}"].exists():
-            quantize(files["merged f16"], files[f"merged {qtype}"], qtype)
+            cli("quantize", files["merged f16"], files[f"merged {qtype}"], "--type", qtype)
 
     def guided_rows(arm: Path) -> np.ndarray:
         with GuidedModel(model_path, {str(arm): 1.0}, n_ctx=512) as m:
