@@ -122,7 +122,7 @@ def kl(p_log: np.ndarray, q_log: np.ndarray) -> float:
 def sentence_lengths(model, results) -> list[int]:
     from genarm_local.judges import sentence_tokens
 
-    return [sentence_tokens([model.detokenize([t]) for t in r["tokens"]]) for r in results]
+    return [sentence_tokens([model.detokenize([t]) for t in r.tokens]) for r in results]
 
 
 def as_rows(model, results) -> list[dict]:

@@ -13,11 +13,11 @@ from genarm_local.options import default_arms, shipped_arms
 pytestmark = pytest.mark.slow
 
 
-def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
+    # Not from the repository root: `python -m` would import the source tree instead of the installed package.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, "-m", "genarm_local.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+    command = [sys.executable, "-m", "genarm_local.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def test_shipped_arms_are_installed_with_defaults():
@@ -27,8 +27,8 @@ def test_shipped_arms_are_installed_with_defaults():
     assert set(default_arms()) <= set(arms)
 
 
-def test_demo_compares_base_and_guided_on_the_embedded_base():
-    out = run_cli("demo", "-p", "The hotel we stayed at was", "-n", "6", "-t", "2")
+def test_demo_compares_base_and_guided_on_the_embedded_base(tmp_path):
+    out = run_cli("demo", "-p", "The hotel we stayed at was", "-n", "6", "-t", "2", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "using the embedded base" in out.stderr
     lines = out.stdout.splitlines()

@@ -423,9 +423,11 @@ def test_cli_flags_are_generated_from_train_config():
         ["-m", "base.gguf", "--data", "p.jsonl", "-o", "out", "--target-modules", "q_proj", "v_proj"]
     )
     config = TrainConfig(**vars(args))
-    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(vars(args)) | {"progress"}
+    # fields that default to True have --no-X flags and take the dataclass default when absent
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(vars(args)) | {"progress", "eos"}
     assert config.target_modules == ["q_proj", "v_proj"] and config.beta == 0.05 and config.lr == 5e-4
     assert config.progress and not parser.parse_args(["-m", "b", "--data", "d", "-o", "o", "--no-progress"]).progress
+    assert config.eos and not parser.parse_args(["-m", "b", "--data", "d", "-o", "o", "--no-eos"]).eos
 
 
 def test_schedule_warmup_then_cosine_and_split():
