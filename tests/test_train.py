@@ -428,6 +428,7 @@ def test_cli_flags_are_generated_from_train_config():
     assert config.target_modules == ["q_proj", "v_proj"] and config.beta == 0.05 and config.lr == 5e-4
     assert config.progress and not parser.parse_args(["-m", "b", "--data", "d", "-o", "o", "--no-progress"]).progress
     assert config.eos and not parser.parse_args(["-m", "b", "--data", "d", "-o", "o", "--no-eos"]).eos
+    assert parser.parse_args(["--data", "d", "-o", "o"]).model is None  # train() then uses the embedded base
 
 
 def test_schedule_warmup_then_cosine_and_split():
