@@ -235,10 +235,13 @@ class GuidedModel:
         """Reply to ``messages`` ([{"role": ..., "content": ...}, ...]) rendered with the chat template (see
         chat_template.py). Each context keeps its KV cache between turns, so a new turn decodes only the tokens
         after the common prefix with the previous one, not the whole history."""
-        text, add_special = render_chat(self.engine.base_model, messages, self.chat_template)
-        tokens = self.engine.base_model.tokenize(text, add_special=add_special, parse_special=True)
         run = self.stream if stream else self.generate
-        return run(tokens, weights=weights, cancel=cancel, **sampling)
+        return run(self.chat_tokens(messages), weights=weights, cancel=cancel, **sampling)
+
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template, ready for the assistant's reply."""
+        text, add_special = render_chat(self.engine.base_model, messages, self.chat_template)
+        return self.engine.base_model.tokenize(text, add_special=add_special, parse_special=True)
 
     def next_token_logprobs(
         self, tokens: Prompt, weights: Mapping[str, float] | None = None, normalized: bool = False

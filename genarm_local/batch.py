@@ -28,7 +28,6 @@ from .options import (
     LoadedModel,
     add_model_arguments,
     add_sampling_arguments,
-    chat_prompt,
     check_option_types,
     load_model,
     sampling_options,
@@ -212,7 +211,7 @@ def prepare(row: Row, loaded: LoadedModel, defaults: dict) -> Job:
     config = SamplingConfig.from_options(dict(options, seed=seed))
     weights = loaded.alphas(row.weights)
     loaded.weights(row.weights)  # unknown ARM names are this row's error
-    tokens = chat_prompt(model, row.messages) if row.messages is not None else model.tokenize(row.prompt)
+    tokens = model.chat_tokens(row.messages) if row.messages is not None else model.tokenize(row.prompt)
     if not tokens:
         raise InvalidOptionError("the prompt is empty")
     if len(tokens) + config.max_tokens > model.engine.n_ctx:

@@ -18,12 +18,12 @@ import textwrap
 import threading
 from pathlib import Path
 
+from .atomic import atomic_output
 from .errors import ContextOverflowError, GenArmError, InvalidOptionError
 from .options import (
     LoadedModel,
     add_model_arguments,
     add_sampling_arguments,
-    chat_prompt,
     load_model,
     sampling_options,
     timings_line,
@@ -134,7 +134,8 @@ class ChatSession:
         }
         path = Path(rest).expanduser()
         try:
-            path.write_text(json.dumps(transcript, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            with atomic_output(path, force=True) as tmp:  # a transcript is complete or not there
+                tmp.write_text(json.dumps(transcript, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         except OSError as exc:
             raise InvalidOptionError(f"cannot write {path}: {exc.strerror}") from None
         self.note(f"saved {len(self.messages)} messages to {path}")
@@ -175,7 +176,7 @@ class ChatSession:
 
     def reply(self, weights: dict, cancel: threading.Event, label: str | None):
         # As GuidedModel.chat, but a reply may use whatever room the conversation leaves (llama-cli does the same).
-        prompt = chat_prompt(self.model, self.history())
+        prompt = self.model.chat_tokens(self.history())
         n_ctx = self.model.engine.n_ctx
         room = n_ctx - len(prompt)
         if room < 1:

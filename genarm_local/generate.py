@@ -10,7 +10,6 @@ from .errors import InvalidOptionError
 from .options import (
     add_model_arguments,
     add_sampling_arguments,
-    chat_prompt,
     load_model,
     sampling_options,
     timings_dict,
@@ -50,7 +49,7 @@ def main(args: argparse.Namespace) -> None:
         model = loaded.model
         if args.chat:
             system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-            prompt = chat_prompt(model, [*system, {"role": "user", "content": text}])
+            prompt = model.chat_tokens([*system, {"role": "user", "content": text}])
         else:
             prompt = text
         seed = sampling.pop("seed")

@@ -296,15 +296,6 @@ def load_model(args: argparse.Namespace, use_default_arms: bool = False) -> Load
     return LoadedModel(model, arms)
 
 
-def chat_prompt(model, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Token ids of ``messages`` rendered with the model's chat template, ready for a reply (as GuidedModel.chat)."""
-    from .chat_template import render_chat
-
-    base_model = model.engine.base_model
-    text, add_special = render_chat(base_model, messages, model.chat_template)
-    return base_model.tokenize(text, add_special=add_special, parse_special=True)
-
-
 def timings_line(result) -> str:
     t = result.timings
     return (
