@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -115,7 +114,6 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="genarm-arms-"))
     workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    random.seed(args.seed)
     base = assemble()
     log: dict[str, object] = {"seed": args.seed, "samples": args.samples, "tokens": args.tokens}
 

@@ -117,8 +117,8 @@ class Engine:
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
         # Concurrent: each active context decodes on its own thread with its share of the cores (llama_decode
         # releases the GIL). None decides per call: on the CPU, when every context gets at least one core -- a
-        # small model's decode scales poorly across threads, so two contexts side by side on one core each beat
-        # one after the other on both (bench/bench_engine.py measures it).
+        # small model's decode scales sublinearly across threads, so side by side on a share each is a little
+        # faster than one after the other on all (1.05x on 2 cores; bench/bench_engine.py measures it).
         self.concurrent = concurrent
         self.n_gpu_layers = n_gpu_layers
         self._pool: ThreadPoolExecutor | None = None
