@@ -1,4 +1,4 @@
-"""Builds the one C extension, genarm_local._fused; everything else about the package is in pyproject.toml."""
+"""Builds the one C extension, genarm_local.core._fused; everything else about the package is in pyproject.toml."""
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -23,6 +23,8 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("genarm_local._fused", ["kernels/fused.c", "kernels/mix.c"], depends=["kernels/mix.h"])],
+    ext_modules=[
+        Extension("genarm_local.core._fused", ["kernels/fused.c", "kernels/mix.c"], depends=["kernels/mix.h"])
+    ],
     cmdclass={"build_ext": BuildExt},
 )

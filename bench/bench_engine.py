@@ -33,7 +33,7 @@ def random_lora_adapter(base: Path, out_dir: Path, rank: int = 8) -> Path:
     from genarm_local.convert import convert
     from safetensors.torch import save_file
 
-    from genarm_local.native import Model
+    from genarm_local.core.native import Model
 
     out = out_dir / "random-lora.gguf"
     if out.exists():
@@ -115,10 +115,11 @@ def batch_speed(base: Path, arm: Path, tokens: int, threads: int, n_seq: int = 8
 
 def raw_decode_tok_s(model, n_seq: int, tokens: int, threads: int) -> float:
     """llama.cpp alone: decode steps of one token for each of n_seq sequences, all logits rows requested."""
-    from genarm_local.native import Batch, Context
+    from genarm_local.core.config import LoadConfig
+    from genarm_local.core.context import Batch, Context
 
     prompt = model.tokenize(PROMPT)
-    with Context(model, n_ctx=(len(prompt) + tokens) * n_seq, n_threads=threads, n_seq_max=n_seq) as ctx:
+    with Context(model, LoadConfig(n_threads=threads), n_ctx=(len(prompt) + tokens) * n_seq, n_seq_max=n_seq) as ctx:
         with Batch(max(512, n_seq * len(prompt))) as batch:
             for seq in range(n_seq):
                 for pos, token in enumerate(prompt):

@@ -3,7 +3,7 @@
     python setup.py build_ext --inplace && PYTHONPATH=. python bench/bench_kernel.py
 
 Prints a markdown table of median microseconds per call: the numpy float32 reference (log_softmax of each row,
-weighted sum, renormalise) and genarm_local.mixing.mix_logprobs on 1 and 2 threads (one row is split by blocks, a
+weighted sum, renormalise) and genarm_local.core.mixing.mix_logprobs on 1 and 2 threads (one row is split by blocks, a
 batch by rows), with the speed-ups. The timings interleave, so a machine that slows down part-way slows all columns
 alike. The kernel writes into a separate dst here; in place on the base row costs the same.
 """
@@ -21,7 +21,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from genarm_local.mixing import mix_logprobs  # noqa: E402
+from genarm_local.core.mixing import mix_logprobs  # noqa: E402
 
 N_VOCAB = 262_144  # Gemma-3
 

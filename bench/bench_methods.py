@@ -52,9 +52,9 @@ def run_naive(base: str, arm: str, tokens: int, threads: int) -> float:
 def run_transformers(base: str, arm_peft: str | None, tokens: int, threads: int) -> float:
     """The reference implementation's loop: two float32 HF models, log_softmax sum, multinomial sampling."""
     import torch
-    from genarm_local.convert.checkpoint import load_transformers_model
+    from genarm_local.convert import load_transformers_model
 
-    from genarm_local.native import Model
+    from genarm_local.core.native import Model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

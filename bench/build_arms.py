@@ -65,7 +65,7 @@ def sample(model, prompts: list[str], k: int, tokens: int, seed: int, batch_size
 
 def make_pairs(rows: list[dict], objective: str, min_gap: float) -> list[dict]:
     """Per prompt, the best continuation vs the worst under ``objective`` when they differ by ≥ min_gap."""
-    from genarm_local.judges import positivity, sentence_tokens
+    from genarm_local.evaluation.judges import positivity, sentence_tokens
 
     by_prompt: dict[str, list[dict]] = {}
     for row in rows:

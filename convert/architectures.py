@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from genarm_local.errors import NotACheckpointError, UnsupportedArchitectureError
+from genarm_local.core.errors import NotACheckpointError, UnsupportedArchitectureError
 
 
 def _rope_params(config: dict, layer_type: str = "full_attention") -> dict:

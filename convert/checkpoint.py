@@ -11,7 +11,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from genarm_local.errors import (
+from genarm_local.core.errors import (
     AdapterMismatchError,
     InputNotFoundError,
     NotACheckpointError,
@@ -125,7 +125,7 @@ def open_hf_dir(model_dir: Path) -> Checkpoint:
     )
 
 
-def _from_model(model, source: Path, reader: gguf.GGUFReader | None) -> Checkpoint:
+def checkpoint_from_model(model, source: Path, reader: gguf.GGUFReader | None) -> Checkpoint:
     """A Checkpoint over a loaded transformers model; the tokenizer comes from the source GGUF or HF directory."""
     config = model.config.to_dict()
     if not config.get("architectures"):
@@ -149,8 +149,9 @@ def _from_model(model, source: Path, reader: gguf.GGUFReader | None) -> Checkpoi
     )
 
 
-def _gguf_architecture(path: Path) -> tuple[gguf.GGUFReader, str]:
-    from genarm_local.native import check_gguf_path
+def gguf_architecture(path: Path) -> tuple[gguf.GGUFReader, str]:
+    """The reader and architecture of a GGUF file, refusing an architecture transformers cannot load."""
+    from genarm_local.core.native import check_gguf_path
 
     check_gguf_path(path)
     try:
@@ -178,7 +179,7 @@ def load_transformers_model(source: Path):
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     if source.is_file():
-        reader, _ = _gguf_architecture(source)
+        reader, _ = gguf_architecture(source)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(source.parent),
             gguf_file=source.name,
@@ -200,13 +201,13 @@ def open_source(source: Path, lora: Path | None = None) -> Checkpoint:
     if source.is_dir():
         architecture_for(read_config(source), str(source))  # fail on an unsupported arch before loading weights
     else:
-        _gguf_architecture(source)
+        gguf_architecture(source)
     if lora is not None:
         read_adapter(lora)  # fail on a bad adapter before the slow model load
     model, reader = load_transformers_model(source)
     if lora is not None:
         model = merge_adapter(model, lora)
-    return _from_model(model, source, reader)
+    return checkpoint_from_model(model, source, reader)
 
 
 # ---- PEFT adapters ----------------------------------------------------------------------------------------

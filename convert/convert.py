@@ -1,14 +1,13 @@
-"""`genarm-local convert`: HF checkpoint or GGUF (+ PEFT LoRA) → GGUF model or GGUF LoRA adapter."""
+"""HF checkpoint or GGUF (+ PEFT LoRA) → GGUF model or GGUF LoRA adapter (the `genarm-local convert` verb)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
 
-from genarm_local.atomic import atomic_output, check_output
-from genarm_local.errors import InputNotFoundError, InvalidOptionError
+from genarm_local.core.atomic import atomic_output, check_output
+from genarm_local.core.errors import InputNotFoundError, InvalidOptionError
 
 from .checkpoint import open_source, read_adapter
 from .export import BF16, F16, F32, export_adapter, export_model
@@ -56,7 +55,7 @@ def convert(
         with base as ckpt, atomic_output(output, force) as tmp:
             export_adapter(ckpt, adapter, tmp, FLOAT_TYPES[outtype], progress, label=output.name)
             if source.is_file():  # llama.cpp checks adapter tensors against a loaded base; we have one
-                _test_load_adapter(source, tmp)
+                test_load_adapter(source, tmp)
         return output
 
     with open_source(source, Path(lora) if lora else None) as ckpt, atomic_output(output, force) as tmp:
@@ -73,36 +72,15 @@ def convert(
 
 def _gguf_base(source: Path):
     """A GGUF base for --adapter-only: only its architecture, config and tensor shapes are needed."""
-    from .checkpoint import _from_model, load_transformers_model
+    from .checkpoint import checkpoint_from_model, load_transformers_model
 
     model, reader = load_transformers_model(source)
-    return _from_model(model, source, reader)
+    return checkpoint_from_model(model, source, reader)
 
 
-def _test_load_adapter(base: Path, adapter: Path) -> None:
-    from genarm_local.native import Adapter, Model
+def test_load_adapter(base: Path, adapter: Path) -> None:
+    """Load ``adapter`` over the GGUF ``base`` in llama.cpp: proof that its tensors fit the base."""
+    from genarm_local.core.native import Adapter, Model
 
     with Model(base) as model:
         Adapter(model, adapter).close()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="Hugging Face checkpoint directory, or a GGUF file (loaded dequantized)")
-    parser.add_argument("-o", "--output", required=True, help="output .gguf path")
-    parser.add_argument(
-        "--outtype", default="f16", help=f"output type: {', '.join(OUTTYPES)}"
-    )
-    parser.add_argument("--lora", metavar="ADAPTER_DIR", help="PEFT LoRA adapter to merge into the weights")
-    parser.add_argument(
-        "--adapter-only",
-        action="store_true",
-        help="with --lora: write the adapter itself as a GGUF LoRA adapter for the base (one copy of the weights "
-        "in memory at run time)",
-    )
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def main(args: argparse.Namespace) -> None:
-    out = convert(**vars(args))
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")

@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from genarm_local.errors import NotACheckpointError
+from genarm_local.core.errors import NotACheckpointError
 
 from .architectures import llama3_rope_factors
 from .checkpoint import Checkpoint, LoraAdapter, check_adapter_fits

@@ -1,16 +1,14 @@
-"""`genarm-local quantize`: re-quantize an F32/F16/BF16 GGUF with llama.cpp's own quantizer."""
+"""Re-quantize an F32/F16/BF16 GGUF with llama.cpp's own quantizer (the `genarm-local quantize` verb)."""
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import os
 from pathlib import Path
 
 import gguf
 
-from genarm_local.atomic import atomic_output
-from genarm_local.errors import CorruptModelError, InvalidOptionError, NotACheckpointError
+from genarm_local.core.atomic import atomic_output
+from genarm_local.core.errors import CorruptModelError, InvalidOptionError, NotACheckpointError
 
 QUANT_TYPES: dict[str, gguf.LlamaFileType] = {
     "f32": gguf.LlamaFileType.ALL_F32,
@@ -34,7 +32,7 @@ def parse_type(name: str) -> gguf.LlamaFileType:
 
 def inspect_input(path: Path) -> gguf.GGUFReader:
     """Read the whole header and tensor table: a truncated or corrupt file fails here, before llama.cpp sees it."""
-    from genarm_local.native import check_gguf_path
+    from genarm_local.core.native import check_gguf_path
 
     check_gguf_path(path)
     try:
@@ -51,24 +49,15 @@ def inspect_input(path: Path) -> gguf.GGUFReader:
 
 
 def run_quantizer(src: Path, dst: Path, file_type: gguf.LlamaFileType, allow_requantize: bool = False) -> None:
-    """llama_model_quantize from ``src`` to ``dst`` (both complete paths; no checks, no renames)."""
-    import llama_cpp as lc
+    """llama.cpp's quantizer from ``src`` to ``dst`` (both complete paths; no checks, no renames)."""
+    from genarm_local.core.native import quantize_file
 
-    from genarm_local.native import backend_init, last_native_error
-
-    backend_init()
-    params = lc.llama_model_quantize_default_params()  # a zeroed struct would mean F32 output/embedding types
-    params.ftype = int(file_type)
-    params.nthread = os.cpu_count() or 1
-    params.allow_requantize = allow_requantize
-    rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise CorruptModelError(f"llama.cpp could not quantize {src}: {last_native_error()}")
+    quantize_file(src, dst, int(file_type), allow_requantize)
 
 
 def test_load(path: Path) -> None:
     """The quantizer does not read the vocabulary; only a real load proves the file is usable."""
-    from genarm_local.native import Model
+    from genarm_local.core.native import Model
 
     Model(path).close()
 
@@ -94,18 +83,3 @@ def quantize(
         run_quantizer(src, tmp, file_type, allow_requantize)
         test_load(tmp)
     return Path(output)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="F32, F16 or BF16 GGUF model")
-    parser.add_argument("output", help="output GGUF path")
-    parser.add_argument("--type", default="q4_k_m", help=f"target type: {', '.join(QUANT_TYPES)}")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
-    parser.add_argument(
-        "--allow-requantize", action="store_true", help="accept an already-quantized input (loses quality)"
-    )
-
-
-def main(args: argparse.Namespace) -> None:
-    out = quantize(**vars(args))
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")

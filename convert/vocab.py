@@ -14,7 +14,7 @@ from pathlib import Path
 import gguf
 from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
-from genarm_local.errors import NotACheckpointError, UnsupportedArchitectureError
+from genarm_local.core.errors import NotACheckpointError, UnsupportedArchitectureError
 
 _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|"
 _TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -1,16 +1,28 @@
-"""genarm-local: GenARM test-time alignment on llama.cpp."""
+"""genarm-local: GenARM test-time alignment on llama.cpp.
 
-from .errors import GenArmError
+Layers, each importing only those below it: core (llama.cpp, the kernel, the engine, GuidedModel) ← evaluation,
+train, batch, serve ← cli. See the README's architecture section.
+"""
+
+from .core.errors import GenArmError
 
 __version__ = "0.1.0"
 
-__all__ = ["GenArmError", "GenerationResult", "GuidedModel", "__version__"]
+__all__ = ["ArmSpec", "GenArmError", "GenerationResult", "GuidedModel", "LoadConfig", "SamplingConfig", "__version__"]
+
+_LAZY = {
+    "GuidedModel": "api",
+    "GenerationResult": "api",
+    "LoadConfig": "config",
+    "ArmSpec": "config",
+    "SamplingConfig": "config",
+}
 
 
 def __getattr__(name: str):
     # The runtime (llama.cpp, the kernel) loads on first use, so `genarm-local convert` and errors stay light.
-    if name in ("GuidedModel", "GenerationResult"):
-        from . import api
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(f".core.{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'genarm_local' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 /*
- * fused.c: the Python face of the GenARM guidance kernel (mix.c), the extension module genarm_local._fused.
+ * fused.c: the Python face of the GenARM guidance kernel (mix.c), the extension module genarm_local.core._fused.
  *
  * One function, mix(), turns its arguments into a MixSpec: rows given as float32 buffers (numpy arrays, ctypes
  * arrays: anything with the buffer protocol) or as raw addresses (what llama_get_logits_ith returns), never copied.

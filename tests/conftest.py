@@ -35,21 +35,68 @@ FIDELITY_TEXT = (DATA / "corpus.txt").read_text(encoding="utf-8")[:600]
 # tokenizer (weak-to-strong).
 COMMON = dict(max_position_embeddings=512, rms_norm_eps=1e-6, initializer_range=0.06)
 MODEL_SPECS = {
-    "llama_small": ("LlamaForCausalLM", dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                             num_key_value_heads=2, intermediate_size=512, tie_word_embeddings=True)),
-    "llama_base": ("LlamaForCausalLM", dict(hidden_size=512, num_hidden_layers=3, num_attention_heads=8,
-                                            num_key_value_heads=4, intermediate_size=1024, tie_word_embeddings=False)),
-    "qwen2": ("Qwen2ForCausalLM", dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, intermediate_size=512, tie_word_embeddings=False,
-                                       vocab_pad=16)),
-    "qwen3": ("Qwen3ForCausalLM", dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, head_dim=128, intermediate_size=512,
-                                       tie_word_embeddings=True)),
-    "gemma3": ("Gemma3ForCausalLM", dict(hidden_size=256, num_hidden_layers=3, num_attention_heads=4,
-                                         num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
-                                         intermediate_size=512, sliding_window=16,
-                                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                                         final_logit_softcapping=30.0, tie_word_embeddings=True)),
+    "llama_small": (
+        "LlamaForCausalLM",
+        dict(
+            hidden_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=512,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "llama_base": (
+        "LlamaForCausalLM",
+        dict(
+            hidden_size=512,
+            num_hidden_layers=3,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            intermediate_size=1024,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2ForCausalLM",
+        dict(
+            hidden_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=512,
+            tie_word_embeddings=False,
+            vocab_pad=16,
+        ),
+    ),
+    "qwen3": (
+        "Qwen3ForCausalLM",
+        dict(
+            hidden_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=128,
+            intermediate_size=512,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3ForCausalLM",
+        dict(
+            hidden_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            query_pre_attn_scalar=64,
+            intermediate_size=512,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 CONFIG_CLASSES = {
     "LlamaForCausalLM": "LlamaConfig",
@@ -102,8 +149,12 @@ def build_model(name: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Pat
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     vocab_size = len(tokenizer) + spec.pop("vocab_pad", 0)
     config = getattr(transformers, CONFIG_CLASSES[hf_class])(
-        vocab_size=vocab_size, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None, **COMMON, **spec,
+        vocab_size=vocab_size,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **COMMON,
+        **spec,
     )
     torch.manual_seed(seed)
     model = getattr(transformers, hf_class)(config).eval()
@@ -176,7 +227,9 @@ def lora_adapter(workdir, hf_model) -> Path:
     base = AutoModelForCausalLM.from_pretrained(hf_model("llama_small"), dtype=torch.float32)
     torch.manual_seed(7)
     config = LoraConfig(
-        r=8, lora_alpha=16, init_lora_weights=False,
+        r=8,
+        lora_alpha=16,
+        init_lora_weights=False,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     peft_model = get_peft_model(base, config)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
+
+# F32 export vs the HF model: max |Δlogit| as a share of the logit range (shared by the converter tests).
+F32_BOUND = 3e-4
 
 
 def hf_logits(model_dir: Path | None, ids: list[int], model=None) -> np.ndarray:
@@ -18,7 +22,9 @@ def hf_logits(model_dir: Path | None, ids: list[int], model=None) -> np.ndarray:
 
 
 def llama_logits(gguf_path: Path, ids: list[int], adapter: Path | None = None, scale: float = 1.0) -> np.ndarray:
-    from genarm_local.native import Adapter, Context, Model
+    from genarm_local.core.config import LoadConfig
+    from genarm_local.core.context import Context
+    from genarm_local.core.native import Adapter, Model
 
     with Model(gguf_path) as model:
         lora = Adapter(model, adapter) if adapter else None
@@ -26,7 +32,7 @@ def llama_logits(gguf_path: Path, ids: list[int], adapter: Path | None = None, s
             # F32 KV cache and no flash attention: llama.cpp's CPU flash-attention path rounds K, V and the scores
             # through F16 whatever the cache type, which would dominate an F32 comparison.
             adapters = [(lora, scale)] if lora else ()
-            with Context(model, n_ctx=512, adapters=adapters, kv_cache_type="f32", flash_attn=False) as ctx:
+            with Context(model, LoadConfig(kv_cache_type="f32", flash_attn=False), n_ctx=512, adapters=adapters) as ctx:
                 return ctx.logits_all(ids)
         finally:
             if lora:
@@ -52,3 +58,16 @@ def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
 def relative_max_error(reference: np.ndarray, other: np.ndarray) -> float:
     """max |Δ| divided by the range of the reference logits."""
     return float(np.abs(reference - other).max() / (reference.max() - reference.min()))
+
+
+def swapped_vocabulary(source, out):
+    """A copy of ``source`` with two equally long token strings swapped in place (a different tokenizer)."""
+    from gguf import GGUFReader
+
+    shutil.copy(source, out)
+    field = GGUFReader(out, "r+").fields["tokenizer.ggml.tokens"]
+    parts = [field.parts[i] for i in field.data]
+    first = next(i for i in range(300, len(parts)) if len(parts[i]) == len(parts[i + 1]) and parts[i][0] != 0xC4)
+    a, b = parts[first].copy(), parts[first + 1].copy()
+    parts[first][:], parts[first + 1][:] = b, a
+    return first, bytes(a).decode(), bytes(b).decode()

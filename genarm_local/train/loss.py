@@ -1,0 +1,79 @@
+"""The GenARM loss and the batches it is computed on (torch, imported by the functions that use it).
+
+The loss (Xu et al. 2025, "GenARM: Reward Guided Generation with Autoregressive Reward Model for Test-time
+Alignment", ICLR 2025, §4) trains an autoregressive reward model π_r whose summed token log-probabilities are the
+reward, with no reference model:
+
+    L = − log σ( β · ( log π_r(y_w|x) − log π_r(y_l|x) ) − γ ),   log π_r(y|x) = Σ_t log π_r(y_t | x, y_<t)
+
+summed over response tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .data import TokenizedPair
+
+
+def genarm_loss(chosen_logps, rejected_logps, beta: float = 0.05, gamma: float = 0.0):
+    """Per-pair GenARM loss −log σ(β·(log π(y_w|x) − log π(y_l|x)) − γ) (see the module docstring).
+
+    ``chosen_logps`` and ``rejected_logps`` are summed response log-probabilities, shape [B]. Returns shape [B].
+    """
+    import torch.nn.functional as F
+
+    return -F.logsigmoid(beta * (chosen_logps - rejected_logps) - gamma)
+
+
+def sequence_logps(token_logits, targets, rows, n_rows: int):
+    """Σ over a sequence's response tokens of log softmax(logits)[target]: the summed log π(y|x) of each row.
+
+    Only response tokens are passed in (flattened): ``token_logits[i]`` [V] is the distribution that predicts
+    ``targets[i]``, a token of row ``rows[i]``. Prompt and padding positions are never selected (``collate``), so
+    they contribute nothing. Returns shape [n_rows].
+    """
+    import torch
+
+    picked = torch.gather(token_logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(token_logits, -1)
+    return torch.zeros(n_rows, dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
+
+
+# ---- rows → pairs --------------------------------------------------------------------------------------------
+
+
+# ---- token ids → one batch of chosen then rejected ---------------------------------------------------------
+
+
+def collate(pairs: Sequence[TokenizedPair], pad_id: int):
+    """One right-padded batch holding every chosen sequence then every rejected one (2B rows, one forward pass).
+
+    Returns (input_ids, attention_mask, predict_mask), all [2B, L]. ``predict_mask[b, t]`` is set where the
+    logits at position t predict a response token (t + 1 in the response): the model computes its output layer
+    only there (transformers' boolean logits_to_keep), never over prompt or padding positions — with a large
+    vocabulary the output layer is most of the cost.
+    """
+    import torch
+
+    rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    width = max(len(prompt) + len(reply) for prompt, reply in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    predict_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (prompt, reply) in enumerate(rows):
+        n = len(prompt) + len(reply)
+        input_ids[i, :n] = torch.tensor(prompt + reply)
+        attention_mask[i, :n] = 1
+        predict_mask[i, len(prompt) - 1 : n - 1] = True
+    return input_ids, attention_mask, predict_mask
+
+
+def batch_logps(model, input_ids, attention_mask, predict_mask):
+    """Summed response log-probabilities of every row of a collated batch under ``model`` (one forward pass)."""
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predict_mask, use_cache=False
+    ).logits
+    # Row-major selection: the same order as transformers' hidden_states[predict_mask].
+    targets = input_ids[:, 1:][predict_mask[:, :-1]]
+    rows = predict_mask.nonzero()[:, 0]
+    return sequence_logps(logits.float(), targets, rows, input_ids.shape[0])

@@ -1,0 +1,383 @@
+"""The training run behind `genarm-local train`: base + LoRA, the optimizer loop, checkpoints, outputs, export.
+
+Imported only by train.train(), after it has checked that the `train` extra (torch, transformers, peft) is there.
+The data order is a pure function of (seed, optimizer step) and the RNG state is checkpointed, so a resumed run
+takes exactly the steps, and produces exactly the weights, of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import peft
+import torch
+from tqdm import tqdm
+
+from ..convert import (
+    FLOAT_TYPES,
+    QUANT_TYPES,
+    architecture_for,
+    checkpoint_from_model,
+    export_adapter,
+    export_model,
+    gguf_architecture,
+    load_transformers_model,
+    read_adapter,
+    read_config,
+    run_quantizer,
+    test_load,
+    test_load_adapter,
+)
+from ..convert.export import F32
+from ..core.atomic import atomic_output, readable
+from ..core.errors import InputNotFoundError, InvalidOptionError
+from .config import TrainConfig, lr_factor, pick_device, warmup_steps
+from .data import PreferenceData, TokenizedPair, chat_renderer, load_tokenizer, tokenize_pairs
+from .loss import batch_logps, collate, genarm_loss
+
+# Settings that define the optimization; a resume with any of them changed would be a different run.
+RUN_SETTINGS = (
+    "beta",
+    "gamma",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "lr",
+    "warmup",
+    "weight_decay",
+    "max_grad_norm",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "grad_accum",
+    "max_length",
+    "max_prompt_length",
+    "seed",
+    "eval_split",
+)
+KEEP_CHECKPOINTS = 2
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # config last: it marks a complete adapter
+
+
+@contextlib.contextmanager
+def deferred_interrupt(notify: Callable[[str], None]):
+    """Ctrl-C sets a flag that the loop reads after the current optimizer step (then it checkpoints and stops);
+    a second Ctrl-C stops at once. Only the main thread can own signal handlers; elsewhere nothing changes."""
+    pressed: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+        notify("interrupted: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)", True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Run:
+    """One training run in OUT_DIR. Call load_base, setup, loop, then save_adapter (and export)."""
+
+    def __init__(self, config: TrainConfig, output: Path, notify: Callable[[str], None]):
+        self.config, self.output, self.notify = config, output, notify
+        self.device = pick_device(config.device)
+        self.log_path = output / "train_log.jsonl"
+        self.checkpoints = output / "checkpoints"
+        self.step = 0
+        self._log_file = None
+        self._orders: dict[int, list[int]] = {}
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    # ---- model and data ------------------------------------------------------------------------------------------
+
+    def load_base(self, data: PreferenceData) -> list[TokenizedPair]:
+        """Load the tokenizer, tokenize the data (its errors come before the slow model load), then the model."""
+        source = self.source = Path(self.config.model)
+        if not source.exists():
+            raise InputNotFoundError(f"{source}: no such model file or directory")
+        # Unsupported architectures fail here, not after training, when the export would refuse them.
+        reader = gguf_architecture(source)[0] if source.is_file() else None
+        if reader is None:
+            architecture_for(read_config(source), str(source))
+        tokenizer = load_tokenizer(source)
+        pairs = tokenize_pairs(
+            data,
+            tokenizer,
+            self.config.max_length,
+            self.config.max_prompt_length,
+            chat_renderer(tokenizer),
+            model=str(source),
+            eos=self.config.eos,
+        )
+        self.pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+        self.notify(f"loading {source} ({len(pairs)} pairs tokenized)")
+        self.base, self.reader = load_transformers_model(source)
+        self.data_hash = hashlib.sha256(
+            json.dumps([(p.prompt, p.chosen, p.rejected) for p in pairs]).encode()
+        ).hexdigest()
+        return pairs
+
+    def setup(self, train_pairs: list[TokenizedPair], eval_pairs: list[TokenizedPair]) -> None:
+        config = self.config
+        self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
+        batches_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
+        self.steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+        self.total = config.max_steps or config.epochs * self.steps_per_epoch
+        self.warmup = warmup_steps(config.warmup, self.total)
+        torch.manual_seed(config.seed)  # LoRA init, then dropout
+        if config.gradient_checkpointing:  # non-reentrant: replays dropout's RNG, so results do not change
+            self.base.activation_checkpointing_enable({"use_reentrant": False})
+        lora = peft.LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules or "all-linear",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            with warnings.catch_warnings():  # peft's notices about transformers deprecations, not about our run
+                warnings.simplefilter("ignore")
+                self.model = peft.get_peft_model(self.base, lora).to(self.device)
+        except ValueError as exc:
+            raise InvalidOptionError(f"--target-modules {config.target_modules}: {exc}") from exc
+        self.model.peft_config["default"].base_model_name_or_path = str(self.source)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.warmup, self.total)
+        )
+        self.settings = {name: getattr(config, name) for name in RUN_SETTINGS}
+        self._resume_or_start()
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.train_pairs)))
+            random.Random(self.config.seed * 1_000_003 + epoch + 1).shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def _step_batches(self, step: int) -> list[list[TokenizedPair]]:
+        """The micro-batches of optimizer step ``step``: a pure function of the seed and the step."""
+        size, accum = self.config.batch_size, self.config.grad_accum
+        order = self._epoch_order(step // self.steps_per_epoch)
+        first = (step % self.steps_per_epoch) * accum * size
+        chunk = order[first : first + accum * size]
+        return [[self.train_pairs[i] for i in chunk[j : j + size]] for j in range(0, len(chunk), size)]
+
+    def _forward(self, pairs: list[TokenizedPair]):
+        """(per-pair losses, summed metrics) of one micro-batch: chosen and rejected in one forward pass."""
+        input_ids, attention_mask, predict_mask = (t.to(self.device) for t in collate(pairs, self.pad_id))
+        logps = batch_logps(self.model, input_ids, attention_mask, predict_mask)
+        chosen, rejected = logps[: len(pairs)], logps[len(pairs) :]
+        losses = genarm_loss(chosen, rejected, self.config.beta, self.config.gamma)
+        with torch.no_grad():
+            margin = self.config.beta * (chosen - rejected)
+            sums = torch.stack([losses.sum(), (margin > 0).float().sum(), margin.sum(), chosen.sum(), rejected.sum()])
+        return losses, sums
+
+    @staticmethod
+    def _metrics(sums, n_pairs: int) -> dict[str, float]:
+        names = ("loss", "accuracy", "margin", "chosen_logp", "rejected_logp")
+        return {name: value / n_pairs for name, value in zip(names, sums.tolist(), strict=True)}
+
+    def _train_step(self) -> dict:
+        batches = self._step_batches(self.step)
+        n_pairs = sum(len(batch) for batch in batches)
+        self.model.train()
+        total = torch.zeros(5)
+        for batch in batches:
+            losses, sums = self._forward(batch)
+            (losses.sum() / n_pairs).backward()  # the step's mean over pairs, however they are accumulated
+            total += sums.cpu()
+        lr = self.scheduler.get_last_lr()[0]
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"lr": lr, **self._metrics(total, n_pairs)}
+
+    def loop(self, on_step: Callable[[dict], None] | None = None) -> None:
+        config = self.config
+        bar = tqdm(total=self.total, initial=self.step, desc="training", unit="step", disable=not config.progress)
+        with bar, deferred_interrupt(self.notify) as interrupted:
+            while self.step < self.total:
+                record = self._train_step()
+                self.step += 1
+                record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **record}
+                self.log(record)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}", margin=f"{record['margin']:.3f}"
+                )
+                if on_step is not None:
+                    on_step(record)
+                last = self.step == self.total
+                if config.eval_every and self.step % config.eval_every == 0 and self.eval_pairs and not last:
+                    metrics = self.evaluate()
+                    self.log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+                    if config.progress:
+                        bar.write(
+                            f"step {self.step}: held-out accuracy {metrics['accuracy']:.3f}, "
+                            f"loss {metrics['loss']:.4f}, margin {metrics['margin']:.3f}"
+                        )
+                if interrupted():
+                    path = self.save_checkpoint()
+                    self.notify(f"saved {path} at step {self.step}/{self.total}; continue with --resume", True)
+                    raise KeyboardInterrupt
+                if config.save_every and self.step % config.save_every == 0 and not last:
+                    self.save_checkpoint()
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss, preference accuracy (share of pairs with log π(y_w|x) > log π(y_l|x)) and reward margin."""
+        self.model.eval()
+        total = torch.zeros(5)
+        size = self.config.batch_size
+        with torch.no_grad():
+            for start in range(0, len(self.eval_pairs), size):
+                total += self._forward(self.eval_pairs[start : start + size])[1].cpu()
+        return self._metrics(total, len(self.eval_pairs))
+
+    # ---- log and checkpoints -------------------------------------------------------------------------------------
+
+    def log(self, record: dict) -> None:
+        if self._log_file is None:
+            self._log_file = self.log_path.open("a", encoding="utf-8")
+        self._log_file.write(json.dumps(record) + "\n")
+        self._log_file.flush()
+
+    def save_checkpoint(self) -> Path:
+        """Adapter weights, optimizer and schedule state and RNG state after ``self.step`` steps, written to a
+        temporary file and renamed: a kill at any moment leaves the previous checkpoints intact."""
+        self.checkpoints.mkdir(exist_ok=True)
+        state = {
+            "step": self.step,
+            "settings": self.settings,
+            "data": self.data_hash,
+            "adapter": {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        path = self.checkpoints / f"step-{self.step:08d}.pt"
+        with atomic_output(path, force=True) as tmp:
+            torch.save(state, tmp)
+        for old in sorted(self.checkpoints.glob("step-*.pt"))[:-KEEP_CHECKPOINTS]:
+            old.unlink()
+        return path
+
+    def _resume_or_start(self) -> None:
+        latest = max(self.checkpoints.glob("step-*.pt"), default=None) if self.checkpoints.is_dir() else None
+        if not (self.config.resume and latest):
+            if self.config.resume:
+                self.notify(f"no checkpoint in {self.checkpoints}; starting from the beginning")
+            shutil.rmtree(self.checkpoints, ignore_errors=True)  # a --force restart must not mix with old state
+            self.log_path.unlink(missing_ok=True)
+            return
+        for stale in self.checkpoints.glob(".step-*.tmp"):  # a kill during a save leaves its temporary file
+            stale.unlink()
+        state = torch.load(latest, map_location="cpu", weights_only=True)
+        changed = [k for k in RUN_SETTINGS if state["settings"].get(k) != self.settings[k]]
+        if changed:
+            name = changed[0]
+            raise InvalidOptionError(
+                f"{latest} was made with --{name.replace('_', '-')} {state['settings'].get(name)}, not "
+                f"{self.settings[name]}; resume with the same settings, or start over with --force"
+            )
+        if state["data"] != self.data_hash:
+            raise InvalidOptionError(f"{latest} was made with different preference data; start over with --force")
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(state["adapter"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = state["step"]
+        self._trim_log()
+        self.notify(f"resuming from {latest.name} (step {self.step}/{self.total})")
+
+    def _trim_log(self) -> None:
+        """Drop log records of steps after the checkpoint (they are about to be trained again) and a line torn by a
+        kill mid-write."""
+        if not self.log_path.exists():
+            return
+        kept = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= self.step:
+                kept.append(line + "\n")
+        with atomic_output(self.log_path, force=True) as tmp:
+            tmp.write_text("".join(kept), encoding="utf-8")
+
+    # ---- outputs -------------------------------------------------------------------------------------------------
+
+    def save_adapter(self) -> None:
+        """The PEFT adapter into OUT_DIR (each file renamed into place complete), and the settings used."""
+        with tempfile.TemporaryDirectory(dir=self.output, prefix=".adapter-") as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "could not find a config file": the base may be a GGUF file
+            self.model.save_pretrained(tmp)
+            for name in ADAPTER_FILES:
+                readable(Path(tmp) / name)
+                os.replace(Path(tmp) / name, self.output / name)
+        settings = {k: v for k, v in vars(self.config).items() if k != "data"}
+        settings["data"] = self.config.data if isinstance(self.config.data, str | Path) else "<rows>"
+        settings["steps"] = self.step
+        with atomic_output(self.output / "train_config.json", force=True) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2, default=str) + "\n", encoding="utf-8")
+
+    def export(self, path: Path) -> None:
+        """The ARM as GGUF from the weights in memory: a LoRA adapter over the base, or merged into a full model."""
+        config = self.config
+        outtype = config.outtype.lower()
+        model = self.model.cpu()
+        base = model.merge_and_unload() if config.merge else model.unload()
+        ckpt = checkpoint_from_model(base, self.source, self.reader)
+        with atomic_output(path, config.force) as tmp:
+            if not config.merge:
+                export_adapter(ckpt, read_adapter(self.output), tmp, FLOAT_TYPES[outtype], config.progress, path.name)
+                if self.reader is not None:  # llama.cpp checks the adapter's tensors against the loaded base
+                    test_load_adapter(self.source, tmp)
+            elif outtype in FLOAT_TYPES:
+                export_model(ckpt, tmp, FLOAT_TYPES[outtype], config.progress, path.name)
+                test_load(tmp)
+            else:
+                with tempfile.TemporaryDirectory(dir=path.parent, prefix=".genarm-train-") as work:
+                    intermediate = Path(work) / "merged.gguf"
+                    export_model(ckpt, intermediate, F32, config.progress, path.name)
+                    run_quantizer(intermediate, tmp, QUANT_TYPES[outtype])
+                test_load(tmp)

@@ -1,0 +1,261 @@
+"""GuidedModel end to end on the tiny fixtures: sampling options, weights per call, grammar, stop strings and
+streaming, logprobs, cancellation, threads, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from helpers import log_softmax
+
+PROMPT = "The history of the bicycle"
+SAMPLED = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+
+
+@pytest.fixture(scope="module")
+def paths(gguf_model, hf_model, lora_adapter, workdir):
+    from genarm_local.convert import convert
+
+    adapter = workdir / "engine-lora-adapter.gguf"
+    if not adapter.exists():
+        convert(hf_model("llama_small"), adapter, outtype="f32", lora=lora_adapter, adapter_only=True, progress=False)
+    return gguf_model("llama_small", "f32"), adapter
+
+
+@pytest.fixture(scope="module")
+def model(paths):
+    from genarm_local import GuidedModel
+
+    base, adapter = paths
+    with GuidedModel(base, {str(adapter): 1.0}, n_ctx=256, n_threads=1, seed=5) as guided:
+        yield guided
+
+
+def test_same_seed_same_tokens(model):
+    first = model.generate(PROMPT, max_tokens=20, seed=42, **SAMPLED)
+    again = model.generate(PROMPT, max_tokens=20, seed=42, **SAMPLED)
+    other = model.generate(PROMPT, max_tokens=20, seed=43, **SAMPLED)
+    assert first.tokens == again.tokens and first.text == again.text
+    assert other.tokens != first.tokens
+    assert (
+        model.generate(PROMPT, max_tokens=20, **SAMPLED).tokens
+        == model.generate(PROMPT, max_tokens=20, **SAMPLED).tokens
+    )
+
+
+def test_weights_per_call_without_reload(model, paths):
+    from genarm_local import GuidedModel
+
+    base, adapter = paths
+    ids = model.tokenize(PROMPT)
+    with GuidedModel(base, {str(adapter): 2.5}, n_ctx=256, n_threads=1) as loaded_at_2_5:
+        expected = loaded_at_2_5.next_token_logprobs(ids)
+    np.testing.assert_allclose(model.next_token_logprobs(ids, weights={adapter.stem: 2.5}), expected, atol=1e-3)
+    at_one = model.next_token_logprobs(ids)
+    assert np.abs(at_one - expected).max() > 0.1
+    with GuidedModel(base, n_ctx=256, n_threads=1) as plain:
+        np.testing.assert_allclose(
+            model.next_token_logprobs(ids, weights={str(adapter): 0}), plain.next_token_logprobs(ids), atol=1e-3
+        )
+        unguided = plain.generate(PROMPT, max_tokens=15, seed=9, **SAMPLED).tokens
+    assert model.generate(PROMPT, max_tokens=15, seed=9, weights={str(adapter): 0.0}, **SAMPLED).tokens == unguided
+
+
+def test_logprobs_are_the_mixed_distribution(model):
+    result = model.generate(PROMPT, max_tokens=8, seed=3, logprobs=3, **SAMPLED)
+    ids = model.tokenize(PROMPT)
+    assert len(result.logprobs) == len(result.tokens) == len(result.top_logprobs)
+    for n, (token, logprob, top) in enumerate(zip(result.tokens, result.logprobs, result.top_logprobs, strict=True)):
+        expected = model.next_token_logprobs(ids + result.tokens[:n])
+        assert logprob == pytest.approx(float(expected[token]), abs=1e-4)
+        assert list(top) == [int(t) for t in np.argsort(expected)[::-1][:3]]
+
+
+def test_normalized_form_is_the_papers(model, paths):
+    ids = model.tokenize(PROMPT)
+    alpha = 1.0
+    base_only = model.next_token_logprobs(ids, weights={paths[1].stem: 0})
+    plain_mix = model.next_token_logprobs(ids)
+    arm_part = (plain_mix - base_only) / alpha  # log p_arm up to a constant
+    expected = log_softmax((base_only + alpha * arm_part) / (1 + alpha))
+    np.testing.assert_allclose(model.next_token_logprobs(ids, normalized=True), expected, atol=1e-3)
+    # (base + α·arm)/(1+α) sampled at T/(1+α) is our mix at T: the same tokens
+    paper = model.generate(PROMPT, max_tokens=15, seed=8, normalized=True, **SAMPLED)
+    assert paper.tokens == model.generate(PROMPT, max_tokens=15, seed=8, **SAMPLED).tokens
+
+
+def test_grammar_constrains_guided_output(model):
+    grammar = 'root ::= "yes" | "no" | "maybe"'
+    for seed in range(4):
+        result = model.generate(PROMPT, max_tokens=10, seed=seed, grammar=grammar, **SAMPLED)
+        assert result.text in {"yes", "no", "maybe"}
+        assert result.finish_reason == "eos"
+    digits = model.generate(PROMPT, max_tokens=12, seed=1, grammar='root ::= [0-9]+ " km"', **SAMPLED)
+    assert digits.text.rstrip(" km").isdigit() or digits.finish_reason == "length"
+
+
+def test_stop_strings_spanning_tokens_are_never_emitted(model):
+    full = model.generate(PROMPT, max_tokens=40, temperature=0.0)
+    pieces = [model.detokenize([t]) for t in full.tokens]
+    # a stop string that starts inside one token and ends inside a later one
+    start = len(pieces[0]) + len(pieces[1]) - 1
+    stop = full.text[start : start + len(pieces[2]) + 2]
+    assert len(stop) >= 3
+    result = model.generate(PROMPT, max_tokens=40, temperature=0.0, stop=["\x00never", stop])
+    assert result.finish_reason == "stop"
+    assert result.text == full.text[: full.text.find(stop)]
+    streamed = list(model.stream(PROMPT, max_tokens=40, temperature=0.0, stop=stop))
+    assert "".join(streamed) == result.text
+    assert model.last_result.finish_reason == "stop"
+
+
+def test_stream_equals_generate(model):
+    result = model.generate(PROMPT, max_tokens=30, seed=4, **SAMPLED)
+    assert "".join(model.stream(PROMPT, max_tokens=30, seed=4, **SAMPLED)) == result.text
+    assert result.finish_reason in {"length", "eos"}
+    assert result.timings.generated_tokens >= len(result.tokens)
+    assert result.timings.generated_tokens_per_s > 0
+
+
+def test_split_utf8_characters_are_held_back():
+    from genarm_local.core.api import _StopText
+
+    chunks = {1: "é".encode()[:1], 2: "é".encode()[1:] + b"x", 3: "€".encode()[:2], 4: "€".encode()[2:]}
+    text = _StopText(chunks.__getitem__, ["x€"])
+    assert text.push(1) == ("", False)
+    assert text.push(2) == ("é", False)  # "x" is held: it may begin the stop string
+    assert text.push(3) == ("", False)
+    assert text.push(4) == ("", True)
+
+
+def test_cancellation(model):
+    event = threading.Event()
+    event.set()
+    assert model.generate(PROMPT, max_tokens=20, cancel=event).finish_reason == "cancelled"
+    calls = []
+    result = model.generate(PROMPT, max_tokens=20, temperature=0.0, cancel=lambda: calls.append(1) or len(calls) > 3)
+    assert result.finish_reason == "cancelled" and len(result.tokens) == 3
+
+
+def test_calls_from_several_threads_are_serialized(model):
+    expected = {seed: model.generate(PROMPT, max_tokens=12, seed=seed, **SAMPLED).tokens for seed in range(4)}
+    got = {}
+
+    def run(seed):
+        got[seed] = model.generate(PROMPT, max_tokens=12, seed=seed, **SAMPLED).tokens
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert got == expected
+
+
+def test_open_stream_then_another_call_in_the_same_thread_is_an_error(model):
+    from genarm_local.core.errors import InvalidOptionError
+
+    stream = model.stream(PROMPT, max_tokens=5)
+    next(stream)
+    with pytest.raises(InvalidOptionError, match="open stream"):
+        model.generate(PROMPT, max_tokens=2)
+    stream.close()
+    assert model.generate(PROMPT, max_tokens=2).tokens
+
+
+def test_bad_options(model):
+    from genarm_local.core.errors import ContextOverflowError, InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="top_q"):
+        model.generate(PROMPT, top_q=0.5)
+    with pytest.raises(InvalidOptionError, match="top_p"):
+        model.generate(PROMPT, top_p=1.5)
+    with pytest.raises(InvalidOptionError, match="unknown ARM"):
+        model.generate(PROMPT, weights={"nonexistent": 1.0})
+    with pytest.raises(InvalidOptionError, match="grammar"):
+        model.generate(PROMPT, max_tokens=5, grammar='root ::= "unterminated')
+    decoded = model.engine.base.n_decoded
+    with pytest.raises(ContextOverflowError, match="max_tokens"):
+        model.generate(PROMPT, max_tokens=1000)
+    with pytest.raises(ContextOverflowError, match="context"):
+        model.next_token_logprobs(list(range(300)))
+    assert model.engine.base.n_decoded == decoded  # refused before any decoding
+    assert model.generate(PROMPT, max_tokens=3).tokens  # still usable
+
+
+def test_close_frees_and_refuses_further_calls(paths):
+    from genarm_local import GuidedModel
+    from genarm_local.core.errors import InvalidOptionError
+
+    guided = GuidedModel(paths[0], {str(paths[1]): 1.0}, n_ctx=256, n_threads=1)
+    guided.close()
+    guided.close()
+    with pytest.raises(InvalidOptionError, match="closed"):
+        guided.generate(PROMPT)
+
+
+# ---- chat --------------------------------------------------------------------------------------------------------
+
+
+def test_chat_renders_the_gguf_template_and_reuses_the_cache(model):
+    messages = [{"role": "user", "content": "Tell me about the bicycle."}]
+    rendered = model.chat_template.render(model.engine.base_model, messages)
+    assert rendered.text == "<|im_start|>user\nTell me about the bicycle.<|im_end|>\n<|im_start|>assistant\n"
+    decoded, prompt_lengths = [], []
+    for turn in range(3):
+        reply = model.chat(messages, max_tokens=12, seed=turn, **SAMPLED)
+        decoded.append(reply.timings.prompt_decoded)
+        prompt_lengths.append(reply.timings.prompt_tokens)
+        messages += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "And then?"}]
+    # every context decodes only what follows the cached prefix: the cost of a turn does not grow with history
+    for turn in (1, 2):
+        assert decoded[turn] <= prompt_lengths[turn] - prompt_lengths[turn - 1]
+    assert decoded[2] < prompt_lengths[1]  # less than the history it did not decode again
+    streamed = "".join(model.chat(messages, max_tokens=12, seed=7, stream=True, **SAMPLED))
+    assert streamed == model.chat(messages, max_tokens=12, seed=7, **SAMPLED).text
+
+
+def test_concurrent_decoding_gives_the_same_tokens(model, paths):
+    from genarm_local import GuidedModel
+
+    with GuidedModel(paths[0], {str(paths[1]): 1.0}, n_ctx=256, n_threads=2, concurrent=True) as concurrent:
+        tokens = concurrent.generate(PROMPT, max_tokens=20, temperature=0.0).tokens
+        assert all(context.n_decoded > 0 for context in [concurrent.engine.base, concurrent.engine.arms[0].context])
+    assert tokens == model.generate(PROMPT, max_tokens=20, temperature=0.0).tokens
+
+
+def test_generate_batch_matches_one_at_a_time(paths):
+    from genarm_local import GuidedModel
+
+    prompts = [PROMPT, "Early designs had no pedals", "Cycling became popular with people of all ages, and"]
+    options = dict(n_ctx=256, n_threads=1, kv_cache_type="f32", flash_attn=False)
+    with GuidedModel(paths[0], {str(paths[1]): 0.8}, **options) as model:
+        batched = model.generate_batch(prompts, max_tokens=10, seed=21, **SAMPLED)
+        single = [model.generate(p, max_tokens=10, seed=21 + i, **SAMPLED) for i, p in enumerate(prompts)]
+        assert [r.tokens for r in batched] == [r.tokens for r in single]
+        assert [r.text for r in batched] == [r.text for r in single]
+        alone = model.generate(prompts[1], max_tokens=10, temperature=0.0).text
+        stop = alone[3:6]
+        assert len(stop) == 3
+        greedy = model.generate_batch(prompts, max_tokens=10, temperature=0.0, stop=stop)
+        assert greedy[1].finish_reason == "stop" and greedy[1].text == alone[: alone.find(stop)]
+        assert greedy[0].finish_reason in {"length", "eos"}
+        unguided = model.generate_batch(prompts[:2], max_tokens=6, seed=2, weights={paths[1].stem: 0}, **SAMPLED)
+        assert [r.tokens for r in unguided] == [
+            model.generate(p, max_tokens=6, seed=2 + i, weights={paths[1].stem: 0}, **SAMPLED).tokens
+            for i, p in enumerate(prompts[:2])
+        ]
+
+
+def test_no_memory_growth_over_1000_calls(model):
+    def rss_kib() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+    for _ in range(100):  # warm-up: allocator pools, lazily built tables
+        model.generate(PROMPT, max_tokens=2, logprobs=2, stop="zz")
+    before = rss_kib()
+    for _ in range(1000):
+        model.generate(PROMPT, max_tokens=2, logprobs=2, stop="zz")
+    assert rss_kib() - before < 4096

@@ -1,0 +1,213 @@
+"""The guided stepping loop against independent references: the HF models' own logits, plain llama.cpp sampling,
+and the loading checks (vocabulary, adapters, bad files)."""
+
+from __future__ import annotations
+
+import llama_cpp as lc
+import numpy as np
+import pytest
+from helpers import hf_logits, log_softmax, swapped_vocabulary
+
+PROMPT = "The history of the bicycle"
+EXACT = 1e-3
+
+
+@pytest.fixture(scope="module")
+def files(gguf_model, hf_model, lora_adapter, workdir):
+    from genarm_local.convert import convert
+
+    adapter = workdir / "engine-lora-adapter.gguf"
+    if not adapter.exists():
+        convert(hf_model("llama_small"), adapter, outtype="f32", lora=lora_adapter, adapter_only=True, progress=False)
+    return {
+        "small": gguf_model("llama_small", "f32"),
+        "base": gguf_model("llama_base", "f32"),
+        "adapter": adapter,
+    }
+
+
+@pytest.fixture(scope="module")
+def hf(hf_model, lora_adapter):
+    """The HF models the GGUF files came from (the PEFT model for the adapter)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    load = lambda name: AutoModelForCausalLM.from_pretrained(hf_model(name), dtype=torch.float32).eval()  # noqa: E731
+    return {
+        "small": load("llama_small"),
+        "base": load("llama_base"),
+        "adapter": PeftModel.from_pretrained(load("llama_small"), lora_adapter).eval(),
+    }
+
+
+def reference_logprobs(hf_models, weights, ids, n_vocab):
+    """log_softmax(Σ_i w_i · log_softmax(logits_i)) at every position, from full-sequence HF forward passes."""
+    pairs = zip(hf_models, weights, strict=True)
+    mixed = sum(w * log_softmax(hf_logits(None, ids, model=model)[:, :n_vocab]) for model, w in pairs)
+    return log_softmax(mixed)
+
+
+@pytest.mark.parametrize(
+    "base, arms",
+    [
+        ("small", {"base": 1.0}),  # one full-model ARM (a stronger one, any size works)
+        ("base", {"small": 0.7}),  # weak-to-strong: a smaller ARM guides the base
+        ("small", {"adapter": 1.5}),  # a LoRA adapter ARM over the base's own model
+        ("small", {"adapter": 0.8, "base": -0.4}),  # two ARMs, one steering away
+    ],
+    ids=["one-arm", "weak-to-strong", "lora-arm", "two-arms"],
+)
+def test_next_token_logprobs_match_the_formula_at_every_step(files, hf, base, arms):
+    from genarm_local import GuidedModel
+
+    arm_paths = {str(files[name]): alpha for name, alpha in arms.items()}
+    # F32 cache and no flash attention (which rounds through F16 on CPU): float32-exact logits.
+    options = dict(n_ctx=256, n_threads=1, kv_cache_type="f32", flash_attn=False, seed=11)
+    with GuidedModel(files[base], arm_paths, **options) as model:
+        prompt = model.tokenize(PROMPT)
+        result = model.generate(prompt, max_tokens=10, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+        ids = prompt + result.tokens
+        # Walking forward one token at a time also exercises the KV-cache prefix reuse.
+        ours = np.stack([model.next_token_logprobs(ids[:n]) for n in range(len(prompt), len(ids) + 1)])
+        n_vocab = model.engine.n_vocab
+    expected = reference_logprobs([hf[base]] + [hf[name] for name in arms], [1.0, *arms.values()], ids, n_vocab)
+    expected = expected[len(prompt) - 1 :]
+    assert ours.shape == expected.shape
+    assert np.abs(ours - expected).max() < EXACT
+
+
+def plain_llama_cpp_tokens(path, prompt, n, seed, top_k, top_p, min_p, temperature, repeat_penalty):
+    """Sampling the base with llama.cpp alone, written as examples/simple does it."""
+    from genarm_local.core.config import LoadConfig
+    from genarm_local.core.context import Context
+    from genarm_local.core.native import Model
+
+    with Model(path) as model, Context(model, LoadConfig(n_threads=1), n_ctx=256) as context:
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        for sampler in (
+            lc.llama_sampler_init_penalties(model.n_vocab, 64, repeat_penalty, 0.0, 0.0),
+            lc.llama_sampler_init_top_k(top_k),
+            lc.llama_sampler_init_top_p(top_p, 1),
+            lc.llama_sampler_init_min_p(min_p, 1),
+            lc.llama_sampler_init_temp(temperature),
+            lc.llama_sampler_init_dist(seed),
+        ):
+            lc.llama_sampler_chain_add(chain, sampler)
+        try:
+            tokens, batch = list(prompt), prompt
+            out = []
+            for _ in range(n):
+                array = (lc.llama_token * len(batch))(*batch)
+                assert lc.llama_decode(context.ptr, lc.llama_batch_get_one(array, len(batch))) == 0
+                token = lc.llama_sampler_sample(chain, context.ptr, -1)
+                if model.is_eog(token):
+                    break
+                out.append(token)
+                tokens.append(token)
+                batch = [token]
+            return out
+        finally:
+            lc.llama_sampler_free(chain)
+
+
+def test_all_alphas_zero_is_plain_llama_cpp_sampling(files):
+    from genarm_local import GuidedModel
+
+    settings = dict(seed=1234, top_k=20, top_p=0.9, min_p=0.02, temperature=1.3, repeat_penalty=1.2)
+    arms = {str(files["base"]): 0.0, str(files["adapter"]): 0.0}
+    with GuidedModel(files["small"], arms, n_ctx=256, n_threads=1) as model:
+        prompt = model.tokenize(PROMPT)
+        ours = model.generate(prompt, max_tokens=40, **settings)
+        # α = 0 skips the ARMs' decode altogether
+        assert all(arm.context.n_decoded == 0 for arm in model.engine.arms)
+    plain = plain_llama_cpp_tokens(files["small"], prompt, 40, **settings)
+    assert len(plain) > 5
+    assert ours.tokens == plain
+
+
+def test_prefix_reuse_decodes_only_new_tokens(files):
+    from genarm_local import GuidedModel
+
+    # F32 cache, no flash attention: decoding the last token alone again must give the same row as in the batch
+    options = dict(n_ctx=256, n_threads=1, kv_cache_type="f32", flash_attn=False)
+    with GuidedModel(files["small"], {str(files["adapter"]): 1.0}, **options) as model:
+        ids = model.tokenize(PROMPT + " begins in the early nineteenth century")
+        first = model.next_token_logprobs(ids)
+        contexts = [model.engine.base] + [arm.context for arm in model.engine.arms]
+        before = [c.n_decoded for c in contexts]
+        again = model.next_token_logprobs(ids)
+        # the last token is decoded again (its row was mixed in place), nothing else
+        assert [c.n_decoded - b for c, b in zip(contexts, before, strict=True)] == [1, 1]
+        np.testing.assert_allclose(again, first, atol=1e-4)
+        before = [c.n_decoded for c in contexts]
+        model.next_token_logprobs(ids[:-3] + ids[-2:])  # diverges 3 from the end
+        assert [c.n_decoded - b for c, b in zip(contexts, before, strict=True)] == [2, 2]
+
+
+# ---- loading errors ----------------------------------------------------------------------------------------------
+
+
+def test_missing_file_and_non_gguf(files, tmp_path):
+    from genarm_local import GuidedModel
+    from genarm_local.core.errors import InputNotFoundError, NotACheckpointError
+
+    with pytest.raises(InputNotFoundError, match="nope.gguf"):
+        GuidedModel(tmp_path / "nope.gguf")
+    with pytest.raises(InputNotFoundError, match="missing-arm.gguf"):
+        GuidedModel(files["small"], {str(tmp_path / "missing-arm.gguf"): 1.0})
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all")
+    with pytest.raises(NotACheckpointError, match="junk.gguf"):
+        GuidedModel(files["small"], {str(junk): 1.0})
+    with pytest.raises(NotACheckpointError, match="adapter"):
+        GuidedModel(files["adapter"])
+
+
+def test_vocabulary_mismatch_names_the_first_differing_token(files, tmp_path, monkeypatch):
+    from genarm_local import GuidedModel
+    from genarm_local.core.context import Context
+    from genarm_local.core.errors import VocabularyMismatchError
+    from genarm_local.core.native import Adapter, Model
+
+    opened = []
+
+    def recording(init):
+        def wrapped(self, *args, **kwargs):
+            opened.append(self)
+            init(self, *args, **kwargs)
+
+        return wrapped
+
+    for owner in (Model, Adapter, Context):
+        monkeypatch.setattr(owner, "__init__", recording(owner.__init__))
+    token, base_text, arm_text = swapped_vocabulary(files["base"], tmp_path / "other-vocab.gguf")
+    arms = {str(files["adapter"]): 1.0, str(tmp_path / "other-vocab.gguf"): 1.0}
+    with pytest.raises(VocabularyMismatchError) as info:
+        GuidedModel(files["small"], arms, n_threads=1)
+    message = str(info.value)
+    assert f"token {token} " in message and repr(base_text) in message and repr(arm_text) in message
+    # nothing half-loaded: base model, base context, adapter, its context and the refused model are all freed
+    assert len(opened) == 5 and all(owner._ptr is None for owner in opened)
+
+
+def test_padded_arm_vocabulary_is_accepted(gguf_model):
+    """qwen2's fixture pads its vocabulary: an ARM may have extra tokens past the base's."""
+    from genarm_local import GuidedModel
+
+    small, padded = gguf_model("llama_small", "f32"), gguf_model("qwen2", "f32")
+    with GuidedModel(small, {str(padded): 1.0}, n_ctx=256, n_threads=1) as model:
+        assert model.engine.arms[0].context.model.n_vocab > model.engine.n_vocab
+        logprobs = model.next_token_logprobs(model.tokenize(PROMPT))
+        assert logprobs.shape == (model.engine.n_vocab,)
+    assert abs(np.logaddexp.reduce(logprobs.astype(np.float64))) < 1e-4
+
+
+def test_adapter_for_another_architecture(files, gguf_model):
+    from genarm_local import GuidedModel
+    from genarm_local.core.errors import AdapterMismatchError
+
+    with pytest.raises(AdapterMismatchError, match="architecture"):
+        GuidedModel(gguf_model("qwen3", "f32"), {str(files["adapter"]): 1.0})
+    with pytest.raises(AdapterMismatchError):  # same architecture, other shapes
+        GuidedModel(files["base"], {str(files["adapter"]): 1.0})
