@@ -29,9 +29,11 @@ class Context:
         n_batch: int = 512,
         adapters: Sequence[tuple[Adapter, float]] = (),
         n_seq_max: int = 1,
+        kv_unified: bool = False,
     ):
         """Settings (KV cache type, flash attention, threads, context size) come from ``config``; ``n_ctx``
-        overrides its context size (batched generation sizes its own contexts)."""
+        overrides its context size (batched generation sizes its own contexts). With ``n_seq_max`` > 1 each sequence
+        has its own KV stream of n_ctx / n_seq_max cells, unless ``kv_unified`` puts all of them in one."""
         self.model = model
         config = config or LoadConfig()
         n_ctx = n_ctx or config.n_ctx
@@ -44,6 +46,7 @@ class Context:
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = min(n_batch, n_ctx)
         params.n_seq_max = n_seq_max
+        params.kv_unified = kv_unified
         threads = config.threads
         params.n_threads = params.n_threads_batch = threads
         self._ptr = lc.llama_init_from_model(model.ptr, params)
@@ -122,6 +125,15 @@ class Context:
         before = self.n_decoded
         self.decode(tokens[keep:])
         return self.n_decoded - before
+
+    def truncate(self, seq: int, keep: int) -> bool:
+        """Drop sequence ``seq``'s cached tokens from position ``keep`` on (llama_memory_seq_rm); False when the
+        cache cannot cut a sequence there (the caller then starts that sequence over from position 0)."""
+        memory = lc.llama_get_memory(self._ptr)
+        if lc.llama_memory_seq_rm(memory, seq, keep, -1):
+            return True
+        lc.llama_memory_seq_rm(memory, seq, 0, -1)
+        return False
 
     def decode_batch(self, batch: Batch) -> None:
         """Decode a multi-sequence batch (batched generation; ``tokens`` tracks sequence 0 only, so not mixed

@@ -57,7 +57,8 @@ class Arm:
 
 @dataclass
 class Step:
-    """One sampled token; ``finish_reason`` is set on the last step ("eos", "length" or "cancelled")."""
+    """One sampled token; ``finish_reason`` is set on the last step ("eos", "length", "cancelled", or "error" when
+    the scheduler failed that sequence)."""
 
     token: int | None
     logprob: float | None = None
@@ -179,22 +180,23 @@ class Engine:
         normalized: bool,
         dst: np.ndarray | None = None,
         contexts: Sequence[Context] | None = None,
-        row: int = -1,
+        rows: Sequence[int] | None = None,
     ) -> None:
         """Write log p = w0·log_softmax(base) + Σ α_i·log_softmax(arm_i) − log Z (mixing.py) into ``dst``, by
         default the base's own logits row (in place, where the sampler chain reads it).
 
-        ``contexts`` (base first, then one per active ARM) default to the loaded ones; ``row`` picks a sequence's
-        row after a multi-sequence decode. ``normalized`` is the paper code's form (base + Σα_i·arm_i)/(1 + Σα_i):
-        every weight divided by 1 + Σα_i.
+        ``contexts`` (base first, then one per active ARM) default to the loaded ones; ``rows`` (one per context,
+        default the last) pick a sequence's row in each after a multi-sequence decode. ``normalized`` is the paper
+        code's form (base + Σα_i·arm_i)/(1 + Σα_i): every weight divided by 1 + Σα_i.
         """
         base, *arms = contexts or [self.base, *(arm.context for arm, _ in active)]
+        base_row, *arm_rows = rows or [-1] * (1 + len(arms))
         scale = 1.0 / self.normalizer([alpha for _, alpha in active]) if normalized else 1.0
-        base_row = base.logits_address(row)
+        base_address = base.logits_address(base_row)
         mix_logprobs(
-            base_row if dst is None else dst,
-            base_row,
-            [arm.logits_address(row) for arm in arms],
+            base_address if dst is None else dst,
+            base_address,
+            [arm.logits_address(row) for arm, row in zip(arms, arm_rows, strict=True)],
             [alpha * scale for _, alpha in active],
             base_weight=scale,
             n_vocab=self.n_vocab,
@@ -263,7 +265,7 @@ class Engine:
                 token = chain.sample(self.base)
                 step = Step(token)
                 if config.logprobs is not None:
-                    step.logprob, step.top_logprobs = self._read_logprobs(token, config.logprobs, scratch)
+                    step.logprob, step.top_logprobs = self.read_logprobs(token, config.logprobs, scratch)
                 timings.generated_tokens = index + 1
                 timings.generation_s = time.perf_counter() - start
                 if self.base_model.is_eog(token):
@@ -310,18 +312,22 @@ class Engine:
             for context in contexts:
                 context.set_threads(self.n_threads, self.n_threads)
 
-    def _read_logprobs(self, token: int, top_n: int, scratch: np.ndarray | None) -> tuple[float, dict[int, float]]:
-        """The sampled token's mixed log-prob and the top-n alternatives, read from the mixed row."""
+    def read_logprobs(
+        self, token: int, top_n: int, scratch: np.ndarray | None, context: Context | None = None, row: int = -1
+    ) -> tuple[float, dict[int, float]]:
+        """The sampled token's mixed log-prob and the top-n alternatives, read from the mixed row (``row`` of
+        ``context``, by default the base's last). ``scratch`` is given when the row was not mixed (unguided)."""
+        context = context or self.base
         if scratch is not None:  # unguided: the row holds raw logits, normalise a copy
-            self.mix([], False, dst=scratch)
-            row = scratch
+            self.mix([], False, dst=scratch, contexts=[context], rows=[row])
+            values = scratch
         else:
-            row = self.base.logits_row(-1)
+            values = context.logits_row(row)
         top: dict[int, float] = {}
         if top_n:
-            best = np.argpartition(row, -top_n)[-top_n:]
-            top = {int(t): float(row[t]) for t in best[np.argsort(row[best])[::-1]]}
-        return float(row[token]), top
+            best = np.argpartition(values, -top_n)[-top_n:]
+            top = {int(t): float(values[t]) for t in best[np.argsort(values[best])[::-1]]}
+        return float(values[token]), top
 
     def close(self) -> None:
         if getattr(self, "_pool", None) is not None:
