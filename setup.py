@@ -23,6 +23,12 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("genarm_local._fused", ["kernels/fused.c", "kernels/mix.c"], depends=["kernels/mix.h"])],
+    ext_modules=[
+        Extension(
+            "genarm_local._fused",
+            ["kernels/fused.c", "kernels/mix.c", "kernels/threads.c"],
+            depends=["kernels/mix.h", "kernels/threads.h"],
+        )
+    ],
     cmdclass={"build_ext": BuildExt},
 )
