@@ -54,7 +54,17 @@
 
 #define BLOCK 1024 /* tokens per block: 4 KiB of floats (8 KiB of doubles), well inside L1 */
 #define LANES 8    /* independent accumulators, one AVX2 vector of floats: no reassociation */
-/* MIN_TOKENS_PER_THREAD and CHUNK_BLOCKS: see genarm_mix_rows. */
+
+/* Threads. A batch is shared by rows, one row by chunks of CHUNK_BLOCKS blocks (16 chunks for Gemma-3's vocabulary; 8
+ * and 16 measured alike, 32 worse), each thread with at least MIN_TOKENS_PER_THREAD tokens (~20 us of work on the
+ * machine below, so that a worker's ~8 us wake-up cannot eat the gain).
+ * Measured on a 2-vCPU AMD EPYC VM shared with other work, median us, 1 thread vs 2 (bench/bench_kernel.py): one
+ * 262,144-token row, base + 1 ARM, 83 vs 83; + 3 ARMs 115 vs 115; a batch of 8 rows 692 vs 666; the same with the
+ * logits just written by two threads, as after a decode: 86 vs 83, 121 vs 115, 728 vs 713. So 2 threads tie with 1
+ * here (two threads of pure arithmetic on its two vCPUs run at 1.2x one, as SMT siblings would) and never lose, even
+ * with every core busy; the per-call threads this pool replaced lost 40-70% on one row (112-136 vs 80-86 us) and
+ * 1.2-4.6x on the batch. On real, idle cores (a Xeon VM ran the batch of 8 rows 1.7x faster on 2 per-call threads) the
+ * second thread should pay on one row as well: its wake-up is small against the row's 80-170 us. */
 #define MIN_TOKENS_PER_THREAD 65536
 #define CHUNK_BLOCKS 16
 #define LOG2E 1.4426950408889634

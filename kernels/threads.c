@@ -1,29 +1,37 @@
 /*
  * threads.c: the worker pool behind genarm_parallel_run (threads.h), on Win32 threads or pthreads.
  *
- * Why a pool. The kernel used to start its threads on every call; starting and joining one costs ~16-30 us, and
- * the calling thread then waited for the late starter's fixed half, so 2 threads were slower than 1 on a
- * 262,144-token row (80 us vs 112 us here, 166 us vs 227 us on a Xeon). Waking a sleeping pool worker costs ~8 us,
- * and with chunks claimed from one shared cursor nobody waits for a share that has not started (the measurement is
- * in mix.c, next to MIN_TOKENS_PER_THREAD).
+ * Why a pool. The kernel used to start its threads on every call: starting and joining one costs 16-30 us, and the
+ * calling thread then waited for the late starter's fixed half, so on one 262,144-token row 2 threads were slower
+ * than 1 (227 vs 166 us on a Xeon, 112-136 vs 80-86 us on an AMD EPYC), and much slower on a busy machine, where a
+ * thread may wait milliseconds to be scheduled. A pool worker wakes in ~8 us, the caller never waits for a share
+ * nobody has started, nor for a worker that has nothing left to do: measured, 2 threads were never slower than 1
+ * (see mix.c, next to MIN_TOKENS_PER_THREAD).
  *
  * How a call runs. The calling thread posts the loop and starts on it at once; a worker that wakes in time joins
  * and claims chunks from the same cursor (one atomic add per chunk). Between phases the calling thread waits only
  * for chunks already claimed, runs `between` and opens the next phase; workers spin for it a little, then leave the
- * call (nothing depends on them). The call returns once every worker that joined has left it.
+ * call (nothing depends on them). The call returns as soon as its last chunk is done: the state a late worker may
+ * still read is reference-counted, so nobody waits for a worker that has nothing to do (on a busy machine it may
+ * not run for a while).
  *
  * Several threads may call at once: one call holds the pool, the others run alone on their own threads meanwhile.
  * A child process after fork() has no workers: pthread_atfork empties the pool there.
  */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L /* clock_gettime under a strict -std=c99 */
+#endif
+
 #include "threads.h"
 
 #include <stdint.h>
+#include <stdlib.h>
 
 #define MAX_WORKERS (MAX_THREADS - 1)
 #define PHASE_SHIFT 48 /* the cursor holds the phase above this bit and the next unclaimed item below it */
 #define ITEM_BITS ((INT64_C(1) << PHASE_SHIFT) - 1)
+#define SPIN_NS 50000             /* a wait spins this long, then yields between checks: see wait_step */
 #define WORKER_PATIENCE_NS 100000 /* a worker waits this long for the next phase, then leaves the call */
-#define CALLER_SPIN_NS 50000      /* the caller spins this long for claimed chunks, then yields its core meanwhile */
 
 static void worker_main(uintptr_t seen);
 
@@ -180,12 +188,14 @@ static void after_fork_reset(void (*reset)(void))
 }
 #endif
 
-/* One call of genarm_parallel_run, on its caller's stack. */
+/* One call of genarm_parallel_run. */
 typedef struct {
-    const ParallelLoop *loop;
+    const ParallelLoop *loop; /* read only for chunks claimed, which the caller waits for */
+    ptrdiff_t n_items, chunk;
+    int64_t n_phases;
     int64_t cursor;          /* phase << PHASE_SHIFT | next unclaimed item; phase n_phases: the call is over */
     int64_t done;            /* items finished, all phases so far */
-    int64_t active;          /* workers inside the call */
+    int64_t refs;            /* the caller and each worker that joined; the last to let go frees the run */
     int joined, max_workers; /* under the pool's lock */
 } Run;
 
@@ -197,52 +207,65 @@ static struct {
     Run *run;             /* the call workers may join, or NULL */
 } pool = {.monitor = MONITOR_INIT};
 
-/* Claim's chunk, if its phase has one left: run it and count it done. */
+/* Run the chunk that `claim` holds, if its phase had one left, and count it done. */
 static int run_chunk(Run *run, int worker, int64_t claim)
 {
-    const ParallelLoop *loop = run->loop;
     ptrdiff_t begin = (ptrdiff_t)(claim & ITEM_BITS);
-    if (begin >= loop->n_items)
+    if (begin >= run->n_items)
         return 0;
-    ptrdiff_t end = loop->n_items - begin < loop->chunk ? loop->n_items : begin + loop->chunk;
-    loop->body(loop->ctx, worker, (int)(claim >> PHASE_SHIFT), begin, end);
+    ptrdiff_t end = run->n_items - begin < run->chunk ? run->n_items : begin + run->chunk;
+    run->loop->body(run->loop->ctx, worker, (int)(claim >> PHASE_SHIFT), begin, end);
     atomic_add(&run->done, end - begin);
     return 1;
 }
 
-/* A worker's share: chunks of whatever phase is open. 0 when it gave up waiting for the next phase. */
+/* One step of a wait that started at `start`: spin for about as long as a chunk takes, then yield, since on a busy
+ * machine the thread awaited may be queued behind this one on the same core. Yielding after 3 us instead measured
+ * worse: a yield can hand the core to another process for a whole time slice. Returns the time waited so far. */
+static int64_t wait_step(int64_t start)
+{
+    int64_t waited = now_ns() - start;
+    if (waited < SPIN_NS)
+        cpu_relax();
+    else
+        yield_core();
+    return waited;
+}
+
+/* 0 when the worker gave up waiting for the phase after `phase`. */
 static int await_phase_after(Run *run, int64_t phase)
 {
     int64_t start = now_ns();
-    for (unsigned spins = 1; atomic_load(&run->cursor) >> PHASE_SHIFT == phase; spins++) {
-        cpu_relax();
-        if (spins % 64 == 0 && now_ns() - start > WORKER_PATIENCE_NS)
+    while (atomic_load(&run->cursor) >> PHASE_SHIFT == phase)
+        if (wait_step(start) > WORKER_PATIENCE_NS)
             return 0;
-    }
     return 1;
 }
 
+/* A worker's share: chunks of whatever phase is open, until the call is over or the next phase is slow to come. */
 static void take_part(Run *run, int worker)
 {
-    const ParallelLoop *loop = run->loop;
     for (;;) {
-        int64_t claim = atomic_add(&run->cursor, loop->chunk), phase = claim >> PHASE_SHIFT;
-        if (phase >= loop->n_phases)
+        int64_t claim = atomic_add(&run->cursor, run->chunk), phase = claim >> PHASE_SHIFT;
+        if (phase >= run->n_phases)
             return;
         if (!run_chunk(run, worker, claim) && !await_phase_after(run, phase))
             return;
     }
 }
 
-static void await_count(int64_t *counter, int64_t target, int up)
+/* The caller's wait for the chunks workers claimed. */
+static void await_done(Run *run, int64_t target)
 {
     int64_t start = now_ns();
-    for (unsigned spins = 1; up ? atomic_load(counter) < target : atomic_load(counter) > target; spins++) {
-        if (spins % 64 == 0 && now_ns() - start > CALLER_SPIN_NS)
-            yield_core();
-        else
-            cpu_relax();
-    }
+    while (atomic_load(&run->done) < target)
+        wait_step(start);
+}
+
+static void let_go(Run *run)
+{
+    if (atomic_add(&run->refs, -1) == 1)
+        free(run);
 }
 
 /* The calling thread's part: its own chunks, and each phase closed and the next opened once its chunks are done. */
@@ -252,7 +275,7 @@ static void lead(Run *run)
     for (int phase = 0;;) {
         while (run_chunk(run, 0, atomic_add(&run->cursor, loop->chunk)))
             ;
-        await_count(&run->done, (int64_t)(phase + 1) * loop->n_items, 1);
+        await_done(run, (int64_t)(phase + 1) * loop->n_items);
         if (phase + 1 == loop->n_phases || !loop->between(loop->ctx, phase))
             break;
         phase++;
@@ -274,10 +297,10 @@ static void worker_main(uintptr_t seen)
         if (run->joined == run->max_workers)
             continue;
         int worker = ++run->joined;
-        atomic_add(&run->active, 1);
+        atomic_add(&run->refs, 1);
         monitor_leave(&pool.monitor);
         take_part(run, worker);
-        atomic_add(&run->active, -1); /* the last touch: the caller may return (and `run` vanish) from here on */
+        let_go(run);
         monitor_enter(&pool.monitor);
     }
     monitor_leave(&pool.monitor);
@@ -329,17 +352,25 @@ static void run_alone(const ParallelLoop *loop)
 
 void genarm_parallel_run(const ParallelLoop *loop, int n_threads)
 {
-    Run run = {loop, 0, 0, 0, 0, 0};
-    if (n_threads < 2 || loop->n_items <= loop->chunk || !post(&run, n_threads - 1)) {
+    Run *run = n_threads > 1 && loop->n_items > loop->chunk ? calloc(1, sizeof *run) : NULL;
+    if (run) {
+        run->loop = loop;
+        run->n_items = loop->n_items;
+        run->chunk = loop->chunk;
+        run->n_phases = loop->n_phases;
+        run->refs = 1;
+    }
+    if (!run || !post(run, n_threads - 1)) {
+        free(run);
         run_alone(loop);
         return;
     }
-    lead(&run);
+    lead(run);
     monitor_enter(&pool.monitor);
-    pool.run = NULL; /* no worker joins from here on; those inside finish their chunk and leave */
+    pool.run = NULL; /* no worker joins from here on */
     pool.busy = 0;
     monitor_leave(&pool.monitor);
-    await_count(&run.active, 0, 0);
+    let_go(run);
 }
 
 void genarm_threads_stop(void)
