@@ -459,8 +459,7 @@ static float guard_cutoff(float max, double log_min_p)
     return (double)cutoff < threshold ? nextafterf(cutoff, INFINITY) : cutoff;
 }
 
-/* A MixSpec with what the loops need: weights in log2 units (2^(c x) = e^(weight x)), also as floats; per-thread
- * scratch; and for one row shared by threads, its per-block results. */
+/* One thread's scratch, and its first error. */
 typedef struct {
     const float **rows; /* the current row of each input */
     double *offsets;    /* with sums: each block's (max, sum of 2^(x - max)) in a row of its own */
@@ -470,6 +469,8 @@ typedef struct {
     int which;    /* with an error: the input at fault */
 } Worker;
 
+/* A MixSpec with what the loops need: weights in log2 units (2^(c x) = e^(weight x)), also as floats; the threads'
+ * scratch; and for one row shared by threads, its per-block results. */
 typedef struct {
     float *dst;
     ptrdiff_t dst_stride, n_vocab, n_blocks;
