@@ -4,8 +4,11 @@
 
 Prints a markdown table of median microseconds per call: the numpy float32 reference (log_softmax of each row,
 weighted sum, renormalise) and genarm_local.core.mixing.mix_logprobs on 1 and 2 threads (one row is split by blocks, a
-batch by rows), with the speed-ups. The timings interleave, so a machine that slows down part-way slows all columns
-alike. The kernel writes into a separate dst here; in place on the base row costs the same.
+batch by rows, between the caller and the kernel's worker pool), with the speed-ups. Each case runs without the
+base-plausibility guard (guard_min_p = 0, the kernel's default path) and with it (τ = 0.02, numpy then masking the
+same tokens), so the guard's own cost shows next to the unguarded speed. The timings interleave, so a machine that
+slows down part-way slows all columns alike. The kernel writes into a separate dst here; in place on the base row
+costs the same.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np  # noqa: E402
 from genarm_local.core.mixing import mix_logprobs  # noqa: E402
 
 N_VOCAB = 262_144  # Gemma-3
+GUARD_MIN_P = 0.02
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -31,11 +35,14 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - (top + np.log(np.exp(x - top).sum(axis=-1, keepdims=True)))
 
 
-def numpy_mix(base: np.ndarray, arms: list[np.ndarray], alphas: list[float]) -> np.ndarray:
-    """What the kernel replaces, in float32 as the logits come."""
+def numpy_mix(base: np.ndarray, arms: list[np.ndarray], alphas: list[float], min_p: float = 0.0) -> np.ndarray:
+    """What the kernel replaces, in float32 as the logits come; with min_p > 0, the guard masks before renormalising."""
     total = log_softmax(base)
     for alpha, arm in zip(alphas, arms, strict=True):
         total = total + np.float32(alpha) * log_softmax(arm)
+    if min_p > 0:
+        cutoff = base.max(axis=-1, keepdims=True) + np.float32(np.log(min_p))
+        total = np.where(base < cutoff, np.float32(-np.inf), total)
     return log_softmax(total)
 
 
@@ -50,7 +57,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def bench_case(n_rows: int, n_arms: int, rounds: int, kernel_calls: int, seed: int = 0) -> dict[str, float]:
+def bench_case(
+    n_rows: int, n_arms: int, rounds: int, kernel_calls: int, min_p: float = 0.0, seed: int = 0
+) -> dict[str, float]:
     """Median µs per call for numpy and for the kernel on 1 and 2 threads, one round of each after the other."""
     rng = np.random.default_rng(seed)
     shape = (n_rows, N_VOCAB)
@@ -60,9 +69,9 @@ def bench_case(n_rows: int, n_arms: int, rounds: int, kernel_calls: int, seed: i
     alphas = [1.0] + [0.5] * (n_arms - 1)
     dst = np.empty_like(base)
     runs = {
-        "numpy": lambda: numpy_mix(base, arms, alphas),
-        "kernel_1": lambda: mix_logprobs(dst, base, arms, alphas, n_threads=1),
-        "kernel_2": lambda: mix_logprobs(dst, base, arms, alphas, n_threads=2),
+        "numpy": lambda: numpy_mix(base, arms, alphas, min_p),
+        "kernel_1": lambda: mix_logprobs(dst, base, arms, alphas, n_threads=1, guard_min_p=min_p),
+        "kernel_2": lambda: mix_logprobs(dst, base, arms, alphas, n_threads=2, guard_min_p=min_p),
     }
     calls = {"numpy": 1, "kernel_1": kernel_calls, "kernel_2": kernel_calls}
     for run in runs.values():  # warm caches and page in the buffers
@@ -83,15 +92,18 @@ def main() -> None:
     args = parser.parse_args()
 
     cases = [
-        ("base + 1 ARM", 1, 1),
-        ("base + 3 ARMs", 1, 3),
-        ("batch of 8 rows, base + 1 ARM", 8, 1),
+        ("base + 1 ARM", 1, 1, 0.0),
+        (f"base + 1 ARM, guard τ = {GUARD_MIN_P}", 1, 1, GUARD_MIN_P),
+        ("base + 3 ARMs", 1, 3, 0.0),
+        (f"base + 3 ARMs, guard τ = {GUARD_MIN_P}", 1, 3, GUARD_MIN_P),
+        ("batch of 8 rows, base + 1 ARM", 8, 1, 0.0),
+        (f"batch of 8 rows, base + 1 ARM, guard τ = {GUARD_MIN_P}", 8, 1, GUARD_MIN_P),
     ]
     print(f"vocab {N_VOCAB:,}; {cpu_name()}, {os.cpu_count()} CPUs; numpy {np.__version__}; median µs per call\n")
     print("| case | numpy float32 | kernel, 1 thread | speed-up | kernel, 2 threads | speed-up |")
     print("|---|---:|---:|---:|---:|---:|")
-    for label, n_rows, n_arms in cases:
-        result = bench_case(n_rows, n_arms, args.rounds, kernel_calls=20)
+    for label, n_rows, n_arms, min_p in cases:
+        result = bench_case(n_rows, n_arms, args.rounds, kernel_calls=20, min_p=min_p)
         numpy_us, one, two = result["numpy"], result["kernel_1"], result["kernel_2"]
         print(
             f"| {label} | {numpy_us:,.0f} | {one:,.0f} | {numpy_us / one:.1f}× | {two:,.0f} | {numpy_us / two:.1f}× |"

@@ -46,6 +46,9 @@ class SamplingConfig:
     seed: int | None = option(None, "RNG seed; None: random", flags=("-s", "--seed"))
     max_tokens: int = option(256, "stop after this many generated tokens", flags=("-n", "--max-tokens", "--n-predict"))
     stop: tuple[str, ...] = option((), "strings that end generation (never emitted)")
+    stop_at_turns: bool = option(
+        False, 'end at a new line that opens with a speaker\'s label ("User:", "Student:"); plain chat turns it on'
+    )
     grammar: str | None = option(None, "GBNF grammar the output must follow (root rule)")
     logprobs: int | None = option(None, "report each token's mixed log-prob and this many top alternatives")
     normalized: bool = option(

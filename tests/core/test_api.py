@@ -129,6 +129,29 @@ def test_split_utf8_characters_are_held_back():
     assert text.push(4) == ("", True)
 
 
+def test_a_new_speakers_label_ends_a_plain_transcript_reply():
+    """stop_at_turns: a new line opening with "Name:" ends the reply (never emitted); a new line that cannot become
+    a label is released as soon as that is clear."""
+    from genarm_local.core.api import _StopText
+
+    def feed(pieces):
+        chunks = {i: piece.encode() for i, piece in enumerate(pieces)}
+        text, out = _StopText(chunks.__getitem__, [], turn_labels=True), []
+        for i in chunks:
+            piece, stopped = text.push(i)
+            out.append(piece)
+            if stopped:
+                return out, True
+        return out + [text.flush()], False
+
+    assert feed([" Fine, thanks.", "\n", "Stu", "dent", ":", " and you?"]) == ([" Fine, thanks.", "", "", "", ""], True)
+    assert feed([" Sure.", "\n", "Dr Smith", ": hello"]) == ([" Sure.", "", "", ""], True)
+    assert feed([" One", "\n", "two", " three"]) == ([" One", "", "\ntwo", " three", ""], False)
+    assert feed([" It is 10:30", " now"]) == ([" It is 10:30", " now", ""], False)
+    plain = _StopText({0: b"A\nUser: x"}.__getitem__, [])
+    assert plain.push(0) == ("A\nUser: x", False)  # off unless asked for
+
+
 def test_cancellation(model):
     event = threading.Event()
     event.set()
