@@ -16,6 +16,7 @@ VERBS = {
     "chat": ("genarm_local.cli.chat", "guided chat in the terminal, streamed, with live ARM weights"),
     "generate": ("genarm_local.cli.generate", "guided completions of one prompt to stdout (text or JSON)"),
     "batch": ("genarm_local.cli.batch", "guided completions of a JSONL file of prompts, resumable"),
+    "serve": ("genarm_local.cli.serve", "an OpenAI-compatible HTTP server with per-request ARM weights and a web chat"),
     "train": ("genarm_local.cli.train", "train an ARM (LoRA, GenARM loss) from preference data"),
 }
 

@@ -58,7 +58,7 @@ TURN_LABEL = re.compile(r"\n[ \t]*[A-Z][\w'-]{0,24}(?: [A-Z][\w'-]{0,24})?:")
 MAYBE_TURN_LABEL = re.compile(r"\n[ \t]*(?:[A-Z][\w'-]{0,24}(?: (?:[A-Z][\w'-]{0,24})?)?)?$")
 
 
-class _StopText:
+class StopText:
     """Turns tokens into text pieces: holds back bytes of a split UTF-8 character and any tail that could be the
     start of a stop string (or, with ``turn_labels``, of a speaker's label on a new line), so a stop spanning
     several tokens is caught and never emitted."""
@@ -182,7 +182,7 @@ class GuidedModel:
             config = SamplingConfig.from_options(options, seed=self.seed)
             if config.logprobs is not None:
                 result.logprobs, result.top_logprobs = [], []
-            text = _StopText(engine.base_model.token_bytes, config.stop, config.stop_at_turns)
+            text = StopText(engine.base_model.token_bytes, config.stop, config.stop_at_turns)
             steps = engine.steps(self._prompt_tokens(prompt), config, weights, cancel, result.timings)
             stopped = False
             try:
@@ -241,7 +241,7 @@ class GuidedModel:
             engine = self.engine
             config = SamplingConfig.from_options(sampling, seed=self.seed)
             results = [GenerationResult() for _ in prompts]
-            texts = [_StopText(engine.base_model.token_bytes, config.stop, config.stop_at_turns) for _ in prompts]
+            texts = [StopText(engine.base_model.token_bytes, config.stop, config.stop_at_turns) for _ in prompts]
             finished: set[int] = set()
             prompt_tokens = [self._prompt_tokens(p) for p in prompts]
             steps = batch_steps(engine, prompt_tokens, config, weights, cancel, finished, seeds)

@@ -80,3 +80,11 @@ class BatchInputError(GenArmError, ValueError):
 
 class ChatTemplateError(InvalidOptionError):
     """A chat template is unknown, not valid Jinja, refused by the sandbox, or exceeded its time or memory limit."""
+
+
+class UnknownModelError(InvalidOptionError):
+    """A request names a model (or preset) that the server does not serve."""
+
+
+class ServerBusyError(GenArmError):
+    """Every slot is taken and the waiting queue is full: try again later."""

@@ -2,8 +2,8 @@
 
 A request is a prompt (text or token ids) or chat messages, per-ARM weights, sampling options and a seed.
 ``prepare`` validates it against a loaded model — option names and types, ARM names, the chat template, the context
-window — and returns what the engine needs: prompt tokens, a SamplingConfig with the template's stop strings, every
-ARM's α. Requests with equal ``group`` keys can share one multi-sequence batch (only their seeds differ).
+window, the grammar — and returns what the engine needs: prompt tokens, a SamplingConfig with the template's stop
+rule, every ARM's α. Requests with equal ``group`` keys can share one multi-sequence batch (only their seeds differ).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .api import GuidedModel
 from .config import SamplingConfig
 from .errors import InvalidOptionError
+from .sampling import check_grammar
 
 _JSON_KINDS = {
     "bool": lambda v: isinstance(v, bool),
@@ -85,6 +86,10 @@ def prepare(
         raise InvalidOptionError('a request needs either "prompt" or "messages"')
     config = SamplingConfig.from_options(dict(options or {}), seed=model.seed)
     alphas = model.arm_weights(weights)  # unknown ARM names are refused here
+    if config.normalized:
+        model.engine.normalizer([alpha for alpha in alphas.values() if alpha != 0.0])
+    if config.grammar:
+        check_grammar(config.grammar, model.engine.base_model)
     if messages is not None:
         if not isinstance(messages, Sequence) or isinstance(messages, str | bytes) or not messages:
             raise InvalidOptionError('"messages" must be a non-empty list of {"role", "content"} objects')

@@ -7,7 +7,11 @@ row, so sampling behaves the way llama.cpp users know.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+
 import llama_cpp as lc
+from llama_cpp import llama_grammar
 
 from .config import SamplingConfig
 from .errors import InvalidOptionError
@@ -66,3 +70,22 @@ class SamplerChain:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_grammar(grammar: str, model: Model) -> None:
+    """Refuse a GBNF grammar llama.cpp cannot parse (InvalidOptionError), before any request runs with it."""
+    sampler = lc.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        raise InvalidOptionError(f"llama.cpp could not parse the grammar: {last_native_error()}")
+    lc.llama_sampler_free(sampler)
+
+
+def json_grammar(schema: Mapping | None = None) -> str:
+    """A GBNF grammar for JSON output: any JSON object (``schema`` None), or JSON that follows ``schema`` (a JSON
+    Schema, converted by llama-cpp-python's port of llama.cpp's json-schema-to-grammar)."""
+    if schema is None:
+        return llama_grammar.JSON_GBNF
+    try:
+        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter raises ValueError, KeyError, TypeError... on schemas it cannot handle
+        raise InvalidOptionError(f"cannot turn this JSON schema into a grammar: {exc!r}") from None

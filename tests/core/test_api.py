@@ -119,10 +119,10 @@ def test_stream_equals_generate(model):
 
 
 def test_split_utf8_characters_are_held_back():
-    from genarm_local.core.api import _StopText
+    from genarm_local.core.api import StopText
 
     chunks = {1: "é".encode()[:1], 2: "é".encode()[1:] + b"x", 3: "€".encode()[:2], 4: "€".encode()[2:]}
-    text = _StopText(chunks.__getitem__, ["x€"])
+    text = StopText(chunks.__getitem__, ["x€"])
     assert text.push(1) == ("", False)
     assert text.push(2) == ("é", False)  # "x" is held: it may begin the stop string
     assert text.push(3) == ("", False)
@@ -132,11 +132,11 @@ def test_split_utf8_characters_are_held_back():
 def test_a_new_speakers_label_ends_a_plain_transcript_reply():
     """stop_at_turns: a new line opening with "Name:" ends the reply (never emitted); a new line that cannot become
     a label is released as soon as that is clear."""
-    from genarm_local.core.api import _StopText
+    from genarm_local.core.api import StopText
 
     def feed(pieces):
         chunks = {i: piece.encode() for i, piece in enumerate(pieces)}
-        text, out = _StopText(chunks.__getitem__, [], turn_labels=True), []
+        text, out = StopText(chunks.__getitem__, [], turn_labels=True), []
         for i in chunks:
             piece, stopped = text.push(i)
             out.append(piece)
@@ -148,7 +148,7 @@ def test_a_new_speakers_label_ends_a_plain_transcript_reply():
     assert feed([" Sure.", "\n", "Dr Smith", ": hello"]) == ([" Sure.", "", "", ""], True)
     assert feed([" One", "\n", "two", " three"]) == ([" One", "", "\ntwo", " three", ""], False)
     assert feed([" It is 10:30", " now"]) == ([" It is 10:30", " now", ""], False)
-    plain = _StopText({0: b"A\nUser: x"}.__getitem__, [])
+    plain = StopText({0: b"A\nUser: x"}.__getitem__, [])
     assert plain.push(0) == ("A\nUser: x", False)  # off unless asked for
 
 

@@ -1,0 +1,40 @@
+"""`genarm-local serve`: the OpenAI-compatible server (serve/), with the model, ARM and sampling flags of `chat`.
+
+The sampling flags set the server's default sampling; each request may override them. Without -m and --arm the
+embedded base is served with the shipped default ARMs, as `chat` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..core.config import find_arm
+from ..serve.config import ServeConfig
+from .flags import (
+    add_config_arguments,
+    add_model_arguments,
+    add_sampling_arguments,
+    config_options,
+    load_config,
+    sampling_options,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser.add_argument_group("server"), ServeConfig)
+    add_model_arguments(parser)
+    add_sampling_arguments(parser, exclude=("logprobs",))  # the server's defaults; logprobs are per request
+
+
+def main(args: argparse.Namespace) -> None:
+    settings = ServeConfig(**config_options(ServeConfig, args))
+    settings.key()  # a missing key file fails now
+    sampling = sampling_options(args)
+    load = load_config(args, use_default_arms=True)
+    for weights in settings.presets().values():
+        for arm in weights:
+            find_arm(load.arms, arm)  # a preset naming an ARM that is not loaded fails before the model loads
+    load.base_path(announce=load.base is None)
+    from ..serve.app import serve
+
+    serve(settings, load, sampling)

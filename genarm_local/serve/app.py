@@ -1,0 +1,182 @@
+"""The FastAPI application (``create_app``) and ``serve``, which runs it with uvicorn.
+
+Layers of one request, outside in: CORS (only with --cors-origin) → the API key check (every path but /health and
+the static web page) → the body size limit → FastAPI's routing and pydantic validation → a handler (routes.py) →
+the engine thread (worker.py). The model loads on the engine thread after the server is listening; until then
+/health answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import socket
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..core.config import LoadConfig
+from ..core.errors import InvalidOptionError
+from . import errors
+from .config import ServeConfig
+from .routes import router
+from .state import ServerState
+
+STATIC = Path(__file__).resolve().parent / "static"
+PUBLIC = {"/health", "/", "/favicon.ico"}  # the page itself holds no data; the API calls it makes need the key
+
+
+class RequireKey:
+    """401 for any path but the public ones unless 'Authorization: Bearer KEY' matches (compared in constant time)."""
+
+    def __init__(self, app: ASGIApp, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC or scope["path"].startswith("/static/"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key):
+            await self.app(scope, receive, send)
+            return
+        response = errors.error_response(401, "missing or wrong API key", "invalid_request_error", "invalid_api_key")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+
+class LimitBody:
+    """413 for a request body over ``limit`` bytes, whether announced by Content-Length or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = errors.error_response(
+            413, f"the request body is over {self.limit} bytes", "invalid_request_error", "request_too_large"
+        )
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            await too_large(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await too_large(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(settings: ServeConfig, load: LoadConfig, sampling: dict | None = None) -> FastAPI:
+    """The server for ``load`` (the model and its ARMs), with ``sampling`` as the default sampling options."""
+    state = ServerState(settings, load, sampling)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.worker.start()
+        yield
+        await run_in_threadpool(state.worker.stop)
+
+    app = FastAPI(title="genarm-local", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = state
+    errors.install(app)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    # Added last = outermost: CORS answers preflights before the key check, which runs before the body is read.
+    app.add_middleware(LimitBody, limit=settings.max_body_bytes)
+    if state.key is not None:
+        app.add_middleware(RequireKey, key=state.key)
+    if settings.cors_origin:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origin), allow_methods=["*"], allow_headers=["*"]
+        )
+    return app
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bind here rather than in uvicorn, so that a taken port is one clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InvalidOptionError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: ServeConfig, load: LoadConfig, sampling: dict | None = None) -> None:
+    """Run the server until interrupted; a model that fails to load stops it and is raised here."""
+    import uvicorn
+
+    app = create_app(settings, load, sampling)
+    state: ServerState = app.state.server
+    sock = listening_socket(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+
+    def stop_on_failure() -> None:
+        server.should_exit = True
+
+    state.worker.on_load_failure = stop_on_failure
+    where = f"[{host}]" if ":" in host else host
+    print(f"genarm-local serve: listening on http://{where}:{port} (loading the model)", file=sys.stderr, flush=True)
+
+    async def announce_ready() -> None:
+        while not state.worker.ready.is_set():
+            await asyncio.sleep(0.1)
+        if state.worker.model is not None:
+            print(f"genarm-local serve: ready; models: {', '.join(state.models)}", file=sys.stderr, flush=True)
+
+    async def main() -> None:
+        ready = asyncio.ensure_future(announce_ready())
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            ready.cancel()
+
+    try:
+        asyncio.run(main())
+    finally:
+        sock.close()
+    if state.worker.error is not None:
+        raise state.worker.error

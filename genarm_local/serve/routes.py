@@ -1,0 +1,197 @@
+"""The HTTP handlers. Each one only validates (core.requests.prepare, in a worker thread so the event loop stays free),
+submits a task to the engine thread and reads that task's own result queue; none touches a llama.cpp context.
+
+A client that disconnects cancels its sequence: a stream's generator is closed by Starlette (or fails on its next
+send), a plain request's disconnect is watched while it waits; either way the scheduler drops the row at its next
+step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..core.errors import InvalidOptionError
+from ..core.requests import prepare
+from ..core.sampling import json_grammar
+from . import schemas
+from .errors import error_body
+from .formats import ChatFormat, CompletionFormat
+from .state import ServerState
+from .worker import Failed, Finished, Piece, Task
+
+router = APIRouter()
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def grammar_options(body: schemas._Generation, options: dict) -> dict:
+    """response_format → a GBNF grammar (json_object: any JSON object; json_schema: that schema)."""
+    response_format = body.response_format
+    if response_format is None or response_format.type == "text":
+        return options
+    if "grammar" in options:
+        raise InvalidOptionError('give "grammar" or "response_format", not both')
+    schema = response_format.schema_
+    if response_format.type == "json_schema":
+        given = response_format.json_schema
+        schema = given.schema_ if given is not None and given.schema_ is not None else schema
+        if schema is None:
+            raise InvalidOptionError('response_format "json_schema" needs {"json_schema": {"schema": {...}}}')
+    return dict(options, grammar=json_grammar(schema))
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body is already read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def events(task: Task, request: Request | None = None) -> AsyncIterator[Piece | Finished]:
+    """The task's events until it finishes; a failure is raised; with ``request``, a disconnect cancels the task."""
+    gone = asyncio.ensure_future(wait_disconnect(request)) if request is not None else None
+    finished = False
+    try:
+        while True:
+            if gone is None:
+                event = await task.events.get()
+            else:
+                get = asyncio.ensure_future(task.events.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    return
+                event = get.result()
+            if isinstance(event, Failed):
+                finished = True
+                raise event.error
+            finished = isinstance(event, Finished)
+            yield event
+            if finished:
+                return
+    finally:
+        if gone is not None:
+            gone.cancel()
+        if not finished:
+            task.cancel()
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def respond(request: Request, state: ServerState, prepared, stream: bool, form: ChatFormat | CompletionFormat):
+    task = state.worker.submit(prepared, asyncio.get_running_loop())
+    if not stream:
+        pieces: list[Piece] = []
+        async for event in events(task, request):
+            if isinstance(event, Finished):
+                return JSONResponse(form.whole(pieces, event).model_dump(exclude_none=True))
+            pieces.append(event)
+        return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+
+    # The first event before the headers: an error at admission is still a proper status code.
+    stream_events = events(task)
+    try:
+        first = await anext(stream_events)
+    except BaseException:
+        await stream_events.aclose()
+        raise
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            event = first
+            while True:
+                if isinstance(event, Finished):
+                    yield sse(form.last_chunk(event).model_dump(exclude_none=True))
+                    yield sse("[DONE]")
+                    return
+                yield sse(form.chunk(event).model_dump(exclude_none=True))
+                event = await anext(stream_events)
+        except Exception as exc:  # after the headers: the error goes in the stream, as llama-server does
+            status, payload = error_body(exc)
+            yield sse(payload)
+        finally:
+            await stream_events.aclose()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: schemas.ChatCompletionRequest, request: Request):
+    state = state_of(request)
+    weights = state.weights(body.model, body.arms)
+    options = grammar_options(body, {**state.sampling, **body.sampling_options()})
+    messages = [{"role": message.role, "content": message.text()} for message in body.messages]
+    prepared = await run_in_threadpool(prepare, state.model, messages=messages, weights=weights, options=options)
+    form = ChatFormat(state, body.model or state.default_model)
+    return await respond(request, state, prepared, body.stream, form)
+
+
+@router.post("/v1/completions")
+async def completions(body: schemas.CompletionRequest, request: Request):
+    state = state_of(request)
+    weights = state.weights(body.model, body.arms)
+    options = grammar_options(body, {**state.sampling, **body.sampling_options()})
+    prompt = body.prompt_input()
+    prepared = await run_in_threadpool(prepare, state.model, prompt=prompt, weights=weights, options=options)
+    form = CompletionFormat(state, body.model or state.default_model)
+    return await respond(request, state, prepared, body.stream, form)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> schemas.ModelList:
+    state = state_of(request)
+    cards = [schemas.ModelCard(id=name, created=state.created, arms=arms) for name, arms in state.models.items()]
+    return schemas.ModelList(data=cards)
+
+
+@router.get("/props")
+async def props(request: Request) -> dict:
+    """What the web page needs: the loaded ARMs and their weights, the model names, the default sampling."""
+    state = state_of(request)
+    model = state.model
+    sampling = {k: list(v) if isinstance(v, tuple) else v for k, v in state.sampling.items() if k != "grammar"}
+    return {
+        "default_model": state.default_model,
+        "models": list(state.models),
+        "arms": model.arm_weights(),
+        "parallel": state.settings.parallel,
+        "n_ctx": model.engine.n_ctx,
+        "sampling": sampling,
+    }
+
+
+@router.get("/health")
+async def health(request: Request):
+    worker = state_of(request).worker
+    if worker.model is not None:
+        return {"status": "ok", "slots": worker.parallel, "in_flight": worker.in_flight}
+    status = "loading model" if worker.error is None else f"failed to load the model: {worker.error}"
+    return JSONResponse({"status": status}, status_code=503)
+
+
+@router.post("/tokenize")
+async def tokenize(body: schemas.TokenizeRequest, request: Request) -> dict:
+    base = state_of(request).model.engine.base_model
+    tokens = base.tokenize(body.content, add_special=body.add_special)
+    if body.with_pieces:
+        return {"tokens": [{"id": t, "piece": base.token_bytes(t).decode("utf-8", errors="replace")} for t in tokens]}
+    return {"tokens": tokens}
+
+
+@router.post("/detokenize")
+async def detokenize(body: schemas.DetokenizeRequest, request: Request) -> dict:
+    model = state_of(request).model
+    n_vocab = model.engine.n_vocab
+    if any(not 0 <= token < n_vocab for token in body.tokens):
+        raise InvalidOptionError(f"token ids must be in [0, {n_vocab})")
+    return {"content": model.detokenize(body.tokens)}

@@ -1,0 +1,245 @@
+"""Request and response bodies of the HTTP API (pydantic), in OpenAI's shapes with llama-server's extras.
+
+Requests declare only the fields that need translating; any other body field named like a SamplingConfig option
+(top_k, min_p, repeat_penalty, grammar, normalized, ...) is passed through as that option, so a new sampling option
+needs no change here. Fields that clients send by habit but we cannot honour are refused when set, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.config import SamplingConfig
+from ..core.errors import InvalidOptionError
+from ..core.requests import check_option_types
+
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingConfig)}
+# OpenAI fields whose meaning we do not implement: refused with a 400 when given a non-default value.
+UNSUPPORTED = {"logit_bias", "tools", "functions", "tool_choice", "echo", "suffix", "best_of", "audio", "modalities"}
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # llama-server's shorthand
+
+
+class _Generation(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    max_tokens: int | None = None
+    n: int = 1
+    response_format: ResponseFormat | None = None
+    arms: dict[str, float | None] | None = Field(
+        default=None, description="per-request ARM weights {name: α}, over the chosen model's (preset's) weights"
+    )
+    user: str | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    def sampling_options(self) -> dict[str, Any]:
+        """The SamplingConfig options this body sets (None means unset), type-checked; refuses what we cannot do."""
+        extra = self.model_extra or {}
+        for name in sorted(UNSUPPORTED & set(extra)):
+            if extra[name] not in (None, False, {}, []) and not (name == "best_of" and extra[name] == 1):
+                raise InvalidOptionError(f'"{name}" is not supported by this server')
+        if self.n != 1:
+            raise InvalidOptionError('"n" must be 1: this server returns one choice per request')
+        if self.frequency_penalty or self.presence_penalty:
+            raise InvalidOptionError('frequency_penalty and presence_penalty are not supported; use "repeat_penalty"')
+        fields = {name: getattr(self, name) for name in SAMPLING_FIELDS if name in type(self).model_fields}
+        options = {name: value for name, value in {**fields, **extra}.items() if name in SAMPLING_FIELDS}
+        options = {name: value for name, value in options.items() if value is not None}
+        options.pop("logprobs", None)  # each endpoint has its own logprobs fields
+        check_option_types(options)
+        return options
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message's text; OpenAI's list of content parts is accepted when every part is text."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in self.content):
+            raise InvalidOptionError("only text content parts are supported in messages")
+        return "".join(part["text"] for part in self.content)
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def sampling_options(self) -> dict[str, Any]:
+        options = super().sampling_options()
+        if self.max_completion_tokens is not None:
+            options["max_tokens"] = self.max_completion_tokens
+        if self.logprobs:
+            options["logprobs"] = self.top_logprobs or 0
+        elif self.top_logprobs:
+            raise InvalidOptionError('"top_logprobs" needs "logprobs": true')
+        return options
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[int] | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def sampling_options(self) -> dict[str, Any]:
+        options = super().sampling_options()
+        if self.logprobs is not None:
+            options["logprobs"] = self.logprobs
+        return options
+
+    def prompt_input(self) -> str | list[int]:
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+            if len(self.prompt) != 1:
+                raise InvalidOptionError('"prompt" as a list of strings must hold exactly one string (n = 1)')
+            return self.prompt[0]
+        return self.prompt
+
+
+class TokenizeRequest(BaseModel):
+    content: str
+    add_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]
+
+
+# ---- responses ------------------------------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class Timings(BaseModel):
+    """llama-server's timings object."""
+
+    cache_n: int
+    prompt_n: int
+    prompt_ms: float
+    prompt_per_second: float
+    predicted_n: int
+    predicted_ms: float
+    predicted_per_second: float
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class _Response(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+
+class ChatCompletion(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+
+
+class ChatCompletionChunk(_Response):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class Completion(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "genarm-local"
+    arms: dict[str, float] = Field(description="the ARM weights this model name stands for")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
