@@ -158,14 +158,17 @@ def serve(settings: ServeConfig, load: LoadConfig, sampling: dict | None = None)
         server.should_exit = True
 
     state.worker.on_load_failure = stop_on_failure
-    where = f"[{host}]" if ":" in host else host
-    print(f"genarm-local serve: listening on http://{where}:{port} (loading the model)", file=sys.stderr, flush=True)
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def announce_ready() -> None:
+        # /health answers (503) while the model loads; one line once it is ready, none if it fails (the error is)
         while not state.worker.ready.is_set():
             await asyncio.sleep(0.1)
         if state.worker.model is not None:
-            print(f"genarm-local serve: ready; models: {', '.join(state.models)}", file=sys.stderr, flush=True)
+            models = ", ".join(state.models)
+            print(
+                f"genarm-local serve: listening on {url} (web chat at /); models: {models}", file=sys.stderr, flush=True
+            )
 
     async def main() -> None:
         ready = asyncio.ensure_future(announce_ready())

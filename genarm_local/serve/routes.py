@@ -32,12 +32,15 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def grammar_options(body: schemas._Generation, options: dict) -> dict:
-    """response_format → a GBNF grammar (json_object: any JSON object; json_schema: that schema)."""
+def request_options(state: ServerState, body: schemas._Generation) -> dict:
+    """The server's default sampling, overridden by the body's; response_format becomes a GBNF grammar (json_object:
+    any JSON object; json_schema: that schema)."""
+    given = body.sampling_options()
+    options = {**state.sampling, **given}
     response_format = body.response_format
     if response_format is None or response_format.type == "text":
         return options
-    if "grammar" in options:
+    if "grammar" in given:
         raise InvalidOptionError('give "grammar" or "response_format", not both')
     schema = response_format.schema_
     if response_format.type == "json_schema":
@@ -129,7 +132,7 @@ async def respond(request: Request, state: ServerState, prepared, stream: bool, 
 async def chat_completions(body: schemas.ChatCompletionRequest, request: Request):
     state = state_of(request)
     weights = state.weights(body.model, body.arms)
-    options = grammar_options(body, {**state.sampling, **body.sampling_options()})
+    options = request_options(state, body)
     messages = [{"role": message.role, "content": message.text()} for message in body.messages]
     prepared = await run_in_threadpool(prepare, state.model, messages=messages, weights=weights, options=options)
     form = ChatFormat(state, body.model or state.default_model)
@@ -140,7 +143,7 @@ async def chat_completions(body: schemas.ChatCompletionRequest, request: Request
 async def completions(body: schemas.CompletionRequest, request: Request):
     state = state_of(request)
     weights = state.weights(body.model, body.arms)
-    options = grammar_options(body, {**state.sampling, **body.sampling_options()})
+    options = request_options(state, body)
     prompt = body.prompt_input()
     prepared = await run_in_threadpool(prepare, state.model, prompt=prompt, weights=weights, options=options)
     form = CompletionFormat(state, body.model or state.default_model)

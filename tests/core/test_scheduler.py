@@ -4,8 +4,6 @@ prefix reuse; cancel and release within one step; a bad request fails only itsel
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from cli_helpers import model_files
 

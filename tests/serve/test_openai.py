@@ -100,3 +100,131 @@ def test_chat_stream_and_not(server, local):
     lines = [line for line in text.split("\n\n") if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in {"stop", "length"}
+
+
+def test_arms_per_request_and_presets(server, local, base_id):
+    from genarm_local import GuidedModel
+
+    client = server.client()
+
+    def text(model: str, arms: dict | None = None, seed: int = 11) -> str:
+        reply = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, **sampled(seed, arms))
+        return reply.choices[0].text
+
+    with GuidedModel(local.config.base_path(), n_ctx=N_CTX, n_threads=1, kv_cache_type="f32", flash_attn=False) as base:
+        alone = base.generate(PROMPT, max_tokens=16, seed=11, **SAMPLED).text
+    # α = 0 for every ARM is the base's own output, whichever way it is asked for
+    assert text(base_id) == alone
+    assert text(f"{base_id}+kind+big", {"kind": 0, "big": 0}) == alone
+    guided = local.generate(PROMPT, max_tokens=16, seed=11, weights=weights_of(local, 2.0, 0.0), **SAMPLED).text
+    assert guided != alone
+    assert text(base_id, {"kind": 2.0}) == guided
+    # a preset by model name is its weights, and "arms" overrides it
+    gentle = local.generate(PROMPT, max_tokens=16, seed=11, weights=weights_of(local, 0.5, 0.0), **SAMPLED).text
+    assert text("gentle") == gentle == text(base_id, {"kind": 0.5})
+    assert text("gentle", {"kind": 2.0}) == guided
+    negative = local.generate(PROMPT, max_tokens=16, seed=11, weights=weights_of(local, -1.0, 0.5), **SAMPLED).text
+    assert text(f"{base_id}+big", {"kind": -1.0}) == negative
+
+
+def test_seeds_reproduce_and_differ(server):
+    client = server.client()
+
+    def text(seed: int) -> str:
+        return client.completions.create(prompt=PROMPT, model="", max_tokens=16, **sampled(seed)).choices[0].text
+
+    assert text(5) == text(5)
+    assert len({text(5), text(6), text(7)}) == 3
+
+
+def test_stop_strings(server, local):
+    client = server.client()
+    full = local.generate(PROMPT, max_tokens=24, temperature=0.0).text
+    stop = full[8:11]
+    assert len(stop) == 3 and full.find(stop) == 8
+    reply = client.completions.create(prompt=PROMPT, model="", max_tokens=24, temperature=0.0, stop=[stop, "zzz"])
+    assert reply.choices[0].text == full[:8] and reply.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        prompt=PROMPT, model="", max_tokens=24, temperature=0.0, stop=stop, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed) == full[:8]
+
+
+def test_logprobs(server, local):
+    client = server.client()
+    messages = [{"role": "user", "content": "Hello there."}]
+    reply = client.chat.completions.create(
+        messages=messages, model="", max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=3
+    )
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens > 0
+    chat = local.chat_prompt(messages)
+    expected = local.generate(chat.tokens, max_tokens=6, temperature=0.0, logprobs=3, **chat.sampling({}))
+    for entry, logprob, top in zip(content, expected.logprobs, expected.top_logprobs, strict=True):
+        assert entry.logprob == pytest.approx(logprob, abs=1e-4)
+        assert [alt.logprob for alt in entry.top_logprobs] == pytest.approx(list(top.values()), abs=1e-4)
+        assert entry.token == entry.top_logprobs[0].token  # greedy: the sampled token is the most likely
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    completion = client.completions.create(prompt=PROMPT, model="", max_tokens=5, temperature=0.0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 5
+    assert "".join(logprobs.tokens) == completion.choices[0].text
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(5)]
+
+
+def test_json_output_through_the_grammar(server):
+    client = server.client()
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    for response_format in (
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+    ):
+        reply = client.chat.completions.create(
+            messages=[{"role": "user", "content": "Give me JSON."}], model="", max_tokens=48,
+            response_format=response_format, **sampled(1),
+        )  # fmt: skip
+        text = reply.choices[0].message.content
+        assert text.lstrip().startswith("{"), text
+        if reply.choices[0].finish_reason == "stop":
+            value = json.loads(text)
+            assert isinstance(value, dict)
+            if response_format["type"] == "json_schema":
+                assert isinstance(value["age"], int)
+
+
+def test_tokenize_detokenize(server, local):
+    status, _, body = server.request("POST", "/tokenize", {"content": PROMPT})
+    assert status == 200 and body["tokens"] == local.tokenize(PROMPT)
+    status, _, pieces = server.request("POST", "/tokenize", {"content": PROMPT, "with_pieces": True})
+    assert "".join(piece["piece"] for piece in pieces["tokens"]) == PROMPT
+    status, _, text = server.request("POST", "/detokenize", {"tokens": body["tokens"]})
+    assert status == 200 and text["content"] == PROMPT
+
+
+def test_a_second_chat_turn_reuses_the_cached_prefix(server):
+    client = server.client()
+    messages = [{"role": "user", "content": "Tell me about bicycles and their long history in cities."}]
+    first = client.chat.completions.create(messages=messages, model="", max_tokens=12, **sampled(2))
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And then?"},
+    ]
+    second = client.chat.completions.create(messages=messages, model="", max_tokens=12, **sampled(2))
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens, (cached, first.usage)
+    assert second.model_extra["timings"]["cache_n"] == cached
+    assert second.model_extra["timings"]["prompt_n"] == second.usage.prompt_tokens - cached
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    client = server.client()
+    stream = client.completions.create(prompt=PROMPT, model="", max_tokens=200, stream=True, **sampled(4))
+    for index, _ in enumerate(stream):
+        if index == 2:
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while server.request("GET", "/health")[2]["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.request("GET", "/health")[2]["in_flight"] == 0
+    assert client.completions.create(prompt=PROMPT, model="", max_tokens=3).choices[0].text is not None
