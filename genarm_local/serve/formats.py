@@ -21,6 +21,12 @@ def usage(done: Finished) -> schemas.Usage:
     )
 
 
+def ending(state: ServerState, done: Finished) -> dict:
+    """What the last chunk (or the whole response) adds: usage, timings and the ARM weights actually used."""
+    arms = dict(zip((arm.name for arm in state.model.arms), done.job.alphas, strict=True))
+    return {"usage": usage(done), "timings": timings(done), "arms": arms}
+
+
 def timings(done: Finished) -> schemas.Timings:
     t = done.job.timings
     return schemas.Timings(
@@ -69,12 +75,12 @@ class ChatFormat(_Format):
 
     def last_chunk(self, done: Finished) -> schemas.ChatCompletionChunk:
         choice = schemas.ChatChunkChoice(delta=schemas.Delta(), finish_reason=done.reason)
-        return schemas.ChatCompletionChunk(**self._head(), choices=[choice], usage=usage(done), timings=timings(done))
+        return schemas.ChatCompletionChunk(**self._head(), choices=[choice], **ending(self.state, done))
 
     def whole(self, pieces: list[Piece], done: Finished) -> schemas.ChatCompletion:
         message = schemas.AssistantMessage(content="".join(piece.text for piece in pieces))
         choice = schemas.ChatChoice(message=message, logprobs=self.logprobs(pieces), finish_reason=done.reason)
-        return schemas.ChatCompletion(**self._head(), choices=[choice], usage=usage(done), timings=timings(done))
+        return schemas.ChatCompletion(**self._head(), choices=[choice], **ending(self.state, done))
 
 
 class CompletionFormat(_Format):
@@ -105,9 +111,9 @@ class CompletionFormat(_Format):
 
     def last_chunk(self, done: Finished) -> schemas.Completion:
         choice = schemas.CompletionChoice(text="", finish_reason=done.reason)
-        return schemas.Completion(**self._head(), choices=[choice], usage=usage(done), timings=timings(done))
+        return schemas.Completion(**self._head(), choices=[choice], **ending(self.state, done))
 
     def whole(self, pieces: list[Piece], done: Finished) -> schemas.Completion:
         text = "".join(piece.text for piece in pieces)
         choice = schemas.CompletionChoice(text=text, logprobs=self.logprobs(pieces), finish_reason=done.reason)
-        return schemas.Completion(**self._head(), choices=[choice], usage=usage(done), timings=timings(done))
+        return schemas.Completion(**self._head(), choices=[choice], **ending(self.state, done))

@@ -215,6 +215,7 @@ class _Response(BaseModel):
     model: str
     usage: Usage | None = None
     timings: Timings | None = None
+    arms: dict[str, float] | None = Field(default=None, description="the ARM weights the reply was generated with")
 
 
 class ChatCompletion(_Response):

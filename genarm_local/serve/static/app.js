@@ -107,6 +107,9 @@ async function streamReply(box, arms, seed, showSpeed) {
           if (showSpeed) $("speed").textContent = `${(tokens / ((performance.now() - started) / 1000)).toFixed(1)} tok/s`;
         }
         if (chunk.timings && showSpeed) $("speed").textContent = `${chunk.timings.predicted_per_second.toFixed(1)} tok/s`;
+        if (chunk.arms && box.classList.contains("guided")) {
+          box.querySelector(".label").textContent = `guided: ${describe(chunk.arms)}`;  // as the server applied them
+        }
         if (chunk.choices[0]?.finish_reason) box.dataset.finish = chunk.choices[0].finish_reason;
       }
       $("transcript").scrollTop = $("transcript").scrollHeight;
