@@ -36,7 +36,7 @@ def job(model, prompt: str, seed: int, weights: dict, **options):
     from genarm_local.core.config import SamplingConfig
     from genarm_local.core.scheduler import Job
 
-    config = SamplingConfig.from_options(dict(SAMPLED, max_tokens=12, seed=seed, **options))
+    config = SamplingConfig.from_options({**SAMPLED, "max_tokens": 12, "seed": seed, **options})
     return Job(model.tokenize(prompt), config, list(model.arm_weights(weights).values()))
 
 
@@ -66,3 +66,75 @@ def test_staggered_mixed_weights_equal_alone(model, files):
         jobs = [job(model, p, s, w) for p, s, w in specs]
         tokens = run(scheduler, {0: jobs[:2], 3: jobs[2:4], 5: jobs[4:]})
     assert [tokens[id(j)] for j in jobs] == alone
+
+
+def test_arm_contexts_decode_only_rows_that_use_them(model, files):
+    from genarm_local.core.scheduler import Scheduler
+
+    lora, big = files["lora"].stem, files["big"].stem
+    with Scheduler(model.engine, n_slots=3) as scheduler:
+        jobs = [job(model, PROMPTS[i], i, {lora: 0.0, big: 0.0}) for i in range(3)]
+        run(scheduler, {0: jobs})
+        assert scheduler._contexts[1] is None and scheduler._contexts[2] is None  # never even created
+        base_decoded = scheduler._contexts[0].n_decoded
+        mixed = [job(model, PROMPTS[3], 3, {lora: 1.0, big: 0.0}), job(model, PROMPTS[4], 4, {lora: 0.0, big: 0.0})]
+        tokens = run(scheduler, {0: mixed})
+        lora_context = scheduler._contexts[1]
+        # the LoRA ARM decoded the first job's prompt and tokens only (its last token is sampled, not decoded)
+        assert lora_context.n_decoded == len(mixed[0].tokens) + len(tokens[id(mixed[0])]) - 1
+        assert scheduler._contexts[2] is None
+        assert scheduler._contexts[0].n_decoded > base_decoded
+
+
+def test_a_new_turn_reuses_its_slot_and_decodes_only_what_is_new(model, files):
+    from genarm_local.core.config import SamplingConfig
+    from genarm_local.core.scheduler import Job, Scheduler
+
+    lora = files["lora"].stem
+    with Scheduler(model.engine, n_slots=3) as scheduler:
+        others = [job(model, PROMPTS[i], i, {lora: 1.0}) for i in (1, 2)]
+        first = job(model, PROMPTS[0], 9, {lora: 1.0})
+        tokens = run(scheduler, {0: [others[0], first, others[1]]})
+        history = list(first.tokens) + tokens[id(first)] + model.tokenize(" and then", add_special=False)
+        config = SamplingConfig.from_options(dict(SAMPLED, max_tokens=8, seed=4))
+        turn = Job(history, config, list(model.arm_weights({lora: 1.0}).values()))
+        tokens_again = run(scheduler, {0: [turn]})[id(turn)]
+        assert turn.slot == first.slot  # the slot holding the longest common prefix
+        # everything the first request left in the cache was reused: its prompt and all but its last token
+        assert turn.cached_tokens == len(first.tokens) + len(tokens[id(first)]) - 1
+        assert turn.timings.prompt_decoded == len(history) - turn.cached_tokens
+        fresh = model.generate(history, max_tokens=8, seed=4, weights={lora: 1.0}, **SAMPLED).tokens
+        assert tokens_again == fresh
+
+
+def test_cancel_and_release_take_effect_at_the_next_step(model):
+    from genarm_local.core.scheduler import Scheduler
+
+    with Scheduler(model.engine, n_slots=2) as scheduler:
+        jobs = [job(model, PROMPTS[i], i, {}, max_tokens=50) for i in range(3)]  # the third waits for a slot
+        for j in jobs:
+            scheduler.submit(j)
+        scheduler.step()
+        assert scheduler.running == jobs[:2] and list(scheduler.waiting) == [jobs[2]]
+        jobs[0].cancel.set()
+        scheduler.release(jobs[1])
+        events = scheduler.step()
+        assert events[0] == (jobs[0], events[0][1]) and events[0][1].finish_reason == "cancelled"
+        assert [j for j, step in events[1:]] == [jobs[2]]  # the freed slot went to the waiting job at once
+        assert scheduler.running == [jobs[2]]
+        jobs[2].cancel.set()
+        assert [step.finish_reason for _, step in scheduler.step()] == ["cancelled"]
+        assert not scheduler.busy
+
+
+def test_a_bad_job_fails_alone(model):
+    from genarm_local.core.errors import ContextOverflowError, InvalidOptionError
+    from genarm_local.core.scheduler import Scheduler
+
+    with Scheduler(model.engine, n_slots=2, n_ctx=64) as scheduler:
+        with pytest.raises(ContextOverflowError):
+            scheduler.submit(job(model, PROMPTS[0], 1, {}, max_tokens=60))
+        good, bad = job(model, PROMPTS[0], 1, {}), job(model, PROMPTS[1], 2, {}, grammar="root ::= (")
+        tokens = run(scheduler, {0: [bad, good]})
+        assert isinstance(bad.error, InvalidOptionError) and "grammar" in str(bad.error)
+        assert tokens[id(good)] == model.generate(PROMPTS[0], max_tokens=12, seed=1, **SAMPLED).tokens
