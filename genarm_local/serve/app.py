@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -54,7 +55,7 @@ class RequireKey:
 
 
 class LimitBody:
-    """413 for a request body over ``limit`` bytes, whether announced by Content-Length or streamed."""
+    """413 for a request body over ``limit`` bytes, whether announced by Content-Length or streamed (chunked)."""
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app, self.limit = app, limit
@@ -63,39 +64,24 @@ class LimitBody:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = errors.error_response(
-            413, f"the request body is over {self.limit} bytes", "invalid_request_error", "request_too_large"
-        )
+        message = f"the request body is over {self.limit} bytes"
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.limit:
+            too_large = errors.error_response(413, message, "invalid_request_error", "request_too_large")
             await too_large(scope, receive, send)
             return
         seen = 0
-        started = False
 
         async def counted_receive() -> Message:
             nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
-            return message
+            message_in = await receive()
+            if message_in["type"] == "http.request":
+                seen += len(message_in.get("body", b""))
+                if seen > self.limit:  # while the body is read: errors.py turns it into the 413 body
+                    raise HTTPException(413, message)
+            return message_in
 
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _BodyTooLarge:
-            if not started:
-                await too_large(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, counted_receive, send)
 
 
 def create_app(settings: ServeConfig, load: LoadConfig, sampling: dict | None = None) -> FastAPI:

@@ -63,6 +63,8 @@ def install(app: FastAPI) -> None:
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
         if first.get("type") == "json_invalid":
             message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+        elif not location and "json" not in request.headers.get("content-type", ""):
+            message = "send the request body as JSON with 'Content-Type: application/json'"
         else:
             where = ".".join(location) or "body"
             message = f"{where}: {first.get('msg', 'invalid value')}"

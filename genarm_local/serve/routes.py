@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..core.errors import InvalidOptionError
@@ -57,21 +57,18 @@ async def wait_disconnect(request: Request) -> None:
         pass
 
 
-async def events(task: Task, request: Request | None = None) -> AsyncIterator[Piece | Finished]:
-    """The task's events until it finishes; a failure is raised; with ``request``, a disconnect cancels the task."""
-    gone = asyncio.ensure_future(wait_disconnect(request)) if request is not None else None
+async def events(task: Task, request: Request) -> AsyncIterator[Piece | Finished]:
+    """The task's events until it finishes; a failure is raised; a client disconnect ends them and cancels the task."""
+    gone = asyncio.ensure_future(wait_disconnect(request))
     finished = False
     try:
         while True:
-            if gone is None:
-                event = await task.events.get()
-            else:
-                get = asyncio.ensure_future(task.events.get())
-                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not get.done():
-                    get.cancel()
-                    return
-                event = get.result()
+            get = asyncio.ensure_future(task.events.get())
+            await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                return
+            event = get.result()
             if isinstance(event, Failed):
                 finished = True
                 raise event.error
@@ -80,8 +77,7 @@ async def events(task: Task, request: Request | None = None) -> AsyncIterator[Pi
             if finished:
                 return
     finally:
-        if gone is not None:
-            gone.cancel()
+        gone.cancel()
         if not finished:
             task.cancel()
 
@@ -92,36 +88,44 @@ def sse(data: dict | str) -> str:
 
 async def respond(request: Request, state: ServerState, prepared, stream: bool, form: ChatFormat | CompletionFormat):
     task = state.worker.submit(prepared, asyncio.get_running_loop())
+    stream_events = events(task, request)
     if not stream:
         pieces: list[Piece] = []
-        async for event in events(task, request):
+        async for event in stream_events:
             if isinstance(event, Finished):
                 return JSONResponse(form.whole(pieces, event).model_dump(exclude_none=True))
             pieces.append(event)
-        return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+        return Response(status_code=499)  # the client is gone; nobody reads this
 
     # The first event before the headers: an error at admission is still a proper status code.
-    stream_events = events(task)
     try:
         first = await anext(stream_events)
+    except StopAsyncIteration:
+        return Response(status_code=499)  # the client left while its request waited for a slot
     except BaseException:
         await stream_events.aclose()
         raise
 
+    def render(event: Piece | Finished) -> list[str]:
+        if isinstance(event, Finished):
+            return [sse(form.last_chunk(event).model_dump(exclude_none=True)), sse("[DONE]")]
+        return [sse(form.chunk(event).model_dump(exclude_none=True))]
+
     async def body() -> AsyncIterator[str]:
+        finished = isinstance(first, Finished)
         try:
-            event = first
-            while True:
-                if isinstance(event, Finished):
-                    yield sse(form.last_chunk(event).model_dump(exclude_none=True))
-                    yield sse("[DONE]")
-                    return
-                yield sse(form.chunk(event).model_dump(exclude_none=True))
-                event = await anext(stream_events)
+            for line in render(first):
+                yield line
+            async for event in stream_events:
+                finished = isinstance(event, Finished)
+                for line in render(event):
+                    yield line
         except Exception as exc:  # after the headers: the error goes in the stream, as llama-server does
-            status, payload = error_body(exc)
-            yield sse(payload)
+            finished = True
+            yield sse(error_body(exc)[1])
         finally:
+            if not finished:
+                task.cancel()  # now: the awaits below may not run in a cancelled task
             await stream_events.aclose()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

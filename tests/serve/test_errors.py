@@ -3,6 +3,7 @@ endpoint but /health; CORS only when asked; /health is 503 while the model loads
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -37,6 +38,9 @@ def test_each_bad_request_is_a_4xx_and_the_server_keeps_serving(server):
 
     assert_error(server.request("POST", "/v1/chat/completions", raw=b'{"messages": [}'), 400, "not valid JSON")
     assert_error(server.request("POST", "/v1/completions", {"prompt": 3}), 400, "prompt")
+    # JSON only as application/json: a browser page cannot post it cross-site without a CORS preflight
+    form = {"Content-Type": "text/plain"}
+    assert_error(server.request("POST", "/v1/completions", {"prompt": PROMPT}, headers=form), 400, "application/json")
     assert_error(chat(arms={"nope": 1.0}), 400, "unknown ARM 'nope'", "kind")
     assert_error(chat(arms={"kind": "much"}), 400, "arms.kind")
     assert_error(chat(model="gpt-4"), 404, "gpt-4", code="model_not_found")
@@ -152,3 +156,49 @@ def test_bad_flags_are_one_line_at_start_up(files, tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 64)
     assert_one_line_error(run_cli("serve", "-m", broken, "--port", "0", cwd=tmp_path), "broken.gguf")
+
+
+def test_a_full_server_answers_503_and_clients_that_leave_free_their_place(files, tmp_path):
+    import http.client
+
+    from conftest import running_server
+
+    def in_flight(server) -> int:
+        return server.request("GET", "/health")[2]["in_flight"]
+
+    def wait_for(server, count: int) -> None:
+        deadline = time.monotonic() + 20
+        while in_flight(server) != count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert in_flight(server) == count
+
+    args = ["-m", files["base"], *EXACT, "-c", 2048, "-np", 1, "--queue-size", 1]
+    with running_server(*args, cwd=tmp_path) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        # a grammar that no token can complete: no end of generation, so each request holds on for 2000 tokens
+        long = {"prompt": PROMPT, "max_tokens": 2000, "grammar": 'root ::= [a-z]+ "\\x01"'}
+        running = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        json_type = {"Content-Type": "application/json"}
+        running.request("POST", "/v1/completions", json.dumps(dict(long, stream=True)), json_type)
+        assert running.getresponse().readline().startswith(b"data: ")  # it holds the only slot
+        waiting = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        waiting.request("POST", "/v1/completions", json.dumps(long), json_type)
+        wait_for(server, 2)
+        assert_error(server.request("POST", "/v1/completions", long), 503, "full", code="server_busy")
+        waiting.close()  # a waiting client leaves: its place in the queue frees at the next step
+        wait_for(server, 1)
+        running.close()  # a streaming client leaves: its slot frees at the next step
+        wait_for(server, 0)
+        status, _, body = server.request("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 3})
+        assert status == 200 and body["usage"]["completion_tokens"] >= 1
+
+
+def test_a_chunked_body_over_the_limit_is_413(server):
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=60)
+    chunks = (b'{"prompt": "' if i == 0 else b"x" * 1000 for i in range(10))
+    connection.request("POST", "/v1/completions", chunks, {"Content-Type": "application/json"}, encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    connection.close()
