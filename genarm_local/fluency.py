@@ -12,6 +12,7 @@ measure does not depend on the tokenizer and punctuation does not hide a repeat 
 - fragments: finished sentences under 3 words, or ending on a word no English sentence ends on ("and.", "the."),
   or the prompt's sentence ended by the continuation without a word of its own ("The bus to work was" + ".").
 - foreign_script_share: share of letters outside the expected script (Latin for English): a language switch.
+- echo_share: how much of a reply repeats the message it answers (a chat reply that parrots the user).
 - is_degenerate: the definition the evaluations report as "degenerate rate" (see DEGENERATE).
 """
 
@@ -198,6 +199,17 @@ def foreign_script_share(text: str, script: str = "LATIN") -> float:
     """Share of the text's letters whose Unicode script (first word of the character name) is not ``script``."""
     letters = [c for c in text if c.isalpha()]
     return sum(_script(c) != script for c in letters) / len(letters) if letters else 0.0
+
+
+def echo_share(text: str, source: str, n: int = 3) -> float:
+    """Share of the text's word n-grams that occur in ``source`` (n shrinks to the text's length; 0 with no word)."""
+    tokens, reference = words(text), words(source)
+    n = min(n, len(tokens))
+    if n == 0:
+        return 0.0
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    known = {tuple(reference[i : i + n]) for i in range(len(reference) - n + 1)}
+    return sum(gram in known for gram in grams) / len(grams)
 
 
 def is_degenerate(text: str, script: str = "LATIN") -> bool:

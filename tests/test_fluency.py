@@ -6,6 +6,7 @@ import pytest
 
 from genarm_local.fluency import (
     distinct_lines,
+    echo_share,
     finished_sentences,
     fluency_summary,
     foreign_script_share,
@@ -108,6 +109,15 @@ def test_foreign_script_share():
     assert foreign_script_share("Hi こんにちは!") == pytest.approx(5 / 7)
     assert foreign_script_share("Привет", script="CYRILLIC") == 0.0
     assert foreign_script_share("123 !!") == 0.0  # no letters
+
+
+def test_echo_share():
+    # reply trigrams: (how are you) (are you doing) (you doing today) (doing today friend); the first three are in
+    # the source -> 3 of 4
+    assert echo_share("How are you doing today, friend?", "Hi! How are you doing today?") == pytest.approx(3 / 4)
+    assert echo_share("Hi!", "Hi! How are you?") == 1.0  # one word: unigrams
+    assert echo_share("I had a quiet weekend.", "Tell me about your weekend.") == 0.0
+    assert echo_share("", "anything") == 0.0
 
 
 def test_degenerate():
