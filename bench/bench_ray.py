@@ -9,7 +9,8 @@ load included), on the same 64-row job with the same seeds:
 The Ray runs join a Ray instance this script starts once (as a job joins a running cluster); the time that start
 takes is reported apart (`--ray` without an address pays it on every run). With --repeats the configurations run
 round-robin and each reports its median. The 1-thread runs must write the same text, which is checked. Also timed:
-what the driver spends per result row (JSON + the fsynced append), the one cost that grows with the cluster.
+what the driver spends per result row (JSON + the fsynced append, one fsync per chunk), the one cost that grows
+with the cluster.
 Needs the [ray] and [demo] extras.
 """
 
@@ -52,17 +53,16 @@ def timed_batch(folder: Path, name: str, args: list, job: str = "in.jsonl") -> t
     return wall, rows
 
 
-def driver_ms_per_row(folder: Path, rows: int = 2000) -> float:
-    """The driver's work per result row: decode the replica's JSON, append to OUT, flush and fsync."""
+def driver_ms_per_row(folder: Path, batch_size: int, rows: int = 2048) -> float:
+    """The driver's work per result row: decode a replica's chunk, append its rows to OUT, one fsync per chunk."""
     from genarm_local.batch.runner import Sink
 
     row = {"id": 1, "line": 1, "text": "word " * 40, "finish_reason": "length", "tokens": list(range(32))}
-    payload = json.dumps({"rows": [row]})
+    payload = json.dumps({"rows": [row] * batch_size})
     sink = Sink(folder / "driver.jsonl")
     start = time.perf_counter()
-    for _ in range(rows):
-        for result in json.loads(payload)["rows"]:
-            sink.write(result)
+    for _ in range(rows // batch_size):
+        sink.write_all(json.loads(payload)["rows"])
     sink.close()
     return (time.perf_counter() - start) / rows * 1000
 
@@ -108,7 +108,7 @@ def main() -> None:
                     print(f"{name}: {wall:.1f} s", flush=True)
         finally:
             ray.shutdown()
-        driver_ms = driver_ms_per_row(folder)
+        driver_ms = driver_ms_per_row(folder, args.batch_size)
     fixed = {name: statistics.median(walls[f"{name}-fixed"]) for name in ("local", "ray")}
     runs = []
     for name, (backend, threads, replicas, _) in configurations.items():

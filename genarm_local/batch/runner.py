@@ -161,28 +161,34 @@ class RowSink:
         self.done = self.failed = 0
 
     def write(self, row: dict) -> None:
-        self.put(row)
-        if "error" in row:
-            self.failed += 1
-        else:
-            self.done += 1
+        self.write_all([row])
+
+    def write_all(self, rows: list[dict]) -> None:
+        self.put(rows)
+        for row in rows:
+            if "error" in row:
+                self.failed += 1
+            else:
+                self.done += 1
 
     def error(self, row: Row, message: str) -> None:
         self.write({"id": row.id, "line": row.line, "error": message})
 
-    def put(self, row: dict) -> None:
+    def put(self, rows: list[dict]) -> None:
         raise NotImplementedError
 
 
 class Sink(RowSink):
-    """OUT opened for appending; every row is on disk (flushed and fsynced) before the next one starts."""
+    """OUT opened for appending; rows are on disk (flushed and fsynced) before the next ones start. Rows written
+    together (a chunk back from a Ray replica) share one fsync; a kill mid-write leaves a torn last line, which
+    recover_output cuts off."""
 
     def __init__(self, path: Path):
         super().__init__()
         self._file = open(path, "a", encoding="utf-8")  # closed by close()
 
-    def put(self, row: dict) -> None:
-        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+    def put(self, rows: list[dict]) -> None:
+        self._file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -197,8 +203,8 @@ class MemorySink(RowSink):
         super().__init__()
         self.rows: list[dict] = []
 
-    def put(self, row: dict) -> None:
-        self.rows.append(row)
+    def put(self, rows: list[dict]) -> None:
+        self.rows += rows
 
 
 @dataclass
