@@ -220,8 +220,11 @@ def ray_section(ray: dict) -> list[str]:
     lines += [
         "",
         f"Whole commands, model load included, joining a running Ray instance (starting one took "
-        f"{ray['ray_start_s']:.1f} s); overhead per row at 1 replica {ray['overhead_per_row_s'] * 1000:.0f} ms; "
-        f"same text as the local backend at 1 thread: {'yes' if ray['same_text_1_thread'] else 'no'}.",
+        f"{ray['ray_start_s']:.1f} s; a 1-row job took {ray['fixed_s']['local']:.1f} s locally and "
+        f"{ray['fixed_s']['ray']:.1f} s on Ray); Ray's overhead per row at 1 replica, fixed costs apart: "
+        f"{ray['overhead_per_row_s'] * 1000:.0f} ms; the driver's work per result row "
+        f"{ray['driver_ms_per_row']:.2f} ms; same text as the local backend at 1 thread: "
+        f"{'yes' if ray['same_text_1_thread'] else 'no'}. See docs/scale-out.md.",
     ]
     return lines
 
