@@ -37,6 +37,7 @@ from ..core.errors import GenArmError, InputNotFoundError, InvalidOptionError, r
 from .runner import MemorySink, Plan, Row, Sink, run_rows
 
 LOCAL = "local"  # --ray without an address: start a Ray instance on this machine
+STARTUP_TIMEOUT_S = 1800  # for every replica to load its model (a large one, from shared storage)
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,9 @@ def _stream(ray, parts: list[list[Row]], spec: ReplicaSpec, defaults: dict, batc
     """The dataset of chunks through the actor pool; every result row appended to OUT once, as it arrives."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours is the local backend's
+    # Chunks go out once every replica has loaded its model: the pool shares the rows from the first chunk on, and
+    # a pool the cluster cannot place fails with Ray's "Timed out while starting actors" instead of waiting forever.
+    context.wait_for_min_actors_s = STARTUP_TIMEOUT_S
     items = [{"chunk": json.dumps([dataclasses.asdict(row) for row in part], ensure_ascii=False)} for part in parts]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     results = dataset.map_batches(
@@ -270,7 +274,7 @@ def _stream(ray, parts: list[list[Row]], spec: ReplicaSpec, defaults: dict, batc
     generated, start = 0, time.perf_counter()
     items = iter(results.iter_rows())
     try:
-        for item in items:
+        for item in _starting(ray, items):
             result = json.loads(item["result"])
             if "failure" in result:
                 raise GenArmError(f"replica {item['replica']}: {result['failure']}")
@@ -283,6 +287,17 @@ def _stream(ray, parts: list[list[Row]], spec: ReplicaSpec, defaults: dict, batc
             progress.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tok/s", refresh=False)
     finally:
         items.close()  # stops the dataset's execution, and with it the actor pool, when we stop early
+
+
+def _starting(ray, items):
+    """``items``, with the pool's start-up timeout as a one-line error."""
+    try:
+        yield from items
+    except ray.exceptions.GetTimeoutError as exc:
+        raise GenArmError(
+            f"the replicas did not all start within {STARTUP_TIMEOUT_S} s ({exc}); fewer --replicas, or check the "
+            "cluster's free CPUs with `ray status`"
+        ) from None
 
 
 def _keys(path: Path) -> set[str]:
