@@ -27,7 +27,7 @@ setup(
         Extension(
             "genarm_local.core._fused",
             ["kernels/fused.c", "kernels/mix.c", "kernels/threads.c"],
-            depends=["kernels/mix.h", "kernels/threads.h"],
+            depends=["kernels/mix.h", "kernels/mix_block.h", "kernels/threads.h"],
         )
     ],
     cmdclass={"build_ext": BuildExt},

@@ -88,8 +88,9 @@ def judge_all(texts):
 
 
 def summarize(name, prompts, results, base_scores, ppl_ctx, model, seconds_per_token=None) -> dict:
-    from genarm_local.evaluation.judges import distinct_n
-
+    """One table row: reward, win rate and base perplexity next to the fluency figures (genarm_local.evaluation.fluency:
+    distinct-2, rep-4, repeated lines, degenerate rate, markup spam, script switches, fragments) and tokens to
+    finish the first sentence."""
     texts = [r["text"] for r in results]
     scores = judge_all(texts)
     wins = [1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, base_scores, strict=True)]
@@ -99,11 +100,22 @@ def summarize(name, prompts, results, base_scores, ppl_ctx, model, seconds_per_t
         "reward": float(np.mean(scores)),
         "win_rate": float(np.mean(wins)),
         "perplexity": float(np.exp(np.nanmean(np.log(ppl)))),
-        "distinct_2": distinct_n(texts, 2),
+        **fluency_columns(model, prompts, results),
         "tok_s": None if seconds_per_token is None else 1.0 / seconds_per_token,
     }
     print(json.dumps(row), flush=True)
     return row
+
+
+def fluency_columns(model, prompts, results) -> dict:
+    """The fluency figures of genarm_local.evaluation.fluency.fluency_summary and the mean tokens to finish the first
+    sentence, for rows {"text", "tokens"}."""
+    from genarm_local.evaluation.fluency import fluency_summary
+    from genarm_local.evaluation.judges import sentence_tokens
+
+    texts = [r["text"] for r in results]
+    lengths = [sentence_tokens([model.detokenize([t]) for t in r["tokens"]]) for r in results]
+    return {**fluency_summary(texts, prompts), "sentence_tokens": float(np.mean(lengths))}
 
 
 def speed(fn, prompts) -> float:

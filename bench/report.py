@@ -3,8 +3,9 @@
     python bench/report.py [--peft-dir DIR] [--reuse]
 
 Runs bench/bench_methods.py (speed, memory, batching, time to first token) and bench/evaluate.py (quality of the
-shipped ARMs against the base, ARGS and best-of-N; the multi-objective grid; quantization fidelity), writes
-docs/bench.json, docs/eval.json and docs/*.png, and replaces the README between its report markers, stamped with the
+shipped ARMs against the base, ARGS and best-of-N; the multi-objective grid; quantization fidelity) and
+bench/bench_ray.py (the Ray batch backend against the local one), writes docs/bench.json, docs/eval.json,
+docs/ray.json and docs/*.png, and replaces the README between its report markers, stamped with the
 date, the machine and the commit. --reuse renders from the existing JSON files without measuring again.
 """
 
@@ -89,7 +90,9 @@ def fmt(value, digits=2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(bench: dict, evaluation: dict, engine: dict, kernel: str, build: dict | None, stamp: str) -> str:
+def markdown(
+    bench: dict, evaluation: dict, engine: dict, kernel: str, build: dict | None, stamp: str, ray: dict | None = None
+) -> str:
     lines = [START, "", f"_Measured {stamp}. Regenerate with `python bench/report.py`._", ""]
     if build:
         lines += [
@@ -191,10 +194,39 @@ def markdown(bench: dict, evaluation: dict, engine: dict, kernel: str, build: di
         "#### The fused mixing kernel (`bench/bench_kernel.py`)",
         "",
         kernel.strip(),
-        "",
-        END,
     ]
+    if ray:
+        lines += ray_section(ray)
+    lines += ["", END]
     return "\n".join(lines)
+
+
+def ray_section(ray: dict) -> list[str]:
+    """bench/bench_ray.py's docs/ray.json: the Ray backend against the local one on the same job."""
+    lines = [
+        "",
+        f"#### Batch on Ray (`bench/bench_ray.py`: {ray['rows']} rows × {ray['tokens']} tokens, "
+        f"batch size {ray['batch_size']}, {ray['arm']})",
+        "",
+        "| backend | threads | rows/s | × local, same threads |",
+        "|---|---|---|---|",
+    ]
+    local = {run["threads"]: run["rows_per_s"] for run in ray["runs"] if run["backend"] == "local"}
+    for run in ray["runs"]:
+        name = f"Ray, {run['replicas']} replica{'s' * (run['replicas'] > 1)} × 1 thread" if run["replicas"] else "local"
+        lines.append(
+            f"| {name} | {run['threads']} | {run['rows_per_s']:.2f} | {run['rows_per_s'] / local[run['threads']]:.2f} |"
+        )
+    lines += [
+        "",
+        f"Whole commands, model load included, joining a running Ray instance (starting one took "
+        f"{ray['ray_start_s']:.1f} s; a 1-row job took {ray['fixed_s']['local']:.1f} s locally and "
+        f"{ray['fixed_s']['ray']:.1f} s on Ray); Ray's overhead per row at 1 replica, fixed costs apart: "
+        f"{ray['overhead_per_row_s'] * 1000:.0f} ms; the driver's work per result row "
+        f"{ray['driver_ms_per_row']:.2f} ms; same text as the local backend at 1 thread: "
+        f"{'yes' if ray['same_text_1_thread'] else 'no'}. See docs/scale-out.md.",
+    ]
+    return lines
 
 
 def main() -> None:
@@ -214,11 +246,13 @@ def main() -> None:
         subprocess.run([*engine, "--out", str(DOCS / "engine.json")], check=True)
         subprocess.run([sys.executable, str(REPO / "bench" / "bench_methods.py"), *peft], check=True)
         subprocess.run([sys.executable, str(REPO / "bench" / "evaluate.py"), *extra], check=True)
+        subprocess.run([sys.executable, str(REPO / "bench" / "bench_ray.py")], check=True)
     engine = json.loads((DOCS / "engine.json").read_text())
     kernel = (DOCS / "kernel.md").read_text()
     build = json.loads((DOCS / "build_arms.json").read_text()) if (DOCS / "build_arms.json").exists() else None
     bench = json.loads((DOCS / "bench.json").read_text())
     evaluation = json.loads((DOCS / "eval.json").read_text())
+    ray = json.loads((DOCS / "ray.json").read_text()) if (DOCS / "ray.json").exists() else None
     plots(bench, evaluation)
     stamp = f"{datetime.date.today().isoformat()} on {machine()}, commit {commit()}"
     readme = (REPO / "README.md").read_text(encoding="utf-8")
@@ -227,7 +261,7 @@ def main() -> None:
     head, rest = readme.split(START, 1)
     tail = rest.split(END, 1)[1]
     (REPO / "README.md").write_text(
-        head + markdown(bench, evaluation, engine, kernel, build, stamp) + tail, encoding="utf-8"
+        head + markdown(bench, evaluation, engine, kernel, build, stamp, ray) + tail, encoding="utf-8"
     )
     print("README.md and docs/*.png updated")
 

@@ -291,12 +291,17 @@ class GuidedModel:
         return ChatPrompt(tokens, rendered.stop_at_turns)
 
     def next_token_logprobs(
-        self, tokens: Prompt, weights: Mapping[str, float] | None = None, normalized: bool = False
+        self,
+        tokens: Prompt,
+        weights: Mapping[str, float] | None = None,
+        normalized: bool = False,
+        guard_min_p: float = 0.0,
     ) -> np.ndarray:
-        """log p(next token | tokens) under the guided mixture, before temperature (float32, n_vocab)."""
+        """log p(next token | tokens) under the guided mixture, before temperature (float32, n_vocab); masked
+        tokens (``guard_min_p``, see SamplingConfig) are -inf."""
         self._acquire()
         try:
-            return self.engine.mixed_logprobs(self._prompt_tokens(tokens), weights, normalized)
+            return self.engine.mixed_logprobs(self._prompt_tokens(tokens), weights, normalized, guard_min_p)
         finally:
             self._release()
 

@@ -54,6 +54,11 @@ class SamplingConfig:
     normalized: bool = option(
         False, "paper form: mix (base + Σα·arm)/(1+Σα), sampled at T/(1+Σα); same tokens, other logprobs"
     )
+    guard_min_p: float = option(
+        0.0,
+        "base-plausibility guard τ: before mixing, drop tokens whose base probability is below τ × the base's top "
+        "token's, so the ARMs re-rank only what the base finds plausible (Li et al. 2023); 0: off",
+    )
 
     @classmethod
     def from_options(cls, options: Mapping[str, object], seed: int | None = None) -> SamplingConfig:
@@ -83,6 +88,7 @@ class SamplingConfig:
             "top_k": self.top_k >= 0,
             "top_p": 0.0 < self.top_p <= 1.0,
             "min_p": 0.0 <= self.min_p <= 1.0,
+            "guard_min_p": 0.0 <= self.guard_min_p <= 1.0,
             "repeat_penalty": self.repeat_penalty > 0.0,
             "repeat_last_n": self.repeat_last_n >= -1,
             "max_tokens": self.max_tokens >= 1,

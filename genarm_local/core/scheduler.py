@@ -67,6 +67,7 @@ class _Running:
     contexts: list[int]
     active: list[tuple[Arm, float]]
     guided: bool
+    guard_min_p: float
     scratch: np.ndarray | None
     next_token: int = 0
     generated: int = 0
@@ -246,11 +247,13 @@ class Scheduler:
         contexts = [0] + [index + 1 for index, alpha in enumerate(job.alphas) if alpha != 0.0]
         for index in contexts:
             self._context(index)
-        # With no ARM active the row is left as llama.cpp produced it: plain llama.cpp sampling, bit for bit.
+        # With no ARM active the row is left as llama.cpp produced it: plain llama.cpp sampling, bit for bit (the
+        # guard belongs to the guided distribution too, as in Engine.steps).
         guided = bool(active) or job.config.normalized
+        guard = job.config.guard_min_p if active else 0.0
         scratch = np.empty(engine.n_vocab, dtype=np.float32) if not guided and job.config.logprobs is not None else None
         chain = SamplerChain(job.config, engine.base_model, scale)
-        return _Running(job, chain, contexts, active, guided, scratch)
+        return _Running(job, chain, contexts, active, guided, guard, scratch)
 
     def _pick_slot(self, tokens: Sequence[int]) -> int:
         """The free slot with the longest cached common prefix; among equals the least recently used."""
@@ -286,7 +289,9 @@ class Scheduler:
         contexts = [self._contexts[index] for index in state.contexts]
         row_indices = [rows[index][slot] for index in state.contexts]
         if state.guided:
-            engine.mix(state.active, job.config.normalized, contexts=contexts, rows=row_indices)
+            engine.mix(
+                state.active, job.config.normalized, contexts=contexts, rows=row_indices, guard_min_p=state.guard_min_p
+            )
         token = state.chain.sample(contexts[0], row_indices[0])
         step = Step(token)
         if job.config.logprobs is not None:

@@ -60,10 +60,11 @@ def test_staggered_mixed_weights_equal_alone(model, files):
 
     lora, big = files["lora"].stem, files["big"].stem
     weights = [{lora: 1.0, big: 0.0}, {lora: 0.0, big: 0.0}, {lora: 2.0, big: 0.5}, {lora: -0.5, big: 0.0}, {}]
-    specs = [(p, 100 + i, w) for i, (p, w) in enumerate(zip(PROMPTS, weights, strict=True))]
-    alone = [model.generate(p, max_tokens=12, seed=s, weights=w, **SAMPLED).tokens for p, s, w in specs]
+    options = [{}, {}, {"guard_min_p": 0.05}, {"repeat_penalty": 1.3}, {"top_k": 5}]
+    specs = [(p, 100 + i, w, o) for i, (p, w, o) in enumerate(zip(PROMPTS, weights, options, strict=True))]
+    alone = [model.generate(p, max_tokens=12, seed=s, weights=w, **{**SAMPLED, **o}).tokens for p, s, w, o in specs]
     with Scheduler(model.engine, n_slots=4) as scheduler:
-        jobs = [job(model, p, s, w) for p, s, w in specs]
+        jobs = [job(model, p, s, w, **o) for p, s, w, o in specs]
         tokens = run(scheduler, {0: jobs[:2], 3: jobs[2:4], 5: jobs[4:]})
     assert [tokens[id(j)] for j in jobs] == alone
 
