@@ -18,7 +18,11 @@ each. Every step:
     turn of a chat decodes only what is new.
 
 A row's numbers depend on the others only through llama.cpp's batching: under exact settings (f32 KV cache, no flash
-attention, one thread) a sequence gets the same tokens alone as among others. batching.batch_steps (generate_batch,
+attention, one thread) a sequence gets the same tokens alone as among others. That is also why each slot has its own
+KV stream (llama.cpp's default, not kv_unified): a sequence's cells lie the same way whoever else runs, so attention
+sums in the same order. The price: llama.cpp runs a step's batch in one piece only over consecutive slot ids, so rows
+in slots 0, 2 and 5 take three graph runs; on the CPU, where a batched step costs about its rows anyway, that was
+within noise (4 rows in slots 0, 2, 4, 6 against 0-3, Gemma-3-270M, one thread). batching.batch_steps (generate_batch,
 the batch runner) and the server are layers over this one loop.
 """
 

@@ -127,6 +127,15 @@ def test_arms_per_request_and_presets(server, local, base_id):
     assert text(f"{base_id}+big", {"kind": -1.0}) == negative
 
 
+def test_any_sampling_option_by_name(server, local, base_id):
+    """Options the server has no code of its own for (guard_min_p, normalized, ...) reach SamplingConfig as given."""
+    extra = {"guard_min_p": 0.05, "normalized": True, "repeat_penalty": 1.3, "repeat_last_n": 8}
+    reply = server.client().completions.create(
+        model=f"{base_id}+kind+big", prompt=PROMPT, max_tokens=16, **sampled(12, extra_body=extra)
+    )
+    assert reply.choices[0].text == local.generate(PROMPT, max_tokens=16, seed=12, **SAMPLED, **extra).text
+
+
 def test_seeds_reproduce_and_differ(server):
     client = server.client()
 
