@@ -18,9 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from stamp import measurement_stamp, write_stamped  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -109,7 +114,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "genarm_local" / "arms")
     parser.add_argument("--workdir", type=Path, default=None, help="keep pairs, adapters and logs here")
     parser.add_argument("--only", choices=["positive", "concise"], default=None, help="build one ARM only")
+    parser.add_argument("--allow-dirty", action="store_true", help="stamp the build of an uncommitted tree as such")
     args = parser.parse_args()
+    # The build log that the README reports is stamped with the commit it started from (it rewrites tracked files).
+    stamp = measurement_stamp(args.allow_dirty) if args.only is None else None
     started = time.perf_counter()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="genarm-arms-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -145,8 +153,7 @@ def main() -> None:
     log["total_s"] = time.perf_counter() - started
     (workdir / "build_log.json").write_text(json.dumps(log, indent=2))
     if args.only is None:  # the README reports the time of a whole rebuild
-        (REPO / "docs").mkdir(exist_ok=True)
-        (REPO / "docs" / "build_arms.json").write_text(json.dumps(log, indent=2))
+        write_stamped(REPO / "docs" / "build_arms.json", log, stamp)
     print(f"ARMs in {args.out}; pairs and logs in {workdir}")
 
 

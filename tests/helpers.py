@@ -33,6 +33,25 @@ def llama_logits(gguf_path: Path, ids: list[int], adapter: Path | None = None, s
                 lora.close()
 
 
+def last_logits(gguf_path: Path, ids: list[int], adapter: Path | None = None, **context_options) -> np.ndarray:
+    """The next-token logits after ``ids`` from a plain llama.cpp context (one batch), as float64: an engine-free
+    reference for the guided mix. ``context_options`` go to Context (use the settings of the engine compared)."""
+    import llama_cpp as lc
+
+    from genarm_local.native import Adapter, Context, Model
+
+    with Model(gguf_path) as model:
+        lora = Adapter(model, adapter) if adapter else None
+        try:
+            with Context(model, adapters=[(lora, 1.0)] if lora else (), **context_options) as ctx:
+                ctx.decode(ids)
+                row = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx.ptr, -1), shape=(model.n_vocab,))
+                return row.astype(np.float64)
+        finally:
+            if lora:
+                lora.close()
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
