@@ -201,7 +201,7 @@ def naive_guided_loop(base: Path, arm: Path, tokens: int, threads: int, check: b
     for index in range(tokens):
         mixed = (log_softmax(last_logits(llms[0])) + 1.0 * log_softmax(last_logits(llms[1]))) / temperature
         top = np.argpartition(mixed, -top_k)[-top_k:]
-        probs = np.exp(mixed[top] - mixed[top].max())
+        probs = np.exp((mixed[top] - mixed[top].max()).astype(np.float64))
         token = int(top[rng.choice(top_k, p=probs / probs.sum())])
         if index + 1 < tokens:
             for llm in llms:
