@@ -80,6 +80,9 @@ def run_transformers(base: str, arm_peft: str | None, tokens: int, threads: int)
     with Model(base, vocab_only=True) as vocab:  # the same token ids as llama.cpp's
         ids = torch.tensor([vocab.tokenize(PROMPT)])
     with torch.inference_mode():
+        for model in models:  # warm-up, as the engine's run gets: a prompt pass and a cached single-token step
+            out = model(ids, use_cache=True)
+            model(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
         outs = [m(ids, use_cache=True) for m in models]
         caches = [o.past_key_values for o in outs]
         logits = [o.logits[:, -1] for o in outs]
