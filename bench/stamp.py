@@ -53,7 +53,14 @@ def commit(allow_dirty: bool) -> str:
 
 
 def measurement_stamp(allow_dirty: bool = False) -> dict:
-    return {"date": datetime.date.today().isoformat(), "machine": machine(), "commit": commit(allow_dirty)}
+    """Date, machine, commit, and the 1-minute load average when measuring started (timings taken on a busy
+    machine are not comparable with a quiet one's)."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "commit": commit(allow_dirty),
+        "load_average": round(os.getloadavg()[0], 2),
+    }
 
 
 def write_stamped(path: Path, report: dict, stamp: dict) -> None:
@@ -69,4 +76,5 @@ def describe(stamp: dict | None) -> str:
     """One line for a report section."""
     if not stamp:
         return "without a stamp (written before stamps were recorded: date, machine and commit unknown)"
-    return f"{stamp['date']} on {stamp['machine']}, commit {stamp['commit']}"
+    load = f" (load average {stamp['load_average']:g} at the start)" if "load_average" in stamp else ""
+    return f"{stamp['date']} on {stamp['machine']}{load}, commit {stamp['commit']}"
