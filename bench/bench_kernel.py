@@ -1,6 +1,6 @@
 """Speed of the fused guidance kernel against numpy, both measured in the same run.
 
-    python setup.py build_ext --inplace && PYTHONPATH=. python bench/bench_kernel.py
+    python bench/bench_kernel.py
 
 Prints a markdown table of median microseconds per call: the numpy float32 reference (log_softmax of each row,
 weighted sum, renormalise) and genarm_local.core.mixing.mix_logprobs on 1 and 2 threads (one row is split by blocks, a
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import time
+from pathlib import Path
 
 # OpenBLAS worker threads spin for a while after numpy starts them and would compete with the kernel's second
 # thread; nothing timed here uses BLAS. Set before numpy loads.
@@ -25,6 +26,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from genarm_local.core.mixing import mix_logprobs  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from stamp import cpu_name, measurement_stamp, write_stamped  # noqa: E402
 
 N_VOCAB = 262_144  # Gemma-3
 GUARD_MIN_P = 0.02
@@ -44,17 +49,6 @@ def numpy_mix(base: np.ndarray, arms: list[np.ndarray], alphas: list[float], min
         cutoff = base.max(axis=-1, keepdims=True) + np.float32(np.log(min_p))
         total = np.where(base < cutoff, np.float32(-np.inf), total)
     return log_softmax(total)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bench_case(
@@ -86,10 +80,30 @@ def bench_case(
     return {name: float(np.median(values)) for name, values in times.items()}
 
 
+def markdown(report: dict) -> list[str]:
+    """The kernel table (this script's output and the README report)."""
+    lines = [
+        f"vocab {report['vocab']:,}; {report['cpu']}, {report['cpus']} CPUs; numpy {report['numpy']}; "
+        "median µs per call",
+        "",
+        "| case | numpy float32 | kernel, 1 thread | speed-up | kernel, 2 threads | speed-up |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for case in report["cases"]:
+        lines.append(
+            f"| {case['case']} | {case['numpy_us']:,.0f} | {case['kernel_1_us']:,.0f} | {case['speedup_1']:.1f}× | "
+            f"{case['kernel_2_us']:,.0f} | {case['speedup_2']:.1f}× |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30, help="numpy calls per case (kernel: 20 per round)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results here (JSON, stamped)")
+    parser.add_argument("--allow-dirty", action="store_true", help="stamp results of an uncommitted tree as such")
     args = parser.parse_args()
+    stamp = measurement_stamp(args.allow_dirty) if args.out else None
 
     cases = [
         ("base + 1 ARM", 1, 1, 0.0),
@@ -99,16 +113,24 @@ def main() -> None:
         ("batch of 8 rows, base + 1 ARM", 8, 1, 0.0),
         (f"batch of 8 rows, base + 1 ARM, guard τ = {GUARD_MIN_P}", 8, 1, GUARD_MIN_P),
     ]
-    print(f"vocab {N_VOCAB:,}; {cpu_name()}, {os.cpu_count()} CPUs; numpy {np.__version__}; median µs per call\n")
-    print("| case | numpy float32 | kernel, 1 thread | speed-up | kernel, 2 threads | speed-up |")
-    print("|---|---:|---:|---:|---:|---:|")
+    report = {"vocab": N_VOCAB, "cpu": cpu_name(), "cpus": os.cpu_count(), "numpy": np.__version__, "cases": []}
     for label, n_rows, n_arms, min_p in cases:
         result = bench_case(n_rows, n_arms, args.rounds, kernel_calls=20, min_p=min_p)
         numpy_us, one, two = result["numpy"], result["kernel_1"], result["kernel_2"]
-        print(
-            f"| {label} | {numpy_us:,.0f} | {one:,.0f} | {numpy_us / one:.1f}× | {two:,.0f} | {numpy_us / two:.1f}× |"
+        report["cases"].append(
+            {
+                "case": label,
+                "numpy_us": numpy_us,
+                "kernel_1_us": one,
+                "kernel_2_us": two,
+                "speedup_1": numpy_us / one,
+                "speedup_2": numpy_us / two,
+            }
         )
-    print("\nReproduce: python setup.py build_ext --inplace && PYTHONPATH=. python bench/bench_kernel.py")
+    print("\n".join(markdown(report)))
+    print("\nReproduce: python bench/bench_kernel.py")
+    if args.out:
+        write_stamped(args.out, report, stamp)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from stamp import measurement_stamp, write_stamped  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = ["bicycle", "lighthouse", "violin", "glacier", "bakery", "comet", "library", "harbor"]
 
@@ -74,7 +78,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each configuration (median reported)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "ray.json")
+    parser.add_argument("--allow-dirty", action="store_true", help="stamp results of an uncommitted tree as such")
     args = parser.parse_args()
+    stamp = measurement_stamp(args.allow_dirty)
     import ray
 
     common = ["--arm", "positive", "-n", args.tokens, "--batch-size", args.batch_size, "--seed", 0]
@@ -145,7 +151,7 @@ def main() -> None:
         "same_text_1_thread": text("local-1") == text("ray-1"),
     }
     args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_stamped(args.out, result, stamp)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
 
 

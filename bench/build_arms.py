@@ -32,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from stamp import measurement_stamp, write_stamped  # noqa: E402
+
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parent.parent
 # Candidate k of a prompt is sampled at TEMPERATURES[k % len]: low temperatures give the loops and stock phrases
@@ -153,7 +155,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="keep samples, pairs, adapters and logs here")
     parser.add_argument("--only", choices=list(OBJECTIVES), default=None, help="build one ARM only")
     parser.add_argument("--no-train", action="store_true", help="stop after writing the pairs")
+    parser.add_argument("--allow-dirty", action="store_true", help="stamp the build of an uncommitted tree as such")
     args = parser.parse_args()
+    # The build log that the README reports is stamped with the commit it started from (it rewrites tracked files).
+    full_build = args.only is None and args.subset == 1.0 and not args.no_train
+    stamp = measurement_stamp(args.allow_dirty) if full_build else None
     started = time.perf_counter()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="genarm-arms-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -197,9 +203,8 @@ def main() -> None:
         print(json.dumps(log), flush=True)
     log["total_s"] = time.perf_counter() - started
     (workdir / "build_log.json").write_text(json.dumps(log, indent=2))
-    if args.only is None and args.subset == 1.0 and not args.no_train:  # the README reports a whole rebuild
-        (REPO / "docs").mkdir(exist_ok=True)
-        (REPO / "docs" / "build_arms.json").write_text(json.dumps(log, indent=2))
+    if full_build:  # the README reports a whole rebuild
+        write_stamped(REPO / "docs" / "build_arms.json", log, stamp)
     print(f"ARMs in {args.out}; samples, pairs and logs in {workdir}")
 
 

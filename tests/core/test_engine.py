@@ -6,7 +6,7 @@ from __future__ import annotations
 import llama_cpp as lc
 import numpy as np
 import pytest
-from helpers import hf_logits, log_softmax, swapped_vocabulary
+from helpers import hf_logits, last_logits, log_softmax, swapped_vocabulary
 
 PROMPT = "The history of the bicycle"
 EXACT = 1e-3
@@ -197,10 +197,18 @@ def test_padded_arm_vocabulary_is_accepted(gguf_model):
 
     small, padded = gguf_model("llama_small", "f32"), gguf_model("qwen2", "f32")
     with GuidedModel(small, {str(padded): 1.0}, n_ctx=256, n_threads=1) as model:
-        assert model.engine.arms[0].context.model.n_vocab > model.engine.n_vocab
-        logprobs = model.next_token_logprobs(model.tokenize(PROMPT))
-        assert logprobs.shape == (model.engine.n_vocab,)
-    assert abs(np.logaddexp.reduce(logprobs.astype(np.float64))) < 1e-4
+        n_vocab = model.engine.n_vocab
+        assert model.engine.arms[0].context.model.n_vocab > n_vocab
+        ids = model.tokenize(PROMPT)
+        logprobs = model.next_token_logprobs(ids)
+    # Independent reference: each model's logits from a plain context, the ARM's padding rows dropped, the mix in
+    # float64.
+    base_logits = last_logits(small, ids, n_ctx=256, n_threads=1)
+    arm_logits = last_logits(padded, ids, n_ctx=256, n_threads=1)
+    assert len(arm_logits) > n_vocab
+    expected = log_softmax(log_softmax(base_logits) + log_softmax(arm_logits[:n_vocab]))
+    assert np.abs(expected - log_softmax(base_logits)).max() > 0.1  # the ARM moves the mix
+    np.testing.assert_allclose(logprobs, expected, atol=EXACT)
 
 
 def test_adapter_for_another_architecture(files, gguf_model):
