@@ -2,6 +2,8 @@
 
     python bench/bench_serve.py [--tokens 64] [--threads N] [--clients 8] [--load-clients 32 --load-requests 4]
 
+writes docs/serve.json (stamped with date, machine, commit and load average: see bench/stamp.py).
+
 Measured side by side in one run, each figure from streamed completions read by a plain HTTP client:
 - single stream: the server's tokens/s for one client against the in-process GuidedModel.generate of the same
   request (same model, ARMs, threads, prompt, seed; medians of --repeats) — the server's overhead;
@@ -29,6 +31,11 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from stamp import measurement_stamp, write_stamped  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 WEIGHTS = [{"positive": 0}, {"positive": 1}, {"positive": 2, "concise": 1}, {"positive": -1}, {"concise": 1}]
 BAD = [
@@ -135,7 +142,7 @@ def in_process_tok_s(threads: int, n_ctx: int, tokens: int, repeats: int) -> lis
 
 
 def raw_ratio(threads: int, n_seq: int, tokens: int) -> float:
-    from bench_engine import raw_decode_tok_s  # bench/ is on the path when this script runs
+    from bench_engine import raw_decode_tok_s
 
     from genarm_local.core.config import LoadConfig, resolve_base
     from genarm_local.core.native import Model
@@ -238,9 +245,11 @@ def main() -> None:
     parser.add_argument("--load-requests", type=int, default=4)
     parser.add_argument("--load-tokens", type=int, default=24)
     parser.add_argument("--ctx", type=int, default=512, help="context per slot (-c)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the report here (JSON)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "serve.json")
+    parser.add_argument("--allow-dirty", action="store_true", help="stamp results of an uncommitted tree as such")
     args = parser.parse_args()
-    report: dict = {"threads": args.threads, "tokens": args.tokens, "n_ctx": args.ctx}
+    stamp = measurement_stamp(args.allow_dirty)
+    report: dict = {"threads": args.threads, "tokens": args.tokens, "n_ctx": args.ctx, "clients": args.clients}
 
     def record(key: str, value) -> None:  # each result as soon as it is measured
         report[key] = value
@@ -280,10 +289,8 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait(30)
+    write_stamped(args.out, report, stamp)
     print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

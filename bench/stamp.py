@@ -65,7 +65,7 @@ def measurement_stamp(allow_dirty: bool = False) -> dict:
 
 def write_stamped(path: Path, report: dict, stamp: dict) -> None:
     """``report`` with its stamp, written to a temporary file and renamed (never half a file)."""
-    from genarm_local.atomic import atomic_output
+    from genarm_local.core.atomic import atomic_output
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, force=True) as tmp:
