@@ -1,7 +1,8 @@
 """The web chat at / in a real headless browser (Debian's chromium + chromium-driver, driven by selenium), against
 the embedded Gemma-3-270M base with the shipped ARMs: load the page, turn on the base-vs-guided comparison, send a
 message and watch both replies stream in, move a slider, send another one with the new weight, and save a screenshot
-for the README (docs/serve.png).
+(GENARM_UPDATE_DOCS=1 writes it to docs/serve.png for the README; otherwise into the test's temporary directory, so
+that a test run leaves the work tree as it was).
 
 The browser comes from apt (`apt-get install -y chromium chromium-driver`; .ci/run installs it); without it this test
 fails rather than skips, so CI can never pass without having run it.
@@ -9,6 +10,7 @@ fails rather than skips, so CI can never pass without having run it.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -77,5 +79,5 @@ def test_page_streams_a_guided_reply_beside_the_base(tmp_path):
         _, guided = send("And what will you do next weekend?", 2)
         assert f"positive {start + 1.0:g}" in guided.find_element(By.CLASS_NAME, "label").text
         time.sleep(0.3)  # let the final tokens/s paint
-        DOCS.mkdir(exist_ok=True)
-        assert page.save_screenshot(str(DOCS / "serve.png"))
+        target = DOCS if os.environ.get("GENARM_UPDATE_DOCS") else tmp_path
+        assert page.save_screenshot(str(target / "serve.png"))
