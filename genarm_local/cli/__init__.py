@@ -17,6 +17,7 @@ VERBS = {
     "generate": ("genarm_local.cli.generate", "guided completions of one prompt to stdout (text or JSON)"),
     "batch": ("genarm_local.cli.batch", "guided completions of a JSONL file of prompts, resumable"),
     "train": ("genarm_local.cli.train", "train an ARM (LoRA, GenARM loss) from preference data"),
+    "calibrate": ("genarm_local.cli.calibrate", "measure an ARM's KL against α and store its recommended weight"),
 }
 
 

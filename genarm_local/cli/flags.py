@@ -33,7 +33,8 @@ def add_config_arguments(
 ) -> None:
     """One flag per field of ``config_class`` (minus ``exclude`` and fields marked cli=False).
 
-    The flags are the field's ``flags`` metadata or --field-name. bool fields are switches (a True default gets
+    The flags are the field's ``flags`` metadata or --field-name (a name without dashes: a positional argument
+    named after the field). bool fields are switches (a True default gets
     the negative flag from its metadata), ``bool | None`` fields take on/off/auto, tuple fields are repeatable.
     """
     for f in dataclasses.fields(config_class):
@@ -43,7 +44,7 @@ def add_config_arguments(
         flags = meta.pop("flags", ("--" + f.name.replace("_", "-"),))
         kind, optional = _kind(f), "None" in str(f.type)
         default = (defaults or {}).get(f.name, f.default)
-        kwargs = dict(meta, dest=f.name)
+        kwargs = dict(meta) if not flags[0].startswith("-") else dict(meta, dest=f.name)  # a positional names its dest
         if "choices" in kwargs:  # listed in the help; the config itself refuses other values with a one-line error
             kwargs["help"] += f" (one of: {', '.join(kwargs.pop('choices'))})"
         if kwargs.get("required"):

@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from .arm_metadata import Calibration, read_calibration
 from .config import ArmSpec, LoadConfig, SamplingConfig, find_arm
 from .context import Context
 from .errors import (
@@ -49,6 +50,7 @@ class Arm:
     alpha: float
     context: Context
     adapter: Adapter | None  # a LoRA ARM: its context is over the base's model with this adapter set
+    calibration: Calibration | None = None  # the ARM file's own (genarm.calibration.* metadata)
 
     @property
     def name(self) -> str:
@@ -132,8 +134,14 @@ class Engine:
                     model = stack.enter_context(Model(spec.path, config))
                     check_same_vocabulary(self.base_model, model)
                     context = stack.enter_context(Context(model, config))
-                alpha = 1.0 if spec.alpha is None else spec.alpha
-                self.arms.append(Arm(spec, alpha, context, adapter))
+                # An ARM given without a weight runs at the α its calibration recommends: the same strength (KL
+                # budget) for every ARM, whatever scale its training left it at; uncalibrated, the paper's α = 1.
+                calibration = read_calibration(spec.path)
+                if spec.alpha is not None:
+                    alpha = spec.alpha
+                else:
+                    alpha = calibration.recommended_alpha if calibration is not None else 1.0
+                self.arms.append(Arm(spec, alpha, context, adapter, calibration))
             self._resources = stack.pop_all()
         self.n_ctx = self.base.n_ctx
 
