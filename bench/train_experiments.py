@@ -58,18 +58,33 @@ def measure(model, task, alpha: float, seed: int) -> dict:
     }
 
 
-def train_arm(task, overrides: dict, workdir: Path) -> tuple[Path, dict]:
+def train_arm(task, overrides: dict, workdir: Path, threads: int) -> tuple[Path, dict]:
+    """Train with TrainConfig's defaults but ``overrides``, then calibrate as `train --export` does (on the
+    training prompts, the default budget), here with ``threads`` llama.cpp threads."""
+    from genarm_local.convert import write_calibration
+
+    from genarm_local.evaluation.calibration import CalibrationConfig, calibrate
     from genarm_local.train import TrainConfig, train
 
     config = TrainConfig(
-        data=task.pairs, output=str(workdir / "run"), export=str(workdir / "arm.gguf"), progress=False, **overrides
+        data=task.pairs,
+        output=str(workdir / "run"),
+        export=str(workdir / "arm.gguf"),
+        progress=False,
+        calibrate=False,
+        **overrides,
     )
     result = train(config)
+    started = time.perf_counter()
+    settings = CalibrationConfig(arm=str(result.export), seed=config.seed, n_threads=threads)
+    calibration = calibrate(settings, prompts=[p["prompt"] for p in task.pairs])
+    write_calibration(result.export, calibration)
     return Path(result.export), {
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
+        "calibration_seconds": round(time.perf_counter() - started, 1),
         "eval": result.eval,
-        "calibration": getattr(result, "calibration", None) and result.calibration.__dict__,
+        "calibration": vars(calibration),
     }
 
 
@@ -83,6 +98,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="docs/train_experiments.json")
     parser.add_argument("--keep", help="copy the trained ARM here")
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     args = parser.parse_args()
 
     from genarm_local import GuidedModel
@@ -96,14 +112,14 @@ def main() -> None:
             arm = Path(args.arm)
         else:
             started = time.perf_counter()
-            arm, record["training"] = train_arm(task, overrides, Path(work))
+            arm, record["training"] = train_arm(task, overrides, Path(work), args.threads)
             record["train_seconds"] = round(time.perf_counter() - started, 1)
             if args.keep:
                 Path(args.keep).write_bytes(arm.read_bytes())
         calibration = read_calibration(arm)
         record["recommended_alpha"] = calibration.recommended_alpha if calibration else None
         rows = []
-        with GuidedModel(arms={str(arm): None}, n_ctx=4096, seed=args.seed) as model:
+        with GuidedModel(arms={str(arm): None}, n_ctx=4096, seed=args.seed, n_threads=args.threads) as model:
             for text in args.alphas:
                 if text == "recommended":
                     if calibration is None:

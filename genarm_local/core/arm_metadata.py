@@ -104,23 +104,15 @@ def calibration_fields(calibration: Calibration) -> dict[str, tuple[object, str]
 
 def read_calibration(path: str | os.PathLike) -> Calibration | None:
     """The calibration stored in a GGUF file, or None if it has none (or one of a format we do not know)."""
-    from gguf import GGUFReader
-
+    from .gguf_metadata import read_metadata
     from .native import check_gguf_path
 
     path = check_gguf_path(path)
-    try:
-        fields = GGUFReader(path).fields
-    except Exception as exc:  # gguf-py raises ValueError, struct.error, IndexError... on damaged headers
-        raise CorruptModelError(f"{path}: unreadable GGUF header ({exc})") from exc
-    version = fields.get(PREFIX + "version")
-    if version is None or version.contents() != VERSION:
+    fields = read_metadata(path, lambda key: key.startswith(PREFIX))
+    if fields.get(PREFIX + "version") != VERSION:
         return None
     try:
-        values = {
-            name.replace(".", "_"): _PARSE.get(kind, str)(fields[PREFIX + name].contents())
-            for name, kind in FIELDS.items()
-        }
+        values = {name.replace(".", "_"): _PARSE.get(kind, str)(fields[PREFIX + name]) for name, kind in FIELDS.items()}
         return Calibration(**values)
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptModelError(f"{path}: incomplete {PREFIX}* metadata ({exc}); calibrate the ARM again") from exc
