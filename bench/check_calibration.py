@@ -51,6 +51,8 @@ class Scorer:
 
     def rows(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Log-softmaxed next-token rows of base and ARM after ``tokens`` (continuing their caches)."""
+        import llama_cpp
+
         out = []
         for model in (self.base, self.arm):
             done = model.n_tokens
@@ -58,7 +60,8 @@ class Scorer:
                 model.reset()
                 done = 0
             model.eval(tokens[done:])
-            out.append(log_softmax(model.scores[model.n_tokens - 1][: self.n_vocab]))
+            row = llama_cpp.llama_get_logits_ith(model.ctx, -1)  # the last token's logits, straight from llama.cpp
+            out.append(log_softmax(np.ctypeslib.as_array(row, shape=(self.n_vocab,))))
         return out[0], out[1]
 
 

@@ -184,5 +184,23 @@ def timings_dict(result) -> dict:
     }
 
 
+def arm_lines(model, weights: Mapping[str, float]) -> list[str]:
+    """One line per loaded ARM: its weight now and what its calibration says (the recommended α, and how far the
+    current α moves the base: the KL of the calibration curve there)."""
+    lines = []
+    for arm in model.engine.arms:
+        alpha = weights.get(arm.name, arm.alpha)
+        calibration = arm.calibration
+        if calibration is None:
+            lines.append(f"  {arm.name}: α={alpha:g} (not calibrated: genarm-local calibrate {arm.spec.path})")
+            continue
+        beyond = "≥ " if abs(alpha) > max(calibration.alphas) else ""
+        lines.append(
+            f"  {arm.name}: α={alpha:g}, KL {beyond}{calibration.kl_at(alpha):.3g} nats/token; recommended "
+            f"α={calibration.recommended_alpha:.3g} (KL {calibration.budget:g})"
+        )
+    return lines
+
+
 def note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
