@@ -236,3 +236,17 @@ def rain_task(seed: int = 0) -> Task:
 
 
 TASKS = {"sky": sky_task, "rain": rain_task}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description="write a task's preference pairs (TRL JSONL) to stdout")
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("--held-out", action="store_true", help="write the held-out prompts instead, one per line")
+    args = parser.parse_args()
+    task = TASKS[args.task]()
+    for item in task.held_out if args.held_out else task.pairs:
+        sys.stdout.write((item if args.held_out else json.dumps(item)) + "\n")
