@@ -24,7 +24,11 @@ class BuildExt(build_ext):
 
 setup(
     ext_modules=[
-        Extension("genarm_local.core._fused", ["kernels/fused.c", "kernels/mix.c"], depends=["kernels/mix.h"])
+        Extension(
+            "genarm_local.core._fused",
+            ["kernels/fused.c", "kernels/mix.c", "kernels/threads.c"],
+            depends=["kernels/mix.h", "kernels/mix_block.h", "kernels/threads.h"],
+        )
     ],
     cmdclass={"build_ext": BuildExt},
 )

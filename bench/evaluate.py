@@ -8,19 +8,21 @@ rate against the base's continuation of the same prompt (ties count half), perpl
 model, distinct-2, and single-stream tokens/s measured on the first --speed-prompts prompts.
 
 - base alone; GenARM with the positive ARM at α ∈ {0.5, 1, 2, 4};
-- ARGS-style guidance (Khanov et al. 2024): at each step the top-k base candidates are scored by
-  log p_base + w · judge(text so far + candidate), and the best is taken;
-- best-of-N from the base with the same judge, N chosen so its wall time matches GenARM's at α = 1;
-- multi-objective grid over (α_positive, α_concise): positivity vs tokens to finish the first sentence;
-- quantization fidelity: KL(guided with the F16 ARM ‖ guided with a Q8_0 / Q4_K_M ARM) over a held-out text
-  (with --peft-dir, the trained PEFT adapter that bench/build_arms.py leaves in its workdir).
+- ARGS (Khanov et al. 2024): at each step the top-k base candidates are scored by
+  log p_base + w · judge(text so far + candidate); ARGS-greedy takes the best (the paper's main setting),
+  ARGS-stochastic samples from the scores at the temperature of the other sampled methods;
+- best-of-N from the base with the same judge: N candidates in one batch, judged, the best kept; timed as a whole
+  (generation + judging), N the largest of BEST_OF whose measured time per output token is within GenARM's;
+- multi-objective grid over (α_positive, α_concise): positivity vs tokens to finish the first sentence.
+
+Every speed is measured the same way: wall time of the whole method for each of the first --speed-prompts
+prompts (single stream, judging included), divided by the tokens of its output. Quantized ARMs: quant_fidelity.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,13 +32,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from build_arms import SAMPLING, load_prompts  # noqa: E402
+from stamp import measurement_stamp, write_stamped  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENS = 24
-FIDELITY_TEXT = (
-    "The hotel we stayed at was small but clean, and the staff were kind enough to carry our bags upstairs. "
-    "In the morning we walked down to the harbour, where the fishing boats were coming in with the night's catch."
-)
+BEST_OF = (2, 4, 8)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -63,22 +63,41 @@ def run_batch(model, prompts, weights, seed, tokens=TOKENS, batch_size=16) -> li
     return results
 
 
-def args_guidance(model, prompt: str, k: int, w: float, off: dict, tokens: int = TOKENS) -> list[int]:
-    """ARGS-style decoding: greedy over log p_base + w · VADER(text + candidate) among the base's top-k
-    (``off``: weights that switch every ARM off)."""
+def args_guidance(
+    model, prompt: str, k: int, w: float, off: dict, tokens: int = TOKENS, temperature: float = 0.0, seed: int = 0
+) -> list[int]:
+    """ARGS decoding (Khanov et al. 2024): each step scores the base's top-k candidates by
+    log p_base + w · VADER(text + candidate) and takes the best (ARGS-greedy, the paper's main setting) or, with
+    ``temperature`` > 0, samples ∝ exp(score / T) among the candidates that also pass SAMPLING's min-p
+    (ARGS-stochastic, at the temperature the other sampled methods use). ``off``: weights that switch every ARM off."""
     from genarm_local.evaluation.judges import positivity
 
+    rng = np.random.default_rng(seed)
     ids = model.tokenize(prompt)
     start = len(ids)
     for _ in range(tokens):
         logp = model.next_token_logprobs(ids, weights=off)
         top = np.argpartition(logp, -k)[-k:]
-        scores = [logp[t] + w * positivity(model.detokenize(ids[start:] + [int(t)])) for t in top]
-        token = int(top[int(np.argmax(scores))])
+        if temperature > 0:
+            top = top[logp[top] >= logp.max() + np.log(SAMPLING["min_p"])]
+        scores = np.array([logp[t] + w * positivity(model.detokenize(ids[start:] + [int(t)])) for t in top])
+        if temperature > 0:
+            probs = np.exp((scores - scores.max()) / temperature)
+            token = int(top[rng.choice(len(top), p=probs / probs.sum())])
+        else:
+            token = int(top[int(np.argmax(scores))])
         if model.engine.base_model.is_eog(token):
             break
         ids.append(token)
     return ids[start:]
+
+
+def best_of_n(model, prompt: str, n: int, off: dict, seed: int) -> dict:
+    """Best-of-N as a user would run it for one prompt: N base continuations in one batch, each judged, the best
+    kept (the row of the winner)."""
+    candidates = model.generate_batch([prompt] * n, weights=off, max_tokens=TOKENS, seed=seed, **SAMPLING)
+    best = max(candidates, key=lambda r: judge_all([r.text])[0])
+    return {"text": best.text, "tokens": list(best.tokens)}
 
 
 def judge_all(texts):
@@ -88,8 +107,9 @@ def judge_all(texts):
 
 
 def summarize(name, prompts, results, base_scores, ppl_ctx, model, seconds_per_token=None) -> dict:
-    from genarm_local.evaluation.judges import distinct_n
-
+    """One table row: reward, win rate and base perplexity next to the fluency figures (genarm_local.evaluation.fluency:
+    distinct-2, rep-4, repeated lines, degenerate rate, markup spam, script switches, fragments) and tokens to
+    finish the first sentence."""
     texts = [r["text"] for r in results]
     scores = judge_all(texts)
     wins = [1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, base_scores, strict=True)]
@@ -99,24 +119,32 @@ def summarize(name, prompts, results, base_scores, ppl_ctx, model, seconds_per_t
         "reward": float(np.mean(scores)),
         "win_rate": float(np.mean(wins)),
         "perplexity": float(np.exp(np.nanmean(np.log(ppl)))),
-        "distinct_2": distinct_n(texts, 2),
+        **fluency_columns(model, prompts, results),
         "tok_s": None if seconds_per_token is None else 1.0 / seconds_per_token,
     }
     print(json.dumps(row), flush=True)
     return row
 
 
+def fluency_columns(model, prompts, results) -> dict:
+    """The fluency figures of genarm_local.evaluation.fluency.fluency_summary and the mean tokens to finish the first
+    sentence, for rows {"text", "tokens"}."""
+    from genarm_local.evaluation.fluency import fluency_summary
+    from genarm_local.evaluation.judges import sentence_tokens
+
+    texts = [r["text"] for r in results]
+    lengths = [sentence_tokens([model.detokenize([t]) for t in r["tokens"]]) for r in results]
+    return {**fluency_summary(texts, prompts), "sentence_tokens": float(np.mean(lengths))}
+
+
 def speed(fn, prompts) -> float:
-    """Seconds per generated token of ``fn(prompt) -> n_tokens`` over ``prompts`` (single stream)."""
+    """Seconds per generated token of ``fn(prompt) -> n_tokens`` over ``prompts`` (single stream), after one
+    untimed call (the first call of a method pays for allocating its contexts and buffers)."""
+    fn(prompts[0])
     start, n = time.perf_counter(), 0
     for prompt in prompts:
         n += max(1, fn(prompt))
     return (time.perf_counter() - start) / n
-
-
-def kl(p_log: np.ndarray, q_log: np.ndarray) -> float:
-    p_log, q_log = log_softmax(p_log), log_softmax(q_log)
-    return float(np.sum(np.exp(p_log) * (p_log - q_log)))
 
 
 def sentence_lengths(model, results) -> list[int]:
@@ -127,47 +155,6 @@ def sentence_lengths(model, results) -> list[int]:
 
 def as_rows(model, results) -> list[dict]:
     return [{"text": r.text, "tokens": list(r.tokens)} for r in results]
-
-
-def quantization_fidelity(model_path: str, peft_dir: Path, workdir: Path) -> dict:
-    """KL of the guided next-token distribution (positive ARM, α = 1) with the merged F16 ARM against the same ARM
-    quantized to Q8_0 and Q4_K_M, and against the F16 LoRA adapter (which should match it), over FIDELITY_TEXT."""
-    from genarm_local import GuidedModel
-
-    # The exports run torch: in their own processes, so that neither torch's idle OpenMP threads nor the passive
-    # waiting that tames them (which turns llama.cpp's OpenMP barriers into sleeps) touch this process.
-    def cli(*args) -> None:
-        subprocess.run([sys.executable, "-m", "genarm_local.cli", *map(str, args)], check=True)
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    files = {"adapter f16": workdir / "positive-adapter-f16.gguf", "merged f16": workdir / "positive-merged-f16.gguf"}
-    if not files["adapter f16"].exists():
-        cli("convert", model_path, "--lora", peft_dir, "--adapter-only", "-o", files["adapter f16"], "--outtype", "f16")
-    if not files["merged f16"].exists():
-        cli("convert", model_path, "--lora", peft_dir, "-o", files["merged f16"], "--outtype", "f16")
-    for qtype in ("q8_0", "q4_k_m"):
-        files[f"merged {qtype}"] = workdir / f"positive-merged-{qtype}.gguf"
-        if not files[f"merged {qtype}"].exists():
-            cli("quantize", files["merged f16"], files[f"merged {qtype}"], "--type", qtype)
-
-    def guided_rows(arm: Path) -> np.ndarray:
-        with GuidedModel(model_path, {str(arm): 1.0}, n_ctx=512) as m:
-            ids = m.tokenize(FIDELITY_TEXT)
-            return np.stack([m.next_token_logprobs(ids[: i + 1]) for i in range(len(ids) - 1)])
-
-    reference = guided_rows(files["merged f16"])
-    report = {}
-    for name, path in files.items():
-        if name == "merged f16":
-            continue
-        kls = [kl(p, q) for p, q in zip(reference, guided_rows(path), strict=True)]
-        report[name] = {
-            "mean_kl": float(np.mean(kls)),
-            "max_kl": float(np.max(kls)),
-            "size_mib": path.stat().st_size / 2**20,
-        }
-        print(json.dumps({name: report[name]}), flush=True)
-    return report
 
 
 def main() -> None:
@@ -184,10 +171,10 @@ def main() -> None:
     parser.add_argument("--args-k", type=int, default=10, help="ARGS: base candidates scored per step")
     parser.add_argument("--args-w", type=float, default=3.0, help="ARGS: weight of the judge's score")
     parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--peft-dir", type=Path, default=None, help="trained PEFT adapter of the positive ARM")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp") / "genarm-eval")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "eval.json")
+    parser.add_argument("--allow-dirty", action="store_true", help="stamp results of an uncommitted tree as such")
     args = parser.parse_args()
+    stamp = measurement_stamp(args.allow_dirty)
     base = assemble()
     prompts = load_prompts("held-out")[: args.prompts]
     timed = prompts[: args.speed_prompts]
@@ -202,11 +189,30 @@ def main() -> None:
         def generate(w):
             return lambda p: len(model.generate(p, weights=w, max_tokens=TOKENS, seed=1, **SAMPLING).tokens)
 
+        def args_run(temperature):
+            k, w = args.args_k, args.args_w
+            return lambda p, i=0: args_guidance(model, p, k, w, weights(), temperature=temperature, seed=args.seed + i)
+
+        args_variants = {
+            f"ARGS-greedy k={args.args_k} w={args.args_w:g} (the paper's)": args_run(0.0),
+            f"ARGS-stochastic k={args.args_k} w={args.args_w:g}, T={SAMPLING['temperature']:g}": args_run(
+                SAMPLING["temperature"]
+            ),
+        }
         t_base = speed(generate(weights()), timed)
         t_genarm = speed(generate(weights(positive=1.0)), timed)
-        t_args = speed(lambda p: len(args_guidance(model, p, args.args_k, args.args_w, weights())), timed)
-        n_best = max(1, round(t_genarm / t_base))
-        report["seconds_per_token"] = {"base": t_base, "genarm": t_genarm, "args": t_args}
+        t_args = {name: speed(lambda p, run=run: len(run(p)), timed) for name, run in args_variants.items()}
+        t_best = {
+            n: speed(lambda p, n=n: len(best_of_n(model, p, n, weights(), args.seed)["tokens"]), timed) for n in BEST_OF
+        }
+        n_best = max((n for n in BEST_OF if t_best[n] <= t_genarm), default=BEST_OF[0])
+        report["seconds_per_token"] = {
+            "base": t_base,
+            "genarm": t_genarm,
+            **t_args,
+            "best_of": {str(n): t for n, t in t_best.items()},
+        }
+        report["best_of_n"] = {"n": n_best, "rule": f"largest N of {list(BEST_OF)} within GenARM α=1's s/token"}
 
         base_rows = as_rows(model, run_batch(model, prompts, weights(), args.seed))
         base_scores = judge_all([r["text"] for r in base_rows])
@@ -215,20 +221,15 @@ def main() -> None:
             rows = as_rows(model, run_batch(model, prompts, weights(positive=alpha), args.seed))
             t = t_genarm if alpha == 1.0 else None
             methods.append(summarize(f"GenARM α={alpha:g}", prompts, rows, base_scores, ppl_ctx, model, t))
-        args_rows = []
-        for prompt in prompts:
-            tokens = args_guidance(model, prompt, args.args_k, args.args_w, weights())
-            args_rows.append({"text": model.detokenize(tokens), "tokens": tokens})
-        name = f"ARGS k={args.args_k} w={args.args_w:g}"
-        methods.append(summarize(name, prompts, args_rows, base_scores, ppl_ctx, model, t_args))
-        candidates = as_rows(
-            model, run_batch(model, [p for p in prompts for _ in range(n_best)], weights(), args.seed + 7919)
-        )
-        best_rows = [
-            max(candidates[i * n_best : (i + 1) * n_best], key=lambda r: judge_all([r["text"]])[0])
-            for i in range(len(prompts))
-        ]
-        methods.append(summarize(f"best-of-{n_best}", prompts, best_rows, base_scores, ppl_ctx, model, t_base * n_best))
+        for name, run in args_variants.items():
+            rows = []
+            for i, prompt in enumerate(prompts):
+                tokens = run(prompt, i)
+                rows.append({"text": model.detokenize(tokens), "tokens": tokens})
+            methods.append(summarize(name, prompts, rows, base_scores, ppl_ctx, model, t_args[name]))
+        best_rows = [best_of_n(model, p, n_best, weights(), args.seed + 7919 + i) for i, p in enumerate(prompts)]
+        name = f"best-of-{n_best} (one batch, judged)"
+        methods.append(summarize(name, prompts, best_rows, base_scores, ppl_ctx, model, t_best[n_best]))
         report["methods"] = methods
 
         grid = []
@@ -245,10 +246,7 @@ def main() -> None:
                 grid.append(point)
                 print(json.dumps(point), flush=True)
         report["grid"] = grid
-    if args.peft_dir is not None:
-        report["quantization"] = quantization_fidelity(base, args.peft_dir, args.workdir)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_stamped(args.out, report, stamp)
     print(f"wrote {args.out}")
 
 

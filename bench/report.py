@@ -1,112 +1,93 @@
-"""Regenerate every table and plot of the README's "Results" section from measurements taken now.
+"""Regenerate the README's "Results" section from the JSON the bench scripts write, measuring what is asked.
 
-    python bench/report.py [--peft-dir DIR] [--reuse]
+    python bench/report.py [--measure SECTION ...] [--reuse] [--allow-dirty] [--peft-dir DIR]
 
-Runs bench/bench_methods.py (speed, memory, batching, time to first token) and bench/evaluate.py (quality of the
-shipped ARMs against the base, ARGS and best-of-N; the multi-objective grid; quantization fidelity), writes
-docs/bench.json, docs/eval.json and docs/*.png, and replaces the README between its report markers, stamped with the
-date, the machine and the commit. --reuse renders from the existing JSON files without measuring again.
+Each section comes from one JSON file in docs/, written by one script that stores its own stamp (date, machine,
+commit) inside it; every section of the README is rendered with that stamp, so a section reused from an older run
+says when and where it was measured. Without options every section's script runs (SECTIONS below); --measure runs
+only the named ones; --reuse runs none. A work tree with uncommitted changes to tracked files is refused before
+anything is measured unless --allow-dirty, which stamps the new results "uncommitted". A missing JSON file leaves
+its section out; docs/build_arms.json comes from `python bench/build_arms.py` (not rerun here: it retrains the ARMs).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from stamp import describe, measurement_stamp  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
+BENCH = REPO / "bench"
 START, END = "<!-- report:start -->", "<!-- report:end -->"
+# section: (JSON file, script and arguments that write it)
+SECTIONS = {
+    "eval": ("eval.json", ["evaluate.py"]),
+    "quant": ("quant.json", ["quant_fidelity.py"]),
+    "fidelity": ("fidelity.json", ["bench_fidelity.py"]),
+    "methods": ("bench.json", ["bench_methods.py"]),
+    "engine": ("engine.json", ["bench_engine.py", "--tokens", "32"]),
+    "kernel": ("kernel.json", ["bench_kernel.py"]),
+    "ray": ("ray.json", ["bench_ray.py", "--repeats", "3"]),
+}
 
 
-def machine() -> str:
-    from bench_kernel import cpu_name
+def measure(names: list[str], allow_dirty: bool, peft_dir: Path | None) -> None:
+    measurement_stamp(allow_dirty)  # refuse a dirty tree before the first script starts
+    for name in names:
+        file, (script, *options) = SECTIONS[name]
+        command = [sys.executable, str(BENCH / script), *options, "--out", str(DOCS / file)]
+        if allow_dirty:
+            command.append("--allow-dirty")
+        if peft_dir and name in ("methods", "quant"):
+            command += ["--peft" if name == "methods" else "--peft-dir", str(peft_dir)]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True)
 
-    return f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.release()}"
 
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    return out.stdout.strip() + ("+changes" if dirty else "")
-
-
-def plots(bench: dict, evaluation: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(bench["methods"])
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.barh(names[::-1], [bench["methods"][n]["tok_s"] for n in names[::-1]], color="#4c72b0")
-    ax.set_xlabel("generated tokens/s (single stream)")
-    ax.set_title("GenARM on Gemma-3-270M Q4_K_M, CPU")
-    fig.tight_layout()
-    fig.savefig(DOCS / "methods.png", dpi=120)
-    plt.close(fig)
-
-    sizes = sorted(bench["batch"], key=int)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([int(s) for s in sizes], [bench["batch"][s] for s in sizes], marker="o")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequences per batch")
-    ax.set_ylabel("guided tokens/s (all sequences)")
-    ax.set_title("Batched GenARM throughput (LoRA ARM)")
-    fig.tight_layout()
-    fig.savefig(DOCS / "batch.png", dpi=120)
-    plt.close(fig)
-
-    grid = evaluation["grid"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.scatter([p["sentence_tokens"] for p in grid], [p["positivity"] for p in grid], c="#dd8452")
-    for p in grid:
-        ax.annotate(
-            f"({p['alpha_positive']:g}, {p['alpha_concise']:g})",
-            (p["sentence_tokens"], p["positivity"]),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=8,
-        )
-    ax.set_xlabel("tokens to finish the first sentence (lower: more concise)")
-    ax.set_ylabel("mean VADER compound (higher: more positive)")
-    ax.set_title("(α_positive, α_concise) grid, held-out prompts")
-    fig.tight_layout()
-    fig.savefig(DOCS / "pareto.png", dpi=120)
-    plt.close(fig)
+def load(name: str) -> dict | None:
+    path = DOCS / (SECTIONS[name][0] if name in SECTIONS else f"{name}.json")
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def fmt(value, digits=2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(bench: dict, evaluation: dict, engine: dict, kernel: str, build: dict | None, stamp: str) -> str:
-    lines = [START, "", f"_Measured {stamp}. Regenerate with `python bench/report.py`._", ""]
-    if build:
-        lines += [
-            f"The shipped ARMs were rebuilt from seed {build['seed']} by `python bench/build_arms.py` in "
-            f"{build['total_s'] / 60:.0f} minutes: {build['continuations']} sampled continuations "
-            f"({build['sample_s'] / 60:.0f} min), {build['positive_pairs']} positive and {build['concise_pairs']} "
-            f"concise pairs, training {build['positive_train_s'] / 60:.0f} + {build['concise_train_s'] / 60:.0f} "
-            f"min (held-out preference accuracy {build['positive_train']['eval'].get('accuracy', float('nan')):.2f} "
-            f"and {build['concise_train']['eval'].get('accuracy', float('nan')):.2f}).",
-            "",
-        ]
-    lines += [
-        "#### Quality on held-out prompts (positive ARM)",
+def stamped(title: str, data: dict, command: str) -> list[str]:
+    return [f"#### {title}", "", f"_Measured {describe(data.get('stamp'))}, by `{command}`._", ""]
+
+
+def build_section(build: dict) -> list[str]:
+    positive, concise = build["positive_train"]["eval"], build["concise_train"]["eval"]
+    return [
+        f"_Built {describe(build.get('stamp'))}, by `python bench/build_arms.py --seed {build['seed']}`._",
         "",
-        f"{evaluation['prompts']} held-out prompts, {evaluation['tokens']} tokens each, "
-        f"sampling {json.dumps(evaluation['sampling'])}; reward = VADER compound; win rate vs the base's "
-        "continuation of the same prompt; perplexity of the output under the base.",
+        f"The shipped ARMs were rebuilt from seed {build['seed']} by `python bench/build_arms.py` in "
+        f"{build['total_s'] / 60:.0f} minutes: {build['continuations']} sampled "
+        f"continuations ({build['sample_s'] / 60:.0f} min), {build['positive_pairs']} positive and "
+        f"{build['concise_pairs']} concise pairs, training {build['positive_train_s'] / 60:.0f} + "
+        f"{build['concise_train_s'] / 60:.0f} min (held-out preference accuracy "
+        f"{positive.get('accuracy', float('nan')):.2f} and {concise.get('accuracy', float('nan')):.2f}).",
+        "",
+    ]
+
+
+def eval_section(evaluation: dict) -> list[str]:
+    lines = stamped("Quality on held-out prompts (positive ARM)", evaluation, "python bench/evaluate.py")
+    best = evaluation["best_of_n"]
+    lines += [
+        f"{evaluation['prompts']} held-out prompts, {evaluation['tokens']} tokens each, sampling "
+        f"{json.dumps(evaluation['sampling'])} (ARGS-greedy excepted); reward = VADER compound; win rate vs the "
+        "base's continuation of the same prompt; perplexity of the output under the base. tok/s: wall time of the "
+        "whole method per output token, single stream, judging included."
+        + f" Best-of-N: N = {best['n']}, the {best['rule']}.",
         "",
         "| method | reward | win rate | perplexity | distinct-2 | tok/s |",
         "|---|---|---|---|---|---|",
@@ -130,32 +111,30 @@ def markdown(bench: dict, evaluation: dict, engine: dict, kernel: str, build: di
             f"| {p['alpha_positive']:g} | {p['alpha_concise']:g} | {p['positivity']:+.3f} | "
             f"{p['sentence_tokens']:.1f} |"
         )
-    if "quantization" in evaluation:
-        lines += [
-            "",
-            "#### Quantized ARMs: KL(guided with the merged F16 ARM ‖ guided with …)",
-            "",
-            "| ARM | mean KL | max KL | file MiB |",
-            "|---|---|---|---|",
-        ]
-        for name, q in evaluation["quantization"].items():
-            lines.append(f"| {name} | {q['mean_kl']:.2e} | {q['max_kl']:.2e} | {q['size_mib']:.1f} |")
+    return lines + [""]
+
+
+def methods_section(bench: dict) -> list[str]:
+    title = f"Speed and memory ({bench['threads']} threads, {bench['tokens']} tokens)"
+    lines = stamped(title, bench, f"python bench/bench_methods.py --tokens {bench['tokens']}")
     lines += [
-        "",
-        f"#### Speed and memory ({bench['threads']} threads, {bench['tokens']} tokens)",
+        "Every loop samples the same way "
+        f"({json.dumps(bench['sampling'])}) and is timed from after its prefill: N tokens = N − 1 decodes.",
         "",
         "![methods](docs/methods.png)",
         "",
-        "| method | tok/s | × base only | peak RSS MiB |",
-        "|---|---|---|---|",
+        "| method | tok/s | × base only | tokens (decodes) | peak RSS MiB |",
+        "|---|---|---|---|---|",
     ]
-    base_speed = bench["methods"]["base only"]["tok_s"]
     for name, m in bench["methods"].items():
-        lines.append(f"| {name} | {m['tok_s']:.1f} | {m['tok_s'] / base_speed:.2f} | {m['peak_rss_mib']:.0f} |")
+        counts = f"{m['tokens']} ({m['decodes_per_model']})" if "tokens" in m else "–"
+        lines.append(
+            f"| {name} | {m['tok_s']:.1f} | {fmt(m.get('x_base_only'))} | {counts} | {m['peak_rss_mib']:.0f} |"
+        )
     lines += ["", "![batch](docs/batch.png)", "", "| batch size | guided tok/s | × batch 1 |", "|---|---|---|"]
-    one = bench["batch"]["1"]
+    ratios = bench.get("batch_over_one", {})
     for size, speed in sorted(bench["batch"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| {size} | {speed:.1f} | {speed / one:.2f} |")
+        lines.append(f"| {size} | {speed:.1f} | {fmt(ratios.get(size))} |")
     lines += [
         "",
         "Chat, time to first token per turn (LoRA ARM; only the new turn's tokens are decoded):",
@@ -165,71 +144,174 @@ def markdown(bench: dict, evaluation: dict, engine: dict, kernel: str, build: di
     ]
     for t in bench["ttft"]:
         lines.append(f"| {t['turn']} | {t['prompt_tokens']} | {t['prompt_decoded']} | {fmt(t['ttft_s'], 3)} |")
+    return lines + [""]
+
+
+def engine_section(engine: dict) -> list[str]:
     full, lora, batch = engine["full_model_arm"], engine["lora_arm"], engine["batch_lora_arm"]
-    rss = engine["peak_rss_mib"]
-    lines += [
-        "",
-        f"#### Engine checks (`bench/bench_engine.py --tokens 32`, {engine['threads']} threads, same run)",
-        "",
+    naive, rss = engine["naive_llama_numpy"], engine["peak_rss_mib"]
+    n = f"{full['tokens']} tokens, {full['decodes_per_context']} decodes per context"
+    command = f"python bench/bench_engine.py --tokens {engine['tokens']}"
+    lines = stamped(f"Engine checks ({engine['threads']} threads)", engine, command)
+    return lines + [
         "| check | result |",
         "|---|---|",
-        f"| guided vs sequential bound 1/(t_base + t_arm), full-model ARM | {full['guided_tok_s']:.1f} vs "
-        f"{full['sequential_bound_tok_s']:.1f} tok/s ({full['ratio_to_bound']:.2f}×) |",
+        f"| guided vs sequential bound (t_base + t_arm per decode, same tokens), full-model ARM, {n} | "
+        f"{full['guided_tok_s']:.1f} vs {full['sequential_bound_tok_s']:.1f} tok/s ({full['ratio_to_bound']:.2f}×) |",
         f"| same, LoRA ARM | {lora['guided_tok_s']:.1f} vs {lora['sequential_bound_tok_s']:.1f} tok/s "
         f"({lora['ratio_to_bound']:.2f}×) |",
         f"| contexts decoded concurrently on split cores (the CPU default), full-model / LoRA ARM | "
         f"{full['concurrent_tok_s']:.1f} / {lora['concurrent_tok_s']:.1f} tok/s "
-        f"({full['concurrent_tok_s'] / full['guided_tok_s']:.2f}× / "
-        f"{lora['concurrent_tok_s'] / lora['guided_tok_s']:.2f}× "
-        "one after the other) |",
-        f"| vs the naive `Llama` + numpy loop (bench/bench_engine.py) | {engine['ratio_to_naive']:.2f}× |",
+        f"({full['concurrent_over_sequential']:.2f}× / {lora['concurrent_over_sequential']:.2f}× one after the "
+        "other) |",
+        f"| vs the naive `Llama` + numpy loop (real logits, same sampling, {naive['tokens']} tokens, "
+        f"{naive['decodes_per_context']} decodes per context), one after the other / concurrent | "
+        f"{naive['tok_s']:.1f} tok/s naive: {engine['ratio_to_naive']:.2f}× / "
+        f"{engine['ratio_to_naive_concurrent']:.2f}× |",
         f"| peak RSS, LoRA ARM / base only | {rss['lora_arm']:.0f} / {rss['base_only']:.0f} MiB "
         f"({rss['ratio']:.2f}×) |",
         f"| batched B={batch['n_seq']} vs one stream | {batch['batch_tok_s']:.1f} vs {batch['single_tok_s']:.1f} "
         f"tok/s ({batch['ratio']:.2f}×; raw llama.cpp decode on this machine: {batch['raw_llama_cpp_ratio']:.2f}×) |",
         "",
-        "#### The fused mixing kernel (`bench/bench_kernel.py`)",
-        "",
-        kernel.strip(),
-        "",
-        END,
     ]
-    return "\n".join(lines)
+
+
+def plots(bench: dict | None, evaluation: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(DOCS / name, dpi=120)
+        plt.close(fig)
+
+    if bench:
+        names = list(bench["methods"])
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        ax.barh(names[::-1], [bench["methods"][n]["tok_s"] for n in names[::-1]], color="#4c72b0")
+        ax.set_xlabel("generated tokens/s (single stream)")
+        ax.set_title("GenARM on Gemma-3-270M Q4_K_M, CPU")
+        save(fig, "methods.png")
+        sizes = sorted(bench["batch"], key=int)
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([int(s) for s in sizes], [bench["batch"][s] for s in sizes], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequences per batch")
+        ax.set_ylabel("guided tokens/s (all sequences)")
+        ax.set_title("Batched GenARM throughput (LoRA ARM)")
+        save(fig, "batch.png")
+    if evaluation:
+        grid = evaluation["grid"]
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.scatter([p["sentence_tokens"] for p in grid], [p["positivity"] for p in grid], c="#dd8452")
+        for p in grid:
+            label = f"({p['alpha_positive']:g}, {p['alpha_concise']:g})"
+            xy = (p["sentence_tokens"], p["positivity"])
+            ax.annotate(label, xy, textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("tokens to finish the first sentence (lower: more concise)")
+        ax.set_ylabel("mean VADER compound (higher: more positive)")
+        ax.set_title("(α_positive, α_concise) grid, held-out prompts")
+        save(fig, "pareto.png")
+
+
+def quant_section(quant: dict) -> list[str]:
+    from quant_fidelity import markdown as quant_table
+
+    return stamped("Quantized ARMs", quant, "python bench/quant_fidelity.py") + quant_table(quant) + [""]
+
+
+def fidelity_section(fidelity: dict) -> list[str]:
+    from bench_fidelity import markdown as fidelity_table
+
+    title = "llama.cpp against the model's own float32 distribution"
+    return stamped(title, fidelity, "python bench/bench_fidelity.py") + fidelity_table(fidelity) + [""]
+
+
+def kernel_section(kernel: dict) -> list[str]:
+    from bench_kernel import markdown as kernel_table
+
+    return stamped("The fused mixing kernel", kernel, "python bench/bench_kernel.py") + kernel_table(kernel) + [""]
+
+
+def ray_section(ray: dict) -> list[str]:
+    """bench/bench_ray.py's docs/ray.json: the Ray backend against the local one on the same job."""
+    lines = stamped("Batch on a Ray cluster", ray, "python bench/bench_ray.py") + [
+        f"{ray['rows']} rows × {ray['tokens']} tokens, batch size {ray['batch_size']}, {ray['arm']}:",
+        "",
+        "| backend | threads | rows/s | × local, same threads |",
+        "|---|---|---|---|",
+    ]
+    local = {run["threads"]: run["rows_per_s"] for run in ray["runs"] if run["backend"] == "local"}
+    for run in ray["runs"]:
+        name = f"Ray, {run['replicas']} replica{'s' * (run['replicas'] > 1)} × 1 thread" if run["replicas"] else "local"
+        lines.append(
+            f"| {name} | {run['threads']} | {run['rows_per_s']:.2f} | {run['rows_per_s'] / local[run['threads']]:.2f} |"
+        )
+    lines += [
+        "",
+        f"Whole commands, model load included, joining a running Ray instance (starting one took "
+        f"{ray['ray_start_s']:.1f} s; a 1-row job took {ray['fixed_s']['local']:.1f} s locally and "
+        f"{ray['fixed_s']['ray']:.1f} s on Ray); Ray's overhead per row at 1 replica, fixed costs apart: "
+        f"{ray['overhead_per_row_s'] * 1000:.0f} ms; the driver's work per result row "
+        f"{ray['driver_ms_per_row']:.2f} ms; same text as the local backend at 1 thread: "
+        f"{'yes' if ray['same_text_1_thread'] else 'no'}. See docs/scale-out.md.",
+        "",
+    ]
+    return lines
+
+
+RENDERERS = {
+    "build_arms": build_section,
+    "eval": eval_section,
+    "quant": quant_section,
+    "fidelity": fidelity_section,
+    "methods": methods_section,
+    "engine": engine_section,
+    "kernel": kernel_section,
+    "ray": ray_section,
+}
+
+
+def markdown() -> tuple[str, list[str]]:
+    """The report block, and the sections left out (no JSON, or JSON from before the current format)."""
+    lines = [START, "", "_Each section says when, where and at which commit it was measured._", ""]
+    left_out, rendered = [], {}
+    for name, render in RENDERERS.items():
+        data = load(name)
+        if data is None:
+            left_out.append(f"{name} (no JSON)")
+            continue
+        try:
+            lines += render(data)
+            rendered[name] = data
+        except KeyError as missing:  # written by an older version of its script: rerun it
+            left_out.append(f"{name} (old format, no {missing})")
+    plots(rendered.get("methods"), rendered.get("eval"))
+    return "\n".join(lines + [END]), left_out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measure", nargs="+", choices=list(SECTIONS), help="measure only these sections")
+    parser.add_argument("--reuse", action="store_true", help="measure nothing; render from docs/*.json")
+    parser.add_argument("--allow-dirty", action="store_true", help="measure an uncommitted tree, stamped so")
     parser.add_argument("--peft-dir", type=Path, default=None, help="the positive ARM's PEFT adapter (optional)")
-    parser.add_argument("--reuse", action="store_true", help="render from docs/*.json without measuring")
     args = parser.parse_args()
     DOCS.mkdir(exist_ok=True)
-    if not args.reuse:
-        extra = ["--peft-dir", str(args.peft_dir)] if args.peft_dir else []
-        peft = ["--peft", str(args.peft_dir)] if args.peft_dir else []
-        kernel = subprocess.run(
-            [sys.executable, str(REPO / "bench" / "bench_kernel.py")], check=True, capture_output=True, text=True
-        ).stdout
-        (DOCS / "kernel.md").write_text(kernel.split("\nReproduce")[0].strip() + "\n")
-        engine = [sys.executable, str(REPO / "bench" / "bench_engine.py"), "--tokens", "32"]
-        subprocess.run([*engine, "--out", str(DOCS / "engine.json")], check=True)
-        subprocess.run([sys.executable, str(REPO / "bench" / "bench_methods.py"), *peft], check=True)
-        subprocess.run([sys.executable, str(REPO / "bench" / "evaluate.py"), *extra], check=True)
-    engine = json.loads((DOCS / "engine.json").read_text())
-    kernel = (DOCS / "kernel.md").read_text()
-    build = json.loads((DOCS / "build_arms.json").read_text()) if (DOCS / "build_arms.json").exists() else None
-    bench = json.loads((DOCS / "bench.json").read_text())
-    evaluation = json.loads((DOCS / "eval.json").read_text())
-    plots(bench, evaluation)
-    stamp = f"{datetime.date.today().isoformat()} on {machine()}, commit {commit()}"
+    names = [] if args.reuse else (args.measure or list(SECTIONS))
+    if names:
+        measure(names, args.allow_dirty, args.peft_dir)
+    block, left_out = markdown()
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     if START not in readme:
         raise SystemExit(f"README.md has no {START} … {END} markers")
     head, rest = readme.split(START, 1)
     tail = rest.split(END, 1)[1]
-    (REPO / "README.md").write_text(
-        head + markdown(bench, evaluation, engine, kernel, build, stamp) + tail, encoding="utf-8"
-    )
-    print("README.md and docs/*.png updated")
+    (REPO / "README.md").write_text(head + block + tail, encoding="utf-8")
+    note = f"; left out: {', '.join(left_out)}" if left_out else ""
+    print(f"README.md and docs/*.png updated{note}")
 
 
 if __name__ == "__main__":

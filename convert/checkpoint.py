@@ -3,7 +3,11 @@ transformers has loaded (a GGUF-only base, or a base with a PEFT adapter merged 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import json
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,11 +174,11 @@ def gguf_architecture(path: Path) -> tuple[gguf.GGUFReader, str]:
     return reader, arch
 
 
-def load_transformers_model(source: Path):
+def load_transformers_model(source: Path, progress: bool = True):
     """Load a GGUF file (dequantized to float32, trainable) or an HF directory with transformers.
 
     Returns (model, gguf_reader or None). Used when weights must pass through transformers: merging an adapter
-    with PEFT, or a GGUF-only base.
+    with PEFT, or a GGUF-only base. ``progress`` False silences transformers' own GGUF loading bar too.
     """
     transformers = require("transformers", "train")
     torch = require("torch", "train")
@@ -183,19 +187,39 @@ def load_transformers_model(source: Path):
     transformers.utils.logging.disable_progress_bar()
     if source.is_file():
         reader, _ = gguf_architecture(source)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(source.parent),
-            gguf_file=source.name,
-            quantization_config=transformers.GgufConfig(dequantize=True),
-            dtype=torch.float32,
-        )
+        with _gguf_loading_bar(progress):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(source.parent),
+                gguf_file=source.name,
+                quantization_config=transformers.GgufConfig(dequantize=True),
+                dtype=torch.float32,
+            )
         return model, reader
     read_config(source)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
     return model, None
 
 
-def open_source(source: Path, lora: Path | None = None) -> Checkpoint:
+@contextlib.contextmanager
+def _gguf_loading_bar(enabled: bool) -> Iterator[None]:
+    """transformers' GGUF loader draws its own tqdm bar and ignores disable_progress_bar() (transformers 5.x:
+    modeling_gguf_pytorch_utils calls tqdm.auto.tqdm directly); with progress off, hand it a disabled bar."""
+    try:
+        module = None if enabled else importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        module = None
+    if module is None or not hasattr(module, "tqdm"):
+        yield
+        return
+    original = module.tqdm
+    module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original
+
+
+def open_source(source: Path, lora: Path | None = None, progress: bool = True) -> Checkpoint:
     """The model to export from ``source`` (HF directory or GGUF file), with ``lora`` merged in if given."""
     if not source.exists():
         raise InputNotFoundError(f"{source}: no such file or directory")
@@ -207,7 +231,7 @@ def open_source(source: Path, lora: Path | None = None) -> Checkpoint:
         gguf_architecture(source)
     if lora is not None:
         read_adapter(lora)  # fail on a bad adapter before the slow model load
-    model, reader = load_transformers_model(source)
+    model, reader = load_transformers_model(source, progress)
     if lora is not None:
         model = merge_adapter(model, lora)
     ckpt = checkpoint_from_model(model, source, reader)
@@ -303,5 +327,6 @@ def merge_adapter(model, path: Path):
     adapter = read_adapter(path)
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     check_adapter_fits(adapter, shapes, path, lora_only=False)
-    merged = peft.PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    return merged
+    with warnings.catch_warnings():  # peft reads a transformers attribute that warns it is deprecated (5.x)
+        warnings.simplefilter("ignore", FutureWarning)
+        return peft.PeftModel.from_pretrained(model, str(path)).merge_and_unload()

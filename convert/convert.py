@@ -51,14 +51,14 @@ def convert(
 
     if adapter_only:
         adapter = read_adapter(Path(lora))
-        base = open_source(source) if source.is_dir() else _gguf_base(source)
+        base = open_source(source) if source.is_dir() else _gguf_base(source, progress)
         with base as ckpt, atomic_output(output, force) as tmp:
             export_adapter(ckpt, adapter, tmp, FLOAT_TYPES[outtype], progress, label=output.name)
             if source.is_file():  # llama.cpp checks adapter tensors against a loaded base; we have one
                 test_load_adapter(source, tmp)
         return output
 
-    with open_source(source, Path(lora) if lora else None) as ckpt, atomic_output(output, force) as tmp:
+    with open_source(source, Path(lora) if lora else None, progress) as ckpt, atomic_output(output, force) as tmp:
         if outtype in FLOAT_TYPES:
             export_model(ckpt, tmp, FLOAT_TYPES[outtype], progress, label=output.name)
         else:
@@ -70,11 +70,11 @@ def convert(
     return output
 
 
-def _gguf_base(source: Path):
+def _gguf_base(source: Path, progress: bool = True):
     """A GGUF base for --adapter-only: only its architecture, config and tensor shapes are needed."""
     from .checkpoint import checkpoint_from_model, load_transformers_model
 
-    model, reader = load_transformers_model(source)
+    model, reader = load_transformers_model(source, progress)
     return checkpoint_from_model(model, source, reader)
 
 

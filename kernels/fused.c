@@ -6,6 +6,7 @@
  * It checks everything it can check (types, formats, contiguity, lengths against n_vocab * n_rows, null addresses,
  * overlaps) so that bad arguments raise TypeError or ValueError instead of crashing, runs the kernel with the GIL
  * released, and turns the kernel's numerical failures into FloatingPointError naming the row and the sequence.
+ * The kernel's worker threads (threads.c) are stopped and joined at interpreter exit.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -15,6 +16,7 @@
 #include <string.h>
 
 #include "mix.h"
+#include "threads.h"
 
 /* A row source: an int address or a float32 buffer, first element at ptr, rows `stride` floats apart. */
 typedef struct {
@@ -123,7 +125,7 @@ static int check_overlap(const Source *dst, const Source *src, Py_ssize_t n_rows
 static void raise_mix_error(MixResult result, const Source *sources, const int *label)
 {
     MixStatus status = result.status;
-    const char *name = sources[label[result.input]].name;
+    const char *name = sources[result.input == MIX_GUARD_INPUT ? 1 : label[result.input]].name;
     Py_ssize_t r = result.sequence;
     if (status == MIX_NO_MEMORY)
         PyErr_NoMemory();
@@ -143,16 +145,19 @@ static void raise_mix_error(MixResult result, const Source *sources, const int *
 }
 
 PyDoc_STRVAR(mix_doc,
-    "mix(dst, base, arms, weights, base_weight, n_vocab, n_rows, base_stride, arm_strides, n_threads)\n--\n\n"
-    "Write log_softmax(base_weight*base + sum_i weights[i]*arms[i]) into dst for n_rows sequences.\n"
-    "Rows are float32 buffers or addresses (int); dst shares base_stride. Weight-0 rows are not read.\n"
-    "Use genarm_local.mixing.mix_logprobs, which documents the arguments.");
+    "mix(dst, base, arms, weights, base_weight, n_vocab, n_rows, base_stride, arm_strides, n_threads,\n"
+    "    guard_min_p=0.0)\n--\n\n"
+    "Write log_softmax(base_weight*base + sum_i weights[i]*arms[i]) into dst for n_rows sequences, masking\n"
+    "(-inf) tokens whose base logit is below max(base) + ln(guard_min_p) when guard_min_p > 0.\n"
+    "Rows are float32 buffers or addresses (int); dst shares base_stride. Weight-0 rows are not read (the base\n"
+    "is, under the guard).\n"
+    "Use genarm_local.core.mixing.mix_logprobs, which documents the arguments.");
 
 static PyObject *mix(PyObject *self, PyObject *args)
 {
     PyObject *dst_obj, *base_obj, *arms_obj, *weights_obj, *strides_obj;
     PyObject *arms = NULL, *weights = NULL, *strides = NULL, *result = NULL;
-    double base_weight;
+    double base_weight, guard_min_p = 0.0;
     Py_ssize_t n_vocab, n_rows, base_stride, n_arms = 0, n_sources = 0;
     int n_threads;
     Source *sources = NULL; /* [0] = dst, [1] = base, [2 + i] = ARM i */
@@ -163,8 +168,8 @@ static PyObject *mix(PyObject *self, PyObject *args)
     MixSpec spec = {0};
     (void)self;
 
-    if (!PyArg_ParseTuple(args, "OOOOdnnnOi:mix", &dst_obj, &base_obj, &arms_obj, &weights_obj, &base_weight,
-                          &n_vocab, &n_rows, &base_stride, &strides_obj, &n_threads))
+    if (!PyArg_ParseTuple(args, "OOOOdnnnOi|d:mix", &dst_obj, &base_obj, &arms_obj, &weights_obj, &base_weight,
+                          &n_vocab, &n_rows, &base_stride, &strides_obj, &n_threads, &guard_min_p))
         return NULL;
     if (n_vocab <= 0 || n_rows <= 0) {
         PyErr_Format(PyExc_ValueError, "n_vocab and n_rows must be positive, got %zd and %zd", n_vocab, n_rows);
@@ -180,6 +185,10 @@ static PyObject *mix(PyObject *self, PyObject *args)
     }
     if (n_threads < 1) {
         PyErr_Format(PyExc_ValueError, "n_threads must be at least 1, got %d", n_threads);
+        return NULL;
+    }
+    if (!(guard_min_p >= 0.0 && guard_min_p <= 1.0)) {
+        PyErr_SetString(PyExc_ValueError, "guard_min_p must be between 0 and 1");
         return NULL;
     }
     arms = PySequence_Fast(arms_obj, "arms must be a sequence");
@@ -209,7 +218,8 @@ static PyObject *mix(PyObject *self, PyObject *args)
         goto done;
     }
 
-    /* dst and base first, then every ARM; a source with weight 0 is neither opened nor read. */
+    /* dst and base first, then every ARM; a source with weight 0 is neither opened nor read, but for the base
+     * under the guard, which reads it raw. */
     for (Py_ssize_t s = 0; s < n_arms + 2; s++) {
         PyObject *obj;
         double weight;
@@ -242,7 +252,8 @@ static PyObject *mix(PyObject *self, PyObject *args)
                 goto done;
             }
         }
-        if (weight == 0.0)
+        int guard_reads = s == 1 && guard_min_p > 0.0;
+        if (weight == 0.0 && !guard_reads)
             continue;
         Py_ssize_t needed = span(n_rows, src->stride, n_vocab);
         if (needed < 0) {
@@ -256,6 +267,13 @@ static PyObject *mix(PyObject *self, PyObject *args)
             continue;
         if (check_overlap(&sources[0], src, n_rows, n_vocab) < 0)
             goto done;
+        if (guard_reads) {
+            spec.guard_row0 = src->ptr;
+            spec.guard_stride = src->stride;
+            spec.guard_min_p = guard_min_p;
+        }
+        if (weight == 0.0)
+            continue;
         label[spec.n_in] = (int)s;
         row0[spec.n_in] = src->ptr;
         stride[spec.n_in] = src->stride;
@@ -309,5 +327,8 @@ static struct PyModuleDef fused_module = {
 
 PyMODINIT_FUNC PyInit__fused(void)
 {
+    static int stop_registered;
+    if (!stop_registered && Py_AtExit(genarm_threads_stop) == 0)
+        stop_registered = 1;
     return PyModule_Create(&fused_module);
 }

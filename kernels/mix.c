@@ -1,5 +1,5 @@
 /*
- * mix.c: the GenARM guidance kernel, in plain C; fused.c makes it the Python module genarm_local._fused.
+ * mix.c: the GenARM guidance kernel, in plain C; fused.c makes it the Python module genarm_local.core._fused.
  *
  * What it computes. For each sequence r of a batch, one row of log-probabilities
  *
@@ -10,27 +10,38 @@
  * final normalisation removes any constant, so out = log_softmax(w0 * base + sum_i alpha_i * arm_i): the
  * per-input logsumexps are never needed.
  *
+ * The base-plausibility guard (min_p = tau in [0, 1], off at 0). Before mixing, every token whose base probability
+ * is below tau times that of the base's most likely token, i.e. whose raw base logit is below max(base) + ln tau,
+ * is masked: the ARMs re-rank only what the base finds plausible and can never promote what it finds absurd (the
+ * adaptive plausibility constraint of contrastive decoding, Li et al., "Contrastive Decoding", ACL 2023). The guard
+ * reads the base row raw, whatever its weight w0 (even 0); the tokens left are mixed and renormalised as above.
+ * The base's argmax always passes, so a row is emptied only if other masks remove that too (reported as today).
+ * With tau = 0 nothing of the guard runs: the bits are those of the unguarded kernel.
+ *
  * Why C. With Gemma-3's 262,144-token vocabulary numpy spends ~4.5 ms per token on this (a dozen full passes over
  * temporaries, three exponentials per token). Here every input row is read once and dst twice, there is one
  * exponential per token, a polynomial the compiler vectorises, and no lock, so the caller can drop the GIL.
  *
  * How, per row, in blocks of BLOCK tokens that stay in L1, in log2 units (weights times log2 e, so that the
  * exponential is a bare 2^y):
+ *   G. (guard only) the base row's max, hence the cutoff below which a token is masked.
  *   A. mixed[t] = sum_j c_j * x_j[t]: in float32 where that is provably within 2^-14 nats (real logits), else in
- *      double (logits scaled by 1000, masked or corrupt tokens); see mix_block_f32. With the block's max m_b,
- *      rel[t] = mixed[t] - m_b <= 0 goes to dst and sum_t 2^rel[t] is folded into the row's running (max M,
- *      sum S), a streaming logsumexp. Values relative to their own block's max keep the tokens that matter, those
- *      near the max, exact in float32.
+ *      double (logits scaled by 1000, masked or corrupt tokens); see mix_block_f32. Tokens under the guard's
+ *      cutoff become -inf. With the block's max m_b, rel[t] = mixed[t] - m_b <= 0 goes to dst, and the block's
+ *      (m_b, sum_t 2^rel[t]) are kept; folded in block order they give the row's logsumexp (max M, sum S).
+ *      Values relative to their own block's max keep the tokens that matter, those near the max, exact in float32.
  *   B. dst[t] = (rel[t] + m_b - M - log2 S) * ln 2, over dst only.
- * One row can be split between threads by blocks (pass A), a batch by rows.
+ * A batch is shared between threads by rows, one row by blocks, each pass in turn (threads.c). Every block is
+ * computed the same way and folded in the same order whoever computes it, so the result does not depend on the
+ * number of threads, bit for bit.
  *
  * Masked tokens: a token that is -inf in any row with nonzero weight is -inf in the output, whatever the sign of
- * the weight (p^alpha of a token a model forbids is taken as 0, never as +inf). Rows with weight 0 are not read.
- * A NaN or +inf in a row read, or a row with no token left, is reported (MixResult names the input and the
- * sequence); dst's contents are then unspecified.
+ * the weight (p^alpha of a token a model forbids is taken as 0, never as +inf). Rows with weight 0 are not read
+ * (but for the guard's base). A NaN or +inf in a row read, or a row with no token left, is reported (MixResult
+ * names the input and the sequence); dst's contents are then unspecified.
  *
  * dst may be the base rows themselves (same address and stride: the normal in-place use on llama.cpp's logits),
- * since each block is read in full before it is written.
+ * since each block is read in full before it is written, and the guard's pass G ends before pass A starts.
  */
 #include "mix.h"
 
@@ -39,365 +50,90 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _WIN32
-#include <windows.h>
-#else
-#include <pthread.h>
-#endif
+#include "mix_block.h"
+#include "threads.h"
 
-#define BLOCK 1024                  /* tokens per block: 4 KiB of floats (8 KiB of doubles), well inside L1 */
-#define LANES 8                     /* independent accumulators, one AVX2 vector of floats: no reassociation */
-#define MAX_THREADS 64
-#define MIN_TOKENS_PER_THREAD 65536 /* below this a thread costs more to start (~30 us) than it saves */
-#define LOG2E 1.4426950408889634
-#define LN2 0.6931471805599453
+/* Threads. A batch is shared by rows, one row by chunks of CHUNK_BLOCKS blocks (16 chunks for Gemma-3's vocabulary; 8
+ * and 16 measured alike, 32 worse), each thread with at least MIN_TOKENS_PER_THREAD tokens (~20 us of work on the
+ * machine below, so that a worker's ~8 us wake-up cannot eat the gain).
+ * Measured on a 2-vCPU AMD EPYC VM shared with other work, median us, 1 thread vs 2 (bench/bench_kernel.py): one
+ * 262,144-token row, base + 1 ARM, 83 vs 83; + 3 ARMs 115 vs 115; a batch of 8 rows 692 vs 666; the same with the
+ * logits just written by two threads, as after a decode: 86 vs 83, 121 vs 115, 728 vs 713. So 2 threads tie with 1
+ * here (two threads of pure arithmetic on its two vCPUs run at 1.2x one, as SMT siblings would) and never lose, even
+ * with every core busy; the per-call threads this pool replaced lost 40-70% on one row (112-136 vs 80-86 us) and
+ * 1.2-4.6x on the batch. On real, idle cores (a Xeon VM ran the batch of 8 rows 1.7x faster on 2 per-call threads) the
+ * second thread should pay on one row as well: its wake-up is small against the row's 80-170 us. */
+#define MIN_TOKENS_PER_THREAD 65536
+#define CHUNK_BLOCKS 16
+/* One thread's scratch, and its first error. */
+typedef struct {
+    const float **rows; /* the current row of each input */
+    double *offsets;    /* with sums: each block's (max, sum of 2^(x - max)) in a row of its own */
+    double *sums;
+    MixStatus status;
+    ptrdiff_t at; /* with an error: the sequence (a batch) or the block (one shared row) at fault */
+    int which;    /* with an error: the input at fault */
+} Worker;
 
-#ifdef _MSC_VER
-#define RESTRICT __restrict
-#else
-#define RESTRICT restrict
-#endif
+/* A MixSpec with what the loops need: weights in log2 units (2^(c x) = e^(weight x)), also as floats; the threads'
+ * scratch; and for one row shared by threads, its per-block results. */
+typedef struct {
+    float *dst;
+    ptrdiff_t dst_stride, n_vocab, n_blocks;
+    int n_in, n_workers;
+    const float *const *row0;
+    const ptrdiff_t *stride;
+    double *c;
+    float *c32;
+    const float *guard_row0; /* NULL: no guard */
+    ptrdiff_t guard_stride;
+    double log_min_p;
+    Worker *workers;
+    /* One row shared by blocks: */
+    int first_pass;    /* PASS_G with the guard, else PASS_A */
+    double *offsets;   /* with sums: every block's (max, sum), as Worker's */
+    double *sums;
+    float *guard_maxima; /* every block's base max */
+    float cutoff;
+    double log2_sum_exp;
+} Mix;
 
-/* The hot functions are compiled twice where GCC can dispatch at load time (glibc ifunc): once for the x86-64
- * baseline (SSE2), once for AVX2 (+ FMA from GCC 12, which knows x86-64-v3). Wheels are moved between machines, so
- * -march=native is not an option. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
-#if __GNUC__ >= 12
-#define HOT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define HOT_CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#else
-#define HOT_CLONES
-#endif
+enum { PASS_G, PASS_A, PASS_B };
 
-static inline float float_from_bits(uint32_t bits)
-{
-    float x;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
-
-/* 2^y for y <= 0, written so compilers vectorise it (a call to libm's exp2f or expf stops the vectoriser). The
- * kernel keeps mixed values in log2 units (weights multiplied by log2 e), so this is its whole exponential.
- * 2^y = 2^n * 2^f with n = round(y) and |f| <= 1/2; 2^f by a degree-5 polynomial fitted for least maximum relative
- * error on [-1/2, 1/2] (7.5e-8; 2.1e-7 once evaluated in float32). Valid for y >= -126; with `clamp` (a constant
- * at every call site), smaller y and -inf give 2^-126, a term that cannot show in a sum next to 2^0 = 1. NaN gives
- * an unspecified value: the exact path checks for NaN itself. */
-static inline float exp2_nonpos(float y, int clamp)
-{
-    const float round_magic = 12582912.0f; /* 1.5 * 2^23: adding it leaves round(y) in the low mantissa bits */
-    if (clamp)
-        y = y < -126.0f ? -126.0f : y;
-    float t = y + round_magic;
-    float n = t - round_magic;
-    float f = y - n; /* exact */
-    float p = 1.0000001f + f * (0.69314694f + f * (0.2402212f + f * (0.055507131f + f * (0.0096755419f
-              + f * 0.0013276472f))));
-    /* Multiply by 2^n by adding n to p's exponent field. t's bit pattern is 0x4B400000 + n; shifted left by 23 it
-     * is n << 23. p lies in [0.70, 1.42] (exponent 126 or 127), so n >= -126 leaves a float (at worst a value below
-     * 2^-126 read wrongly, which no sum can notice). */
-    uint32_t t_bits, p_bits;
-    memcpy(&t_bits, &t, sizeof t_bits);
-    memcpy(&p_bits, &p, sizeof p_bits);
-    return float_from_bits(p_bits + (t_bits << 23));
-}
-
-/* Float keys that order like the floats they come from: negative values get their magnitude bits flipped.
- * Compilers vectorise an integer max but not a floating-point one without -ffinite-math-only (NaN makes
- * `a > b ? a : b` order-dependent), so maxima below are taken over keys. */
-static inline int32_t order_key32(float x)
-{
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    return (int32_t)(bits ^ ((0u - (bits >> 31)) >> 1));
-}
-
-static inline float from_order_key32(int32_t key)
-{
-    uint32_t bits = (uint32_t)key;
-    bits ^= (0u - (bits >> 31)) >> 1;
-    float x;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
-
-static inline int64_t order_key64(double x)
-{
-    uint64_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    return (int64_t)(bits ^ ((0u - (bits >> 63)) >> 1));
-}
-
-static inline double from_order_key64(int64_t key)
-{
-    uint64_t bits = (uint64_t)key;
-    double x;
-    bits ^= (0u - (bits >> 63)) >> 1;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
-
-static inline uint32_t abs_bits(float x)
-{
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    return bits & 0x7fffffffu;
-}
-
-/* Fast path, one pass over one or two inputs: mixed[t] = (add ? mixed[t] : 0) + c0 * x0[t] (+ c1 * x1[t] with
- * `pair`), in float32. Also *abs0 (*abs1) = the largest |x| as bits, in which inf and NaN compare above every finite
- * value, so the caller can bound the rounding error and send blocks with masked or corrupt tokens down the exact
- * path; and with `last`, the order keys of the largest and smallest mixed values. The flags are constants at every
- * call site, so each combination compiles to its own straight loop. */
-static inline void mix_f32(float *RESTRICT mixed, const float *RESTRICT x0, float c0, const float *RESTRICT x1,
-                           float c1, ptrdiff_t n, int add, int pair, int last, uint32_t *abs0, uint32_t *abs1,
-                           int32_t *max_key, int32_t *min_key)
-{
-    uint32_t a0 = 0, a1 = 0;
-    int32_t best = INT32_MIN, worst = INT32_MAX;
-    for (ptrdiff_t t = 0; t < n; t++) {
-        float v0 = x0[t], sum = c0 * v0;
-        uint32_t b0 = abs_bits(v0);
-        a0 = b0 > a0 ? b0 : a0;
-        if (pair) {
-            float v1 = x1[t];
-            uint32_t b1 = abs_bits(v1);
-            a1 = b1 > a1 ? b1 : a1;
-            sum += c1 * v1;
-        }
-        if (add)
-            sum += mixed[t];
-        mixed[t] = sum;
-        if (last) {
-            int32_t key = order_key32(sum);
-            best = key > best ? key : best;
-            worst = key < worst ? key : worst;
-        }
-    }
-    *abs0 = a0;
-    if (pair)
-        *abs1 = a1;
-    if (last) {
-        *max_key = best;
-        *min_key = worst;
-    }
-}
-
-/* Fast path for one block, float32 throughout; c32 are the weights in log2 units. Fails (returns 0) when the block
- * holds a non-finite value or when float32 could be off by more than 2^-14 nats: fl(sum_j c_j x_j) errs by at most
- * (n_in + 1) * 2^-24 * sum_j |c_j x_j| (the products' roundings, the weights' and one per addition, each bounded by
- * the sum), and the per-input maxima bound that sum. Real logits (|x| below ~100, a few ARMs) pass; logits scaled
- * by 1000 or masked tokens take the exact path. Leaves the block's largest and smallest mixed values. */
-static inline int mix_block_f32(float *RESTRICT mixed, const float *const *rows, const float *c32, const double *c,
-                                int n_in, ptrdiff_t b0, ptrdiff_t n, float *max, float *min)
-{
-    uint32_t abs0 = 0, abs1 = 0;
-    int32_t max_key = INT32_MIN, min_key = INT32_MAX;
-    double bound; /* sum_j |c_j| max|x_j|, log2 units: NaN or inf when the block holds one */
-    if (n_in == 1) {
-        mix_f32(mixed, rows[0] + b0, c32[0], NULL, 0.0f, n, 0, 0, 1, &abs0, NULL, &max_key, &min_key);
-        bound = fabs(c[0]) * float_from_bits(abs0);
-    } else {
-        /* The first two inputs in one pass, any others one by one; the extremes ride on the last pass. */
-        mix_f32(mixed, rows[0] + b0, c32[0], rows[1] + b0, c32[1], n, 0, 1, n_in == 2, &abs0, &abs1, &max_key,
-                &min_key);
-        bound = fabs(c[0]) * float_from_bits(abs0) + fabs(c[1]) * float_from_bits(abs1);
-        for (int j = 2; j < n_in; j++) {
-            if (j < n_in - 1)
-                mix_f32(mixed, rows[j] + b0, c32[j], NULL, 0.0f, n, 1, 0, 0, &abs0, NULL, &max_key, &min_key);
-            else
-                mix_f32(mixed, rows[j] + b0, c32[j], NULL, 0.0f, n, 1, 0, 1, &abs0, NULL, &max_key, &min_key);
-            bound += fabs(c[j]) * float_from_bits(abs0);
-        }
-    }
-    *max = from_order_key32(max_key);
-    *min = from_order_key32(min_key);
-    return bound * (n_in + 1) * LN2 <= 1024.0; /* (n_in + 1) * 2^-24 * bound * ln 2 <= 2^-14 nats */
-}
-
-/* dst[t] = mixed[t] - m (exact near the max), returning sum_t 2^dst[t]; `clamp` is needed when mixed spans more
- * than 126. */
-static inline double shift_sum_exp2_f32(float *RESTRICT dst, const float *RESTRICT mixed, float m, ptrdiff_t n,
-                                        int clamp)
-{
-    float lane[LANES];
-    ptrdiff_t t = 0;
-    for (int l = 0; l < LANES; l++)
-        lane[l] = 0.0f;
-    for (; t + LANES <= n; t += LANES)
-        for (int l = 0; l < LANES; l++) {
-            float r = mixed[t + l] - m;
-            dst[t + l] = r;
-            lane[l] += exp2_nonpos(r, clamp);
-        }
-    for (; t < n; t++) {
-        float r = mixed[t] - m;
-        dst[t] = r;
-        lane[0] += exp2_nonpos(r, clamp);
-    }
-    double s = 0.0;
-    for (int l = 0; l < LANES; l++)
-        s += lane[l];
-    return s;
-}
-
-/* Exact path: mixed[t] += c * x[t] in double, with a -inf in x giving -inf for either sign of c. For c < 0,
- * (x - x) turns a +inf or NaN input into NaN, so a corrupt value cannot pass for a masked token. */
-static inline void add_weighted_f64(double *RESTRICT mixed, const float *RESTRICT x, double c, ptrdiff_t n)
-{
-    if (c > 0) {
-        for (ptrdiff_t t = 0; t < n; t++)
-            mixed[t] += c * (double)x[t];
-    } else {
-        for (ptrdiff_t t = 0; t < n; t++) {
-            double xd = x[t], term = c * xd + (xd - xd);
-            mixed[t] += xd == -INFINITY ? -INFINITY : term;
-        }
-    }
-}
-
-/* Largest value (the caller has ruled out NaN). */
-static inline double max_f64(const double *RESTRICT v, ptrdiff_t n)
-{
-    int64_t best = INT64_MIN;
-    for (ptrdiff_t t = 0; t < n; t++) {
-        int64_t key = order_key64(v[t]);
-        best = key > best ? key : best;
-    }
-    return from_order_key64(best);
-}
-
-/* rel[t] = (float)(mixed[t] - m), returning sum_t 2^rel[t]. */
-static inline double shift_sum_exp2_f64(float *RESTRICT rel, const double *RESTRICT mixed, double m, ptrdiff_t n)
-{
-    float lane[LANES];
-    ptrdiff_t t = 0;
-    for (int l = 0; l < LANES; l++)
-        lane[l] = 0.0f;
-    for (; t + LANES <= n; t += LANES)
-        for (int l = 0; l < LANES; l++) {
-            float r = (float)(mixed[t + l] - m);
-            rel[t + l] = r;
-            lane[l] += exp2_nonpos(r, 1);
-        }
-    for (; t < n; t++) {
-        float r = (float)(mixed[t] - m);
-        rel[t] = r;
-        lane[0] += exp2_nonpos(r, 1);
-    }
-    double s = 0.0;
-    for (int l = 0; l < LANES; l++)
-        s += lane[l];
-    return s;
-}
-
-/* Cold path: which input holds a NaN (preferred) or +inf in tokens [b0, b0 + n)? Neither: weights times logits
- * overflowed. */
-static MixStatus find_bad_value(const float *const *rows, int n_in, ptrdiff_t b0, ptrdiff_t n, int *which)
-{
-    for (int j = 0; j < n_in; j++)
-        for (ptrdiff_t t = b0; t < b0 + n; t++)
-            if (isnan(rows[j][t])) {
-                *which = j;
-                return MIX_NAN;
-            }
-    for (int j = 0; j < n_in; j++)
-        for (ptrdiff_t t = b0; t < b0 + n; t++)
-            if (rows[j][t] == INFINITY) {
-                *which = j;
-                return MIX_POSINF;
-            }
-    *which = 0;
-    return MIX_OVERFLOW;
-}
-
-/* Cold path: every token came out -inf. One row masks everything, or the rows' masks do not overlap. */
-static MixStatus explain_all_masked(const float *const *rows, int n_in, ptrdiff_t n_vocab, int *which)
-{
-    for (int j = 0; j < n_in; j++) {
-        ptrdiff_t t = 0;
-        while (t < n_vocab && rows[j][t] == -INFINITY)
-            t++;
-        if (t == n_vocab) {
-            *which = j;
-            return MIX_ROW_MASKED;
-        }
-    }
-    *which = 0;
-    return MIX_NO_COMMON_TOKEN;
-}
-
-/* Exact path for one block: writes dst[b0 + t] = mixed - max, returns the max in *max and the sum of exponentials
- * in *sum, or MIX_MASKED_BLOCK (nothing written) when every token is -inf, or the error found. */
-static inline MixStatus mix_block_f64(float *dst, const float *const *rows, const double *c, int n_in,
-                                      ptrdiff_t b0, ptrdiff_t n, double *max, double *sum, int *which)
-{
-    double mixed[BLOCK];
-    float rel[BLOCK];
-    for (ptrdiff_t t = 0; t < n; t++)
-        mixed[t] = 0.0;
-    for (int j = 0; j < n_in; j++)
-        add_weighted_f64(mixed, rows[j] + b0, c[j], n);
-    int has_nan = 0;
-    for (ptrdiff_t t = 0; t < n; t++)
-        has_nan |= mixed[t] != mixed[t];
-    double m = max_f64(mixed, n);
-    if (has_nan || m == INFINITY) /* from a NaN or +inf input (NaN also from +inf meeting -inf) */
-        return find_bad_value(rows, n_in, b0, n, which);
-    if (m == -INFINITY)
-        return MIX_MASKED_BLOCK;
-    *max = m;
-    *sum = shift_sum_exp2_f64(rel, mixed, m, n);
-    /* Written only now: when dst is the base, the block's inputs stay intact for the error messages above. */
-    memcpy(dst + b0, rel, (size_t)n * sizeof *dst);
-    return MIX_OK;
-}
-
-/* The streaming logsumexp, in log2 units: fold a block with max m and sum of 2^(x - m) s into (row_max, row_sum). */
-static void fold(double *row_max, double *row_sum, double m, double s)
-{
-    if (m == -INFINITY)
-        return;
-    if (m > *row_max) {
-        *row_sum = *row_sum * exp2(*row_max - m) + s;
-        *row_max = m;
-    } else {
-        *row_sum += s * exp2(m - *row_max);
-    }
-}
-
-/* Pass A over blocks [b_begin, b_end) of one row: rows[j] are the n_in inputs with nonzero weight c[j], in log2
- * units (c32[j] the same in float32). Leaves each block's max in offsets[b] and folds the blocks into (*row_max,
- * *row_sum). On error, *which is the index into rows of the input at fault. */
+/* Pass A over blocks [b_begin, b_end) of one row: each block's (max, sum) in offsets[b] and sums[b]. rows are the
+ * mix's inputs at this row, guard its base row under the guard. On error, *failed is the block, *which the input. */
 HOT_CLONES
-static MixStatus mix_blocks(float *dst, const float *const *rows, const double *c, const float *c32, int n_in,
-                            ptrdiff_t n_vocab, ptrdiff_t b_begin, ptrdiff_t b_end, double *offsets,
-                            double *row_max, double *row_sum, int *which)
+static MixStatus mix_blocks(const Mix *mix, float *dst, const float *const *rows, const float *guard, float cutoff,
+                            ptrdiff_t b_begin, ptrdiff_t b_end, double *offsets, double *sums, ptrdiff_t *failed,
+                            int *which)
 {
     float mixed[BLOCK];
     for (ptrdiff_t b = b_begin; b < b_end; b++) {
-        ptrdiff_t b0 = b * BLOCK, n = n_vocab - b0 < BLOCK ? n_vocab - b0 : BLOCK;
+        ptrdiff_t b0 = b * BLOCK, n = mix->n_vocab - b0 < BLOCK ? mix->n_vocab - b0 : BLOCK;
         float max32, min32;
         double m, s;
-        if (n_in > 0 && mix_block_f32(mixed, rows, c32, c, n_in, b0, n, &max32, &min32)) {
+        if (mix->n_in > 0
+            && mix_block_f32(mixed, rows, mix->c32, mix->c, mix->n_in, guard, cutoff, b0, n, &max32, &min32)) {
             m = max32;
-            if (max32 - min32 <= 125.0f) /* real logits: a block spans ~80 */
+            if (max32 == -INFINITY) /* all under the guard's cutoff: -inf in pass B */
+                s = 0.0;
+            else if (max32 - min32 <= 125.0f) /* real logits: a block spans ~80 */
                 s = shift_sum_exp2_f32(dst + b0, mixed, max32, n, 0);
             else
                 s = shift_sum_exp2_f32(dst + b0, mixed, max32, n, 1);
         } else {
-            MixStatus status = mix_block_f64(dst, rows, c, n_in, b0, n, &m, &s, which);
+            MixStatus status = mix_block_f64(dst, rows, mix->c, mix->n_in, guard, cutoff, b0, n, &m, &s, which);
             if (status == MIX_MASKED_BLOCK) {
                 /* Filled with -inf in pass B: if the whole row is masked, dst (maybe the base) is still intact. */
                 m = -INFINITY;
                 s = 0.0;
             } else if (status != MIX_OK) {
+                *failed = b;
                 return status;
             }
         }
         offsets[b] = m;
-        fold(row_max, row_sum, m, s);
+        sums[b] = s;
     }
     return MIX_OK;
 }
@@ -422,288 +158,136 @@ static void normalize_blocks(float *dst, const double *offsets, ptrdiff_t n_voca
     }
 }
 
-/* A MixSpec with what the loops need: weights in log2 units (2^(c x) = e^(weight x)), also as floats. */
-typedef struct {
-    float *dst;
-    ptrdiff_t dst_stride, n_vocab, n_blocks;
-    int n_in;
-    const float *const *row0;
-    const ptrdiff_t *stride;
-    double *c;
-    float *c32;
-} Mix;
-
-/* Mutex and condition variable. */
-#ifdef _WIN32
-typedef struct {
-    SRWLOCK lock;
-    CONDITION_VARIABLE changed;
-} Monitor;
-static void monitor_init(Monitor *m)
+/* The row's log2 of its sum of exponentials from its blocks, folded in block order; -inf when nothing is left.
+ * Compiled like the passes, so that the fold rounds as it did inside pass A (FMA in the AVX2 build). */
+HOT_CLONES
+static double fold_blocks(const double *offsets, const double *sums, ptrdiff_t n_blocks)
 {
-    InitializeSRWLock(&m->lock);
-    InitializeConditionVariable(&m->changed);
-}
-static void monitor_destroy(Monitor *m)
-{
-    (void)m;
-}
-static void monitor_enter(Monitor *m)
-{
-    AcquireSRWLockExclusive(&m->lock);
-}
-static void monitor_leave(Monitor *m)
-{
-    ReleaseSRWLockExclusive(&m->lock);
-}
-static void monitor_wait(Monitor *m)
-{
-    SleepConditionVariableSRW(&m->changed, &m->lock, INFINITE, 0);
-}
-static void monitor_notify(Monitor *m)
-{
-    WakeAllConditionVariable(&m->changed);
-}
-#else
-typedef struct {
-    pthread_mutex_t lock;
-    pthread_cond_t changed;
-} Monitor;
-static void monitor_init(Monitor *m)
-{
-    pthread_mutex_init(&m->lock, NULL);
-    pthread_cond_init(&m->changed, NULL);
-}
-static void monitor_destroy(Monitor *m)
-{
-    pthread_cond_destroy(&m->changed);
-    pthread_mutex_destroy(&m->lock);
-}
-static void monitor_enter(Monitor *m)
-{
-    pthread_mutex_lock(&m->lock);
-}
-static void monitor_leave(Monitor *m)
-{
-    pthread_mutex_unlock(&m->lock);
-}
-static void monitor_wait(Monitor *m)
-{
-    pthread_cond_wait(&m->changed, &m->lock);
-}
-static void monitor_notify(Monitor *m)
-{
-    pthread_cond_broadcast(&m->changed);
-}
-#endif
-
-/* The hand-over between threads sharing one row: each reports its pass A, then waits while the calling thread
- * combines them, so that every thread runs pass B over the blocks it wrote (still in its own cache). */
-typedef struct {
-    Monitor monitor;
-    int reported;     /* worker threads done with pass A */
-    int decided, go;  /* the row is combined; pass B goes ahead */
-    double log2_sum_exp;
-} RowShare;
-
-/* One thread's share: whole rows [row_begin, row_end), or, with `share`, blocks [block_begin, block_end) of the
- * single row. */
-typedef struct {
-    const Mix *mix;
-    ptrdiff_t row_begin, row_end, block_begin, block_end;
-    RowShare *share;
-    const float **rows; /* scratch: the current row of each input */
-    double *offsets;    /* one per block of a row */
-    MixStatus status;
-    ptrdiff_t row; /* the sequence at fault, with status */
-    int which;     /* the input at fault, with status */
-    double row_max, row_sum;
-} Job;
-
-static void pass_a(Job *job, ptrdiff_t r, ptrdiff_t b_begin, ptrdiff_t b_end)
-{
-    const Mix *mix = job->mix;
-    job->row = r;
-    job->row_max = -INFINITY;
-    job->row_sum = 0.0;
-    for (int j = 0; j < mix->n_in; j++)
-        job->rows[j] = mix->row0[j] + r * mix->stride[j];
-    job->status = mix_blocks(mix->dst + r * mix->dst_stride, job->rows, mix->c, mix->c32, mix->n_in, mix->n_vocab,
-                             b_begin, b_end, job->offsets, &job->row_max, &job->row_sum, &job->which);
-}
-
-/* A job of whole rows. */
-static void run_rows(Job *job)
-{
-    const Mix *mix = job->mix;
-    job->status = MIX_OK;
-    for (ptrdiff_t r = job->row_begin; r < job->row_end && job->status == MIX_OK; r++) {
-        pass_a(job, r, 0, mix->n_blocks);
-        if (job->status != MIX_OK)
-            break;
-        if (job->row_max == -INFINITY) /* nothing was written: the inputs are intact for the diagnosis */
-            job->status = explain_all_masked(job->rows, mix->n_in, mix->n_vocab, &job->which);
-        else
-            normalize_blocks(mix->dst + r * mix->dst_stride, job->offsets, mix->n_vocab, 0, mix->n_blocks,
-                             job->row_max + log2(job->row_sum));
-    }
-}
-
-/* A worker's part of a shared row. */
-static void run_share(Job *job)
-{
-    RowShare *share = job->share;
-    pass_a(job, 0, job->block_begin, job->block_end);
-    monitor_enter(&share->monitor);
-    share->reported++;
-    monitor_notify(&share->monitor);
-    while (!share->decided)
-        monitor_wait(&share->monitor);
-    int go = share->go;
-    monitor_leave(&share->monitor);
-    if (go)
-        normalize_blocks(job->mix->dst, job->offsets, job->mix->n_vocab, job->block_begin, job->block_end,
-                         share->log2_sum_exp);
-}
-
-static void run_job(Job *job)
-{
-    if (job->share)
-        run_share(job);
-    else
-        run_rows(job);
-}
-
-#ifdef _WIN32
-typedef HANDLE Thread;
-static DWORD WINAPI thread_main(LPVOID job)
-{
-    run_job((Job *)job);
-    return 0;
-}
-static int thread_start(Thread *thread, Job *job)
-{
-    *thread = CreateThread(NULL, 0, thread_main, job, 0, NULL);
-    return *thread != NULL;
-}
-static void thread_join(Thread thread)
-{
-    WaitForSingleObject(thread, INFINITE);
-    CloseHandle(thread);
-}
-#else
-typedef pthread_t Thread;
-static void *thread_main(void *job)
-{
-    run_job((Job *)job);
-    return NULL;
-}
-static int thread_start(Thread *thread, Job *job)
-{
-    return pthread_create(thread, NULL, thread_main, job) == 0;
-}
-static void thread_join(Thread thread)
-{
-    pthread_join(thread, NULL);
-}
-#endif
-
-/* One row split by blocks. Job 0 is this thread's; it combines the others' pass A and decides on pass B. A job
- * whose thread did not start is done here. */
-static void run_shared_row(const Mix *mix, Job *jobs, int n_jobs)
-{
-    Thread threads[MAX_THREADS];
-    int started[MAX_THREADS] = {0}, n_started = 0;
-    RowShare share = {0};
-    monitor_init(&share.monitor);
-    for (int i = 1; i < n_jobs; i++) {
-        jobs[i].share = &share;
-        started[i] = thread_start(&threads[i], &jobs[i]);
-        n_started += started[i];
-    }
-    for (int i = 0; i < n_jobs; i++)
-        if (!started[i])
-            pass_a(&jobs[i], 0, jobs[i].block_begin, jobs[i].block_end);
-    monitor_enter(&share.monitor);
-    while (share.reported < n_started)
-        monitor_wait(&share.monitor);
-    monitor_leave(&share.monitor);
-
     double row_max = -INFINITY, row_sum = 0.0;
-    int ok = 1;
-    for (int i = 0; i < n_jobs && ok; i++) {
-        ok = jobs[i].status == MIX_OK;
-        fold(&row_max, &row_sum, jobs[i].row_max, jobs[i].row_sum);
-    }
-    if (ok && row_max == -INFINITY) {
-        jobs[0].status = explain_all_masked(jobs[0].rows, mix->n_in, mix->n_vocab, &jobs[0].which);
-        ok = 0;
-    }
-
-    monitor_enter(&share.monitor);
-    share.decided = 1;
-    share.go = ok;
-    share.log2_sum_exp = row_max + log2(row_sum);
-    monitor_notify(&share.monitor);
-    monitor_leave(&share.monitor);
-    for (int i = 0; i < n_jobs; i++)
-        if (!started[i] && ok)
-            normalize_blocks(mix->dst, jobs[i].offsets, mix->n_vocab, jobs[i].block_begin, jobs[i].block_end,
-                             share.log2_sum_exp);
-    for (int i = 1; i < n_jobs; i++)
-        if (started[i])
-            thread_join(threads[i]);
-    monitor_destroy(&share.monitor);
+    for (ptrdiff_t b = 0; b < n_blocks; b++)
+        fold(&row_max, &row_sum, offsets[b], sums[b]);
+    return row_max == -INFINITY ? -INFINITY : row_max + log2(row_sum);
 }
 
-/* Rows split between jobs: job 0 here, the others on threads of their own (or here too, if one cannot start). */
-static void run_row_jobs(Job *jobs, int n_jobs)
+/* One whole row r, all passes. */
+static MixStatus mix_row(const Mix *mix, Worker *worker, ptrdiff_t r, ptrdiff_t *failed, int *which)
 {
-    Thread threads[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int i = 1; i < n_jobs; i++)
-        started[i] = thread_start(&threads[i], &jobs[i]);
-    run_rows(&jobs[0]);
-    for (int i = 1; i < n_jobs; i++) {
-        if (started[i])
-            thread_join(threads[i]);
-        else
-            run_rows(&jobs[i]);
+    float *dst = mix->dst + r * mix->dst_stride;
+    const float *guard = NULL;
+    float cutoff = 0.0f;
+    for (int j = 0; j < mix->n_in; j++)
+        worker->rows[j] = mix->row0[j] + r * mix->stride[j];
+    if (mix->guard_row0) {
+        float max;
+        guard = mix->guard_row0 + r * mix->guard_stride;
+        *which = MIX_GUARD_INPUT;
+        MixStatus status = guard_max(guard, mix->n_vocab, &max);
+        if (status != MIX_OK)
+            return status;
+        if (max == -INFINITY)
+            return MIX_ROW_MASKED;
+        cutoff = guard_cutoff(max, mix->log_min_p);
     }
-}
-
-/* The whole call: n_threads jobs over rows (a batch) or over the blocks of the one row. Returns the first error in
- * row order, with its job in *failed. */
-static MixStatus run_mix(const Mix *mix, ptrdiff_t n_rows, int n_threads, Job *jobs, const float **rows,
-                         double *offsets, Job **failed)
-{
-    int shared_row = n_rows == 1 && n_threads > 1;
-    for (int i = 0; i < n_threads; i++) {
-        Job *job = &jobs[i];
-        job->mix = mix;
-        job->share = NULL;
-        job->status = MIX_OK;
-        job->rows = rows + (size_t)i * mix->n_in;
-        if (shared_row) {
-            job->block_begin = mix->n_blocks * i / n_threads;
-            job->block_end = mix->n_blocks * (i + 1) / n_threads;
-            job->offsets = offsets; /* one row: each job fills its own blocks */
-        } else {
-            job->row_begin = n_rows * i / n_threads;
-            job->row_end = n_rows * (i + 1) / n_threads;
-            job->offsets = offsets + (size_t)i * mix->n_blocks;
-        }
-    }
-    if (shared_row)
-        run_shared_row(mix, jobs, n_threads);
-    else
-        run_row_jobs(jobs, n_threads);
-    for (int i = 0; i < n_threads; i++)
-        if (jobs[i].status != MIX_OK) {
-            *failed = &jobs[i];
-            return jobs[i].status;
-        }
+    MixStatus status = mix_blocks(mix, dst, worker->rows, guard, cutoff, 0, mix->n_blocks, worker->offsets,
+                                  worker->sums, failed, which);
+    if (status != MIX_OK)
+        return status;
+    double log2_sum_exp = fold_blocks(worker->offsets, worker->sums, mix->n_blocks);
+    if (log2_sum_exp == -INFINITY) /* nothing was written: the inputs are intact for the diagnosis */
+        return explain_all_masked(worker->rows, mix->n_in, mix->n_vocab, which);
+    normalize_blocks(dst, worker->offsets, mix->n_vocab, 0, mix->n_blocks, log2_sum_exp);
     return MIX_OK;
+}
+
+static void fail(Worker *worker, MixStatus status, ptrdiff_t at, int which)
+{
+    worker->status = status;
+    worker->at = at;
+    worker->which = which;
+}
+
+/* ParallelLoop body over the rows of a batch. A worker's rows come in increasing order, so after its first error
+ * the rest cannot hold the batch's first. */
+static void mix_row_range(void *ctx, int worker_index, int pass, ptrdiff_t begin, ptrdiff_t end)
+{
+    const Mix *mix = ctx;
+    Worker *worker = &mix->workers[worker_index];
+    (void)pass;
+    for (ptrdiff_t r = begin; r < end && worker->status == MIX_OK; r++) {
+        ptrdiff_t block;
+        int which = 0;
+        MixStatus status = mix_row(mix, worker, r, &block, &which);
+        if (status != MIX_OK)
+            fail(worker, status, r, which);
+    }
+}
+
+/* ParallelLoop body over the blocks of one row, one pass at a time. */
+static void mix_block_range(void *ctx, int worker_index, int pass, ptrdiff_t begin, ptrdiff_t end)
+{
+    Mix *mix = ctx;
+    Worker *worker = &mix->workers[worker_index];
+    if (worker->status != MIX_OK)
+        return;
+    if (pass + mix->first_pass == PASS_G) {
+        for (ptrdiff_t b = begin; b < end; b++) {
+            ptrdiff_t b0 = b * BLOCK, n = mix->n_vocab - b0 < BLOCK ? mix->n_vocab - b0 : BLOCK;
+            MixStatus status = guard_max(mix->guard_row0 + b0, n, &mix->guard_maxima[b]);
+            if (status != MIX_OK) {
+                fail(worker, status, b, MIX_GUARD_INPUT);
+                return;
+            }
+        }
+    } else if (pass + mix->first_pass == PASS_A) {
+        ptrdiff_t block = 0;
+        int which = 0;
+        MixStatus status = mix_blocks(mix, mix->dst, mix->row0, mix->guard_row0, mix->cutoff,
+                                      begin, end, mix->offsets, mix->sums, &block, &which);
+        if (status != MIX_OK)
+            fail(worker, status, block, which);
+    } else {
+        normalize_blocks(mix->dst, mix->offsets, mix->n_vocab, begin, end, mix->log2_sum_exp);
+    }
+}
+
+/* The first error in row (or block) order over all workers, or NULL. */
+static const Worker *first_error(const Mix *mix)
+{
+    const Worker *first = NULL;
+    for (int i = 0; i < mix->n_workers; i++) {
+        const Worker *worker = &mix->workers[i];
+        if (worker->status != MIX_OK && (!first || worker->at < first->at))
+            first = worker;
+    }
+    return first;
+}
+
+/* Between the passes over one shared row: the guard's cutoff after pass G, the row's normalisation after pass A.
+ * 0 stops the loop (an error, now in first_error). */
+static int between_passes(void *ctx, int pass)
+{
+    Mix *mix = ctx;
+    if (first_error(mix))
+        return 0;
+    if (pass + mix->first_pass == PASS_G) {
+        float max = -INFINITY;
+        for (ptrdiff_t b = 0; b < mix->n_blocks; b++)
+            max = mix->guard_maxima[b] > max ? mix->guard_maxima[b] : max;
+        if (max == -INFINITY) {
+            fail(&mix->workers[0], MIX_ROW_MASKED, 0, MIX_GUARD_INPUT);
+            return 0;
+        }
+        mix->cutoff = guard_cutoff(max, mix->log_min_p);
+        return 1;
+    }
+    mix->log2_sum_exp = fold_blocks(mix->offsets, mix->sums, mix->n_blocks);
+    if (mix->log2_sum_exp == -INFINITY) {
+        int which = 0;
+        MixStatus status = explain_all_masked(mix->row0, mix->n_in, mix->n_vocab, &which);
+        fail(&mix->workers[0], status, 0, which);
+        return 0;
+    }
+    return 1;
 }
 
 MixResult genarm_mix_rows(const MixSpec *spec, int n_threads)
@@ -717,29 +301,61 @@ MixResult genarm_mix_rows(const MixSpec *spec, int n_threads)
         n_threads = MAX_THREADS;
     if (n_threads > useful)
         n_threads = useful > 1 ? (int)useful : 1;
+    int shared_row = spec->n_rows == 1 && n_threads > 1;
 
     /* One allocation for every scratch array, doubles first for alignment. */
-    size_t n_in = (size_t)spec->n_in, n_jobs = (size_t)n_threads;
-    size_t doubles = n_in + n_jobs * (size_t)n_blocks, size = doubles * sizeof(double) + n_jobs * sizeof(Job)
-                     + n_jobs * n_in * sizeof(const float *) + n_in * sizeof(float);
-    char *scratch = malloc(size ? size : 1);
+    size_t n_in = (size_t)spec->n_in, n_workers = (size_t)n_threads, blocks = (size_t)n_blocks;
+    size_t doubles = n_in + 2 * (n_workers + 1) * blocks;
+    size_t size = doubles * sizeof(double) + n_workers * sizeof(Worker) + n_workers * n_in * sizeof(const float *)
+                  + (n_in + blocks) * sizeof(float);
+    char *scratch = calloc(size ? size : 1, 1);
     if (!scratch)
         return result;
-    Mix mix = {spec->dst, spec->dst_stride, spec->n_vocab, n_blocks, spec->n_in, spec->row0, spec->stride,
-               (double *)scratch, NULL};
-    double *offsets = mix.c + n_in;
-    Job *jobs = (Job *)(offsets + n_jobs * (size_t)n_blocks);
-    const float **rows = (const float **)(jobs + n_jobs);
-    mix.c32 = (float *)(rows + n_jobs * n_in);
+    Mix mix = {0};
+    mix.dst = spec->dst;
+    mix.dst_stride = spec->dst_stride;
+    mix.n_vocab = spec->n_vocab;
+    mix.n_blocks = n_blocks;
+    mix.n_in = spec->n_in;
+    mix.n_workers = n_threads;
+    mix.row0 = spec->row0;
+    mix.stride = spec->stride;
+    mix.c = (double *)scratch;
+    mix.offsets = mix.c + n_in;
+    mix.sums = mix.offsets + blocks;
+    double *worker_blocks = mix.sums + blocks;
+    mix.workers = (Worker *)(mix.c + doubles);
+    const float **rows = (const float **)(mix.workers + n_workers);
+    mix.c32 = (float *)(rows + n_workers * n_in);
+    mix.guard_maxima = mix.c32 + n_in;
     for (int j = 0; j < spec->n_in; j++) {
         mix.c[j] = spec->weight[j] * LOG2E;
         mix.c32[j] = (float)mix.c[j];
     }
+    for (size_t i = 0; i < n_workers; i++) {
+        mix.workers[i].rows = rows + i * n_in;
+        mix.workers[i].offsets = worker_blocks + 2 * i * blocks;
+        mix.workers[i].sums = mix.workers[i].offsets + blocks;
+        mix.workers[i].status = MIX_OK;
+    }
+    if (spec->guard_min_p > 0.0) {
+        mix.guard_row0 = spec->guard_row0;
+        mix.guard_stride = spec->guard_stride;
+        mix.log_min_p = log(spec->guard_min_p);
+    }
 
-    Job *failed = NULL;
-    result.status = run_mix(&mix, spec->n_rows, n_threads, jobs, rows, offsets, &failed);
-    if (result.status != MIX_OK) {
-        result.sequence = failed->row;
+    ParallelLoop loop = {spec->n_rows, 1, 1, mix_row_range, NULL, &mix};
+    if (shared_row) {
+        mix.first_pass = mix.guard_row0 ? PASS_G : PASS_A;
+        loop = (ParallelLoop){n_blocks, CHUNK_BLOCKS, PASS_B + 1 - mix.first_pass, mix_block_range, between_passes,
+                              &mix};
+    }
+    genarm_parallel_run(&loop, n_threads);
+
+    const Worker *failed = first_error(&mix);
+    result.status = failed ? failed->status : MIX_OK;
+    if (failed) {
+        result.sequence = shared_row ? 0 : failed->at;
         result.input = failed->which;
     }
     free(scratch);

@@ -15,9 +15,15 @@ typedef enum {
     MIX_NO_MEMORY,
 } MixStatus;
 
+/* MixResult.input of an error in the guard's base row (which need not be an input: its weight may be 0). */
+#define MIX_GUARD_INPUT (-1)
+
 /* What to mix: n_rows sequences of n_vocab tokens. Input j (only those with nonzero weight) has its row r at
  * row0[j] + r * stride[j]; the result for row r goes to dst + r * dst_stride, which may be an input's own rows
- * (same address and stride) but must not overlap them otherwise. Weights are plain (w0, alpha_1, ...). */
+ * (same address and stride) but must not overlap them otherwise. Weights are plain (w0, alpha_1, ...).
+ * With guard_min_p in (0, 1], the base-plausibility guard: guard_row0 + r * guard_stride is sequence r's base row,
+ * read raw whatever its weight, and every token whose logit there is below its max + ln(guard_min_p) is -inf in the
+ * result. guard_min_p = 0: no guard (guard_row0 is not read). */
 typedef struct {
     float *dst;
     ptrdiff_t dst_stride, n_vocab, n_rows;
@@ -25,16 +31,20 @@ typedef struct {
     const float *const *row0;
     const ptrdiff_t *stride;
     const double *weight;
+    const float *guard_row0;
+    ptrdiff_t guard_stride;
+    double guard_min_p;
 } MixSpec;
 
 typedef struct {
     MixStatus status;
     ptrdiff_t sequence; /* with an error: the row at fault */
-    int input;          /* with an error: the index j of the input at fault */
+    int input;          /* with an error: the index j of the input at fault, or MIX_GUARD_INPUT */
 } MixResult;
 
-/* Write log_softmax(sum_j weight[j] * input_j) into every row of dst, on up to n_threads threads (fewer where a
- * thread would have under 65,536 tokens). Thread-safe; takes no locks and touches no Python object. */
+/* Write the guarded log_softmax(sum_j weight[j] * input_j) into every row of dst, on up to n_threads threads (fewer
+ * where a thread would have under MIN_TOKENS_PER_THREAD tokens: see mix.c). The same bits on any number of threads.
+ * Thread-safe; touches no Python object. */
 MixResult genarm_mix_rows(const MixSpec *spec, int n_threads);
 
 #endif

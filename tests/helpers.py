@@ -39,6 +39,27 @@ def llama_logits(gguf_path: Path, ids: list[int], adapter: Path | None = None, s
                 lora.close()
 
 
+def last_logits(gguf_path: Path, ids: list[int], adapter: Path | None = None, **load_options) -> np.ndarray:
+    """The next-token logits after ``ids`` from a plain llama.cpp context (one batch), as float64: an engine-free
+    reference for the guided mix. ``load_options`` are LoadConfig's (use the settings of the engine compared)."""
+    import llama_cpp as lc
+
+    from genarm_local.core.config import LoadConfig
+    from genarm_local.core.context import Context
+    from genarm_local.core.native import Adapter, Model
+
+    with Model(gguf_path) as model:
+        lora = Adapter(model, adapter) if adapter else None
+        try:
+            with Context(model, LoadConfig(**load_options), adapters=[(lora, 1.0)] if lora else ()) as ctx:
+                ctx.decode(ids)
+                row = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx.ptr, -1), shape=(model.n_vocab,))
+                return row.astype(np.float64)
+        finally:
+            if lora:
+                lora.close()
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..core.api import GuidedModel
 from ..core.atomic import atomic_output
-from ..core.errors import BatchInputError, GenArmError, InputNotFoundError, InvalidOptionError
+from ..core.errors import BatchInputError, GenArmError, InvalidOptionError
 from ..core.requests import Prepared, check_option_types, check_weights, prepare
 
 # Sampling options a row may set; the rest of SamplingConfig comes from the command line only.
@@ -51,6 +51,11 @@ def parse_row(line: int, text: str, sampling_keys: set[str]) -> Row:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         return Row(line, line, error=f"line {line}: not JSON ({exc.msg} at column {exc.colno})")
+    return parse_object(line, data, sampling_keys)
+
+
+def parse_object(line: int, data: object, sampling_keys: set[str]) -> Row:
+    """One decoded input record (a JSON line, a Parquet row) → Row, checked as parse_row says."""
     if not isinstance(data, dict):
         return Row(line, line, error=f"line {line}: expected a JSON object, got {type(data).__name__}")
     row = Row(line, data.get("id", line))
@@ -76,10 +81,8 @@ def parse_row(line: int, text: str, sampling_keys: set[str]) -> Row:
     return row
 
 
-def read_input(path: Path, sampling_keys: set[str]) -> list[Row]:
-    """Every row of IN; refuses an unreadable file or duplicate ids before any work is done."""
-    if not path.exists():
-        raise InputNotFoundError(f"{path}: no such file")
+def read_jsonl(path: Path, sampling_keys: set[str], first_line: int = 1) -> tuple[list[Row], int]:
+    """The rows of one JSONL file, numbered from ``first_line``, and how many lines it has."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -87,9 +90,19 @@ def read_input(path: Path, sampling_keys: set[str]) -> list[Row]:
     except OSError as exc:
         raise BatchInputError(f"cannot read {path}: {exc.strerror}") from None
     # split on "\n" only: str.splitlines would also cut at U+2028 and friends, which JSON strings may hold raw
-    rows = [parse_row(n, line, sampling_keys) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    lines = text.split("\n")
+    rows = [parse_row(n, line, sampling_keys) for n, line in enumerate(lines, first_line) if line.strip()]
     if rows and all(row.error and "not JSON" in row.error for row in rows):
         raise BatchInputError(f"{path}: no line is JSON; give a JSONL file (one JSON object per line)")
+    return rows, len(lines) - (lines[-1] == "")
+
+
+def read_input(path: Path, sampling_keys: set[str]) -> list[Row]:
+    """Every row of IN (a JSONL file, a Parquet file, or a directory of them read as one file: see sources.py);
+    refuses an unreadable file or duplicate ids before any work is done."""
+    from .sources import read_rows
+
+    rows = read_rows(path, sampling_keys)
     first: dict[str, int] = {}
     for row in rows:
         if row.key in first:
@@ -141,27 +154,57 @@ def recover_output(path: Path, retry_failed: bool) -> dict[str, dict]:
     return rows
 
 
-class Sink:
-    """OUT opened for appending; every row is on disk (flushed and fsynced) before the next one starts."""
+class RowSink:
+    """Where finished result rows go, counted as done or failed."""
 
-    def __init__(self, path: Path):
-        self._file = open(path, "a", encoding="utf-8")  # closed by close()
+    def __init__(self) -> None:
         self.done = self.failed = 0
 
     def write(self, row: dict) -> None:
-        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        if "error" in row:
-            self.failed += 1
-        else:
-            self.done += 1
+        self.write_all([row])
+
+    def write_all(self, rows: list[dict]) -> None:
+        self.put(rows)
+        for row in rows:
+            if "error" in row:
+                self.failed += 1
+            else:
+                self.done += 1
 
     def error(self, row: Row, message: str) -> None:
         self.write({"id": row.id, "line": row.line, "error": message})
 
+    def put(self, rows: list[dict]) -> None:
+        raise NotImplementedError
+
+
+class Sink(RowSink):
+    """OUT opened for appending; rows are on disk (flushed and fsynced) before the next ones start. Rows written
+    together (a chunk back from a Ray replica) share one fsync; a kill mid-write leaves a torn last line, which
+    recover_output cuts off."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._file = open(path, "a", encoding="utf-8")  # closed by close()
+
+    def put(self, rows: list[dict]) -> None:
+        self._file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
     def close(self) -> None:
         self._file.close()
+
+
+class MemorySink(RowSink):
+    """Result rows kept in a list (a Ray replica hands them back to the driver, which writes OUT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict] = []
+
+    def put(self, rows: list[dict]) -> None:
+        self.rows += rows
 
 
 @dataclass
@@ -185,7 +228,7 @@ def prepare_row(row: Row, model: GuidedModel, defaults: dict) -> Job:
     return Job(row, request)
 
 
-def run_jobs(jobs: list[Job], model: GuidedModel, sink: Sink, batch_size: int, progress) -> None:
+def run_jobs(jobs: list[Job], model: GuidedModel, sink: RowSink, batch_size: int, progress) -> None:
     """Rows with equal settings go through generate_batch together, batch_size at a time."""
     groups: dict[str, list[Job]] = {}
     for job in jobs:
@@ -238,20 +281,26 @@ def generate_chunk(chunk: list[Job], model: GuidedModel) -> list:
 class Plan:
     """What a run has to do, known before any model loads: the rows still missing from OUT."""
 
-    output: Path
+    output: Path  # where result rows are appended: OUT, or the journal beside a Parquet OUT (sources.py)
     todo: list[Row]
     skipped: int  # rows already in OUT
     earlier_failures: int  # error rows OUT keeps (not redone without retry_failed)
+    order: list[str] = field(default_factory=list)  # every input row's id key, in input order
+    target: Path | None = None  # the file -o named, when it is not ``output`` (Parquet, written at the end)
 
 
 def plan(input: Path, output: Path, sampling_keys: set[str], retry_failed: bool = False) -> Plan:
+    from .sources import journal_for
+
     rows = read_input(input, sampling_keys)
     if output.is_dir() or not output.parent.is_dir():
         raise InvalidOptionError(f"-o {output}: give a file in an existing directory")
-    finished = recover_output(output, retry_failed)
+    journal = journal_for(output, rows)
+    finished = recover_output(journal, retry_failed)
     todo = [row for row in rows if row.key not in finished]
     earlier_failures = sum(1 for row in rows if "error" in finished.get(row.key, {}))
-    return Plan(output, todo, len(rows) - len(todo), earlier_failures)
+    target = output if journal != output else None
+    return Plan(journal, todo, len(rows) - len(todo), earlier_failures, [row.key for row in rows], target)
 
 
 def run(model: GuidedModel, plan: Plan, defaults: dict, batch_size: int = 8, progress=None) -> Sink:
@@ -261,20 +310,25 @@ def run(model: GuidedModel, plan: Plan, defaults: dict, batch_size: int = 8, pro
     progress = progress if progress is not None else progress_bar(0, plan.output, False)
     sink = Sink(plan.output)
     try:
-        jobs = []
-        for row in plan.todo:
-            if row.error is None:
-                try:
-                    jobs.append(prepare_row(row, model, defaults))
-                    continue
-                except GenArmError as exc:
-                    row.error = f"line {row.line}: {exc}"
-            sink.error(row, row.error)
-            progress.update(1)
-        run_jobs(jobs, model, sink, batch_size, progress)
+        run_rows(plan.todo, model, defaults, sink, batch_size, progress)
     finally:
         sink.close()
     return sink
+
+
+def run_rows(rows: list[Row], model: GuidedModel, defaults: dict, sink: RowSink, batch_size: int, progress) -> None:
+    """Every row into ``sink``: a row that fails to parse or validate is an error row, the rest are generated."""
+    jobs = []
+    for row in rows:
+        if row.error is None:
+            try:
+                jobs.append(prepare_row(row, model, defaults))
+                continue
+            except GenArmError as exc:
+                row.error = f"line {row.line}: {exc}"
+        sink.error(row, row.error)
+        progress.update(1)
+    run_jobs(jobs, model, sink, batch_size, progress)
 
 
 def progress_bar(total: int, output: Path, enabled: bool):

@@ -18,7 +18,7 @@ import textwrap
 import threading
 from pathlib import Path
 
-from ..core.api import GuidedModel, chat_stops
+from ..core.api import GuidedModel
 from ..core.atomic import atomic_output
 from ..core.errors import ChatTemplateError, ContextOverflowError, GenArmError, InvalidOptionError
 from .flags import (
@@ -184,8 +184,7 @@ class ChatSession:
             raise ContextOverflowError(
                 f"the conversation ({len(prompt.tokens)} tokens) fills the context of {n_ctx} (-c)"
             )
-        options = dict(self.sampling, max_tokens=min(self.sampling["max_tokens"], room))
-        options["stop"] = chat_stops(options.get("stop"), prompt.stop)
+        options = prompt.sampling(dict(self.sampling, max_tokens=min(self.sampling["max_tokens"], room)))
         pieces = self.model.stream(prompt.tokens, weights=weights, cancel=cancel, **options)
         streamed = not (self.compare and self.layout == "side")
         if streamed and label:

@@ -45,7 +45,8 @@ def configurations(weights: dict[str, float]) -> list[tuple[str, dict[str, float
 
 
 def main(args: argparse.Namespace) -> None:
-    from ..evaluation.judges import positivity, sentence_tokens
+    from ..evaluation.fluency import is_degenerate, rep_n
+    from ..evaluation.judges import distinct_n, positivity, sentence_tokens
 
     options = sampling_options(args)
     if not args.arms and not args.no_arm and args.base is None:
@@ -64,7 +65,9 @@ def main(args: argparse.Namespace) -> None:
                 text = " ".join(result.text.split())
                 scores = (
                     f"positivity {positivity(result.text):+.2f} · sentence {sentence_tokens(pieces):2d} tok · "
+                    f"distinct-2 {distinct_n([result.text]):.2f} · rep-4 {rep_n(result.text):.2f} · "
                     f"{result.timings.generated_tokens_per_s:5.1f} tok/s"
+                    + (" · degenerate" if is_degenerate(result.text) else "")
                 )
                 indent = " " * (label_width + 4)
                 print(f"  {label:<{label_width}}  {scores}")

@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 
-from ..core.api import chat_stops
 from ..core.errors import InvalidOptionError
 from .flags import (
     add_model_arguments,
@@ -51,7 +50,7 @@ def main(args: argparse.Namespace) -> None:
         if args.chat:
             system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
             chat = model.chat_prompt([*system, {"role": "user", "content": text}])
-            prompt, sampling["stop"] = chat.tokens, chat_stops(sampling.get("stop"), chat.stop)
+            prompt, sampling = chat.tokens, chat.sampling(sampling)
         else:
             prompt = text
         seed = sampling.pop("seed")

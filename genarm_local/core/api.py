@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,13 +35,11 @@ Prompt = str | Sequence[int]
 @dataclass(frozen=True)
 class ChatPrompt:
     tokens: list[int]
-    stop: tuple[str, ...]  # the template's turn boundaries, added to the caller's stop strings
+    stop_at_turns: bool  # the template has no end-of-turn token: stop where the next speaker's label starts
 
-
-def chat_stops(stop: str | Sequence[str] | None, template_stops: Sequence[str]) -> tuple[str, ...]:
-    """The caller's stop strings plus the chat template's own."""
-    given = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    return given + tuple(s for s in template_stops if s not in given)
+    def sampling(self, options: Mapping[str, object]) -> dict:
+        """``options`` with the template's own end-of-reply rule added."""
+        return dict(options, stop_at_turns=True) if self.stop_at_turns else dict(options)
 
 
 @dataclass
@@ -53,26 +52,38 @@ class GenerationResult:
     top_logprobs: list[dict[int, float]] | None = None
 
 
+# A new line that opens with a speaker's label ("User:", "Assistant:", "Student:", "Dr Smith:"): in a plain
+# transcript the reply is over, whoever the model lets speak next. A tail that may still become one is held back.
+TURN_LABEL = re.compile(r"\n[ \t]*[A-Z][\w'-]{0,24}(?: [A-Z][\w'-]{0,24})?:")
+MAYBE_TURN_LABEL = re.compile(r"\n[ \t]*(?:[A-Z][\w'-]{0,24}(?: (?:[A-Z][\w'-]{0,24})?)?)?$")
+
+
 class _StopText:
     """Turns tokens into text pieces: holds back bytes of a split UTF-8 character and any tail that could be the
-    start of a stop string, so a stop string spanning several tokens is caught and never emitted."""
+    start of a stop string (or, with ``turn_labels``, of a speaker's label on a new line), so a stop spanning
+    several tokens is caught and never emitted."""
 
-    def __init__(self, token_bytes, stops: Sequence[str]):
+    def __init__(self, token_bytes, stops: Sequence[str], turn_labels: bool = False):
         self._token_bytes = token_bytes
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = stops
+        self._turn_labels = turn_labels
         self._pending = ""
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; returns (text safe to emit now, whether a stop string was reached)."""
         self._pending += self._decoder.decode(self._token_bytes(token))
         hits = [i for i in (self._pending.find(stop) for stop in self._stops) if i >= 0]
+        if self._turn_labels and (label := TURN_LABEL.search(self._pending)):
+            hits.append(label.start())
         if hits:
             piece, self._pending = self._pending[: min(hits)], ""
             return piece, True
         hold = max(
             (k for stop in self._stops for k in range(1, len(stop)) if self._pending.endswith(stop[:k])), default=0
         )
+        if self._turn_labels and (label := MAYBE_TURN_LABEL.search(self._pending)):
+            hold = max(hold, len(self._pending) - label.start())
         cut = len(self._pending) - hold
         piece, self._pending = self._pending[:cut], self._pending[cut:]
         return piece, False
@@ -171,7 +182,7 @@ class GuidedModel:
             config = SamplingConfig.from_options(options, seed=self.seed)
             if config.logprobs is not None:
                 result.logprobs, result.top_logprobs = [], []
-            text = _StopText(engine.base_model.token_bytes, config.stop)
+            text = _StopText(engine.base_model.token_bytes, config.stop, config.stop_at_turns)
             steps = engine.steps(self._prompt_tokens(prompt), config, weights, cancel, result.timings)
             stopped = False
             try:
@@ -230,7 +241,7 @@ class GuidedModel:
             engine = self.engine
             config = SamplingConfig.from_options(sampling, seed=self.seed)
             results = [GenerationResult() for _ in prompts]
-            texts = [_StopText(engine.base_model.token_bytes, config.stop) for _ in prompts]
+            texts = [_StopText(engine.base_model.token_bytes, config.stop, config.stop_at_turns) for _ in prompts]
             finished: set[int] = set()
             prompt_tokens = [self._prompt_tokens(p) for p in prompts]
             steps = batch_steps(engine, prompt_tokens, config, weights, cancel, finished, seeds)
@@ -262,9 +273,8 @@ class GuidedModel:
         chat_template.py). Each context keeps its KV cache between turns, so a new turn decodes only the tokens
         after the common prefix with the previous one, not the whole history."""
         prompt = self.chat_prompt(messages)
-        sampling["stop"] = chat_stops(sampling.get("stop"), prompt.stop)
         run = self.stream if stream else self.generate
-        return run(prompt.tokens, weights=weights, cancel=cancel, **sampling)
+        return run(prompt.tokens, weights=weights, cancel=cancel, **prompt.sampling(sampling))
 
     def check_chat_template(self) -> None:
         """Render a short conversation once, so that a broken or hostile template fails now (ChatTemplateError),
@@ -278,15 +288,20 @@ class GuidedModel:
         strings that end the reply where the template has no end-of-turn token (the plain transcript's next turn)."""
         rendered = self.chat_template.render(self.engine.base_model, messages)
         tokens = self.engine.base_model.tokenize(rendered.text, add_special=rendered.add_bos, parse_special=True)
-        return ChatPrompt(tokens, rendered.stop)
+        return ChatPrompt(tokens, rendered.stop_at_turns)
 
     def next_token_logprobs(
-        self, tokens: Prompt, weights: Mapping[str, float] | None = None, normalized: bool = False
+        self,
+        tokens: Prompt,
+        weights: Mapping[str, float] | None = None,
+        normalized: bool = False,
+        guard_min_p: float = 0.0,
     ) -> np.ndarray:
-        """log p(next token | tokens) under the guided mixture, before temperature (float32, n_vocab)."""
+        """log p(next token | tokens) under the guided mixture, before temperature (float32, n_vocab); masked
+        tokens (``guard_min_p``, see SamplingConfig) are -inf."""
         self._acquire()
         try:
-            return self.engine.mixed_logprobs(self._prompt_tokens(tokens), weights, normalized)
+            return self.engine.mixed_logprobs(self._prompt_tokens(tokens), weights, normalized, guard_min_p)
         finally:
             self._release()
 

@@ -58,6 +58,7 @@ def batch_steps(
         ]
         contexts = [base, *arms]
         guided = bool(active) or config.normalized  # as in steps: unguided rows stay plain llama.cpp
+        guard = config.guard_min_p if active else 0.0
         chains = [
             stack.enter_context(
                 SamplerChain(dataclasses.replace(config, seed=seed), engine.base_model, temperature_scale)
@@ -91,7 +92,7 @@ def batch_steps(
             for row, seq in enumerate(running):
                 # 3. Mix and sample each sequence's row.
                 if guided:
-                    engine.mix(active, config.normalized, contexts=contexts, row=row)
+                    engine.mix(active, config.normalized, contexts=contexts, row=row, guard_min_p=guard)
                 token = chains[seq].sample(base, row)
                 step = Step(token)
                 if engine.base_model.is_eog(token):

@@ -39,7 +39,7 @@ START_SECONDS = 30.0
 class RenderedChat:
     text: str
     add_bos: bool  # whether tokenizing should add BOS (a Jinja template writes its own, like transformers')
-    stop: tuple[str, ...] = ()  # where the assistant's turn ends when no end-of-turn token says so
+    stop_at_turns: bool = False  # no end-of-turn token: the reply ends where a new line opens with "Name:"
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class ChatTemplate:
     def render(self, model: Model, messages: Sequence[Message], add_generation_prompt: bool = True) -> RenderedChat:
         check_messages(messages)
         if self.kind == PLAIN:
-            return RenderedChat(render_plain(messages, add_generation_prompt), True, PLAIN_STOPS)
+            return RenderedChat(render_plain(messages, add_generation_prompt), True, stop_at_turns=True)
         if self.kind == "builtin":
             return RenderedChat(render_builtin(self.name, messages, add_generation_prompt), True)
         context = {
@@ -121,10 +121,8 @@ def check_messages(messages: Sequence[Message]) -> None:
             raise InvalidOptionError(f"a chat message needs a string 'role' and 'content', got {message!r}")
 
 
-# The plain transcript: what a pretrained model has seen in dialogue text. The next speaker's label ends the reply.
-PLAIN_STOPS = ("\nUser:", "\nSystem:")
-
-
+# The plain transcript: what a pretrained model has seen in dialogue text. The next speaker's label ends the reply
+# (SamplingConfig.stop_at_turns): "User:", but also whoever else the model lets speak ("Student:", "Q:").
 def render_plain(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
     text = "".join(f"{m['role'].capitalize()}: {m['content'].strip()}\n" for m in messages)
     return text + ("Assistant:" if add_generation_prompt else "")

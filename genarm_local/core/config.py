@@ -46,10 +46,18 @@ class SamplingConfig:
     seed: int | None = option(None, "RNG seed; None: random", flags=("-s", "--seed"))
     max_tokens: int = option(256, "stop after this many generated tokens", flags=("-n", "--max-tokens", "--n-predict"))
     stop: tuple[str, ...] = option((), "strings that end generation (never emitted)")
+    stop_at_turns: bool = option(
+        False, 'end at a new line that opens with a speaker\'s label ("User:", "Student:"); plain chat turns it on'
+    )
     grammar: str | None = option(None, "GBNF grammar the output must follow (root rule)")
     logprobs: int | None = option(None, "report each token's mixed log-prob and this many top alternatives")
     normalized: bool = option(
         False, "paper form: mix (base + Σα·arm)/(1+Σα), sampled at T/(1+Σα); same tokens, other logprobs"
+    )
+    guard_min_p: float = option(
+        0.0,
+        "base-plausibility guard τ: before mixing, drop tokens whose base probability is below τ × the base's top "
+        "token's, so the ARMs re-rank only what the base finds plausible (Li et al. 2023); 0: off",
     )
 
     @classmethod
@@ -80,6 +88,7 @@ class SamplingConfig:
             "top_k": self.top_k >= 0,
             "top_p": 0.0 < self.top_p <= 1.0,
             "min_p": 0.0 <= self.min_p <= 1.0,
+            "guard_min_p": 0.0 <= self.guard_min_p <= 1.0,
             "repeat_penalty": self.repeat_penalty > 0.0,
             "repeat_last_n": self.repeat_last_n >= -1,
             "max_tokens": self.max_tokens >= 1,

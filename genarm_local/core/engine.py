@@ -188,13 +188,15 @@ class Engine:
         dst: np.ndarray | None = None,
         contexts: Sequence[Context] | None = None,
         row: int = -1,
+        guard_min_p: float = 0.0,
     ) -> None:
         """Write log p = w0·log_softmax(base) + Σ α_i·log_softmax(arm_i) − log Z (mixing.py) into ``dst``, by
         default the base's own logits row (in place, where the sampler chain reads it).
 
         ``contexts`` (base first, then one per active ARM) default to the loaded ones; ``row`` picks a sequence's
         row after a multi-sequence decode. ``normalized`` is the paper code's form (base + Σα_i·arm_i)/(1 + Σα_i):
-        every weight divided by 1 + Σα_i.
+        every weight divided by 1 + Σα_i. ``guard_min_p`` τ > 0 first masks the tokens the base finds implausible
+        (p_base < τ · max p_base).
         """
         base, *arms = contexts or [self.base, *(arm.context for arm, _ in active)]
         scale = 1.0 / self.normalizer([alpha for _, alpha in active]) if normalized else 1.0
@@ -207,6 +209,7 @@ class Engine:
             base_weight=scale,
             n_vocab=self.n_vocab,
             n_threads=self.n_threads,
+            guard_min_p=guard_min_p,
         )
 
     @staticmethod
@@ -221,14 +224,16 @@ class Engine:
             raise ContextOverflowError(f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}")
         return self.each(contexts, lambda context: context.sync(tokens))
 
-    def mixed_logprobs(self, tokens: Sequence[int], weights=None, normalized: bool = False) -> np.ndarray:
+    def mixed_logprobs(
+        self, tokens: Sequence[int], weights=None, normalized: bool = False, guard_min_p: float = 0.0
+    ) -> np.ndarray:
         """The guided next-token log-probabilities after ``tokens`` (before temperature), as a new array."""
         active = self.active_arms(self.alphas(weights))
         contexts = [self.base] + [arm.context for arm, _ in active]
         with self.thread_shares(contexts):
             self._prefill(tokens, contexts)
         out = np.empty(self.n_vocab, dtype=np.float32)
-        self.mix(active, normalized, dst=out)
+        self.mix(active, normalized, dst=out, guard_min_p=guard_min_p if active else 0.0)
         return out
 
     # ---- the stepping loop ---------------------------------------------------------------------------------------
@@ -248,8 +253,10 @@ class Engine:
         self.check_fits(len(prompt), config.max_tokens)
         active = self.active_arms(alphas)
         contexts = [self.base] + [arm.context for arm, _ in active]
-        # With no ARM active the row is left as llama.cpp produced it: plain llama.cpp sampling, bit for bit.
+        # With no ARM active the row is left as llama.cpp produced it: plain llama.cpp sampling, bit for bit (the
+        # guard, too, belongs to the guided distribution: α = 0 everywhere is the base's own output).
         guided = bool(active) or config.normalized
+        guard = config.guard_min_p if active else 0.0
         temperature_scale = self.normalizer([a for _, a in active]) if config.normalized else 1.0
         scratch = np.empty(self.n_vocab, dtype=np.float32) if not guided and config.logprobs is not None else None
 
@@ -266,7 +273,7 @@ class Engine:
                     return
                 # 2. Mix the ARMs' log-probs into the base's logits row, in place.
                 if guided:
-                    self.mix(active, config.normalized, contexts=contexts)
+                    self.mix(active, config.normalized, contexts=contexts, guard_min_p=guard)
                 # 3. Sample from that row with llama.cpp's chain (which also accepts the token).
                 token = chain.sample(self.base)
                 step = Step(token)

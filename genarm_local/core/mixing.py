@@ -1,14 +1,15 @@
 """The GenARM guidance step: base and ARM logits in, one row of log-probabilities out.
 
 The arithmetic runs in the C extension genarm_local.core._fused (kernels/mix.c, with its Python face kernels/fused.c);
-this module documents the formula, fills in defaults and turns the kernel's errors into genarm_local.errors
-classes. The float64 numpy reference it is tested against lives in tests/test_kernel.py.
+this module documents the formula, fills in defaults and turns the kernel's errors into genarm_local.core.errors
+classes. The float64 numpy reference it is tested against lives in tests/core/test_kernel.py.
 """
 
 from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from numbers import Real
 from typing import Any
 
 from . import _fused
@@ -31,6 +32,7 @@ def mix_logprobs(
     base_stride: int | None = None,
     arm_strides: Sequence[int] | None = None,
     n_threads: int = 1,
+    guard_min_p: float = 0.0,
 ) -> None:
     """Write the GenARM decoding distribution's log-probabilities into ``dst``.
 
@@ -42,6 +44,18 @@ def mix_logprobs(
     paper) and alpha_i = 1/beta_i. Several ARMs give multi-objective alignment, a negative alpha steers away, and an
     ARM with alpha 0 is not read at all (it may be None). Temperature is left to the sampler: sampling this row at
     temperature T is the paper's T.
+
+    The base-plausibility guard (``guard_min_p`` = tau > 0) first masks every token whose base probability is below
+    tau times that of the base's most likely token, i.e. whose raw base logit is below max(base) + ln tau; the
+    tokens left are mixed and renormalised as above:
+
+        dst = log p_guarded,   p_guarded ∝ p * [p_base >= tau * max_v p_base(v)]
+
+    So the ARMs re-rank what the base finds plausible and can never promote what it finds absurd: the adaptive
+    plausibility constraint of contrastive decoding (Li et al., "Contrastive Decoding: Open-ended Text Generation
+    as Optimization", ACL 2023). The guard reads the base row raw whatever ``base_weight`` is (even 0). The base's
+    most likely token always passes, so the guard alone never empties a row. tau = 0 (the default) is no guard, bit
+    for bit; tau = 1 keeps only the base's most likely token(s).
 
     A token that is -inf in any row with nonzero weight (a masked token) is -inf in dst, whatever the sign of the
     weight. NaN or +inf in a row, or a row with nothing left to sample, raises NumericalError naming the row and
@@ -60,13 +74,20 @@ def mix_logprobs(
         arm_strides: the same for each ARM; default n_vocab each (an ARM with a padded vocabulary needs its own).
         n_threads: threads to share the work: a batch by rows, a single row by blocks. Worth it between decode steps,
             when llama.cpp's own threads are idle; the kernel uses fewer where a thread would have under 65,536
-            tokens to do.
+            tokens to do. The result does not depend on it, bit for bit. The helper threads are a pool started on
+            first use; a call made while another thread's call holds the pool runs on its own thread.
+        guard_min_p: tau of the base-plausibility guard, in [0, 1]; 0 turns it off.
 
     Rows are float32 buffers, addresses (int) or ctypes pointers, never copied. The GIL is released while the
     kernel runs.
     """
     if len(arms) != len(alphas):
         raise InvalidOptionError(f"got {len(arms)} ARM rows but {len(alphas)} alphas; give one alpha per ARM")
+    if isinstance(guard_min_p, bool) or not isinstance(guard_min_p, Real) or not 0.0 <= guard_min_p <= 1.0:
+        raise InvalidOptionError(
+            f"guard_min_p must be a number between 0 and 1 (a fraction of the base's top probability), "
+            f"got {guard_min_p!r}"
+        )
     dst, base, arms = _address_or_buffer(dst), _address_or_buffer(base), [_address_or_buffer(arm) for arm in arms]
     if isinstance(dst, int):
         if n_vocab is None:
@@ -92,6 +113,7 @@ def mix_logprobs(
             base_stride,
             list(arm_strides),
             n_threads,
+            float(guard_min_p),
         )
     except FloatingPointError as exc:
         raise NumericalError(str(exc)) from exc

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .api import GuidedModel, chat_stops
+from .api import GuidedModel
 from .config import SamplingConfig
 from .errors import InvalidOptionError
 
@@ -90,7 +90,7 @@ def prepare(
             raise InvalidOptionError('"messages" must be a non-empty list of {"role", "content"} objects')
         chat = model.chat_prompt(messages)
         tokens = chat.tokens
-        config = dataclasses.replace(config, stop=chat_stops(config.stop, chat.stop))
+        config = dataclasses.replace(config, stop_at_turns=config.stop_at_turns or chat.stop_at_turns)
     elif isinstance(prompt, str):
         tokens = model.tokenize(prompt)
     else:

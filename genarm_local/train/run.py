@@ -139,7 +139,7 @@ class Run:
         )
         self.pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
         self.notify(f"loading {source} ({len(pairs)} pairs tokenized)")
-        self.base, self.reader = load_transformers_model(source)
+        self.base, self.reader = load_transformers_model(source, self.config.progress)
         self.data_hash = hashlib.sha256(
             json.dumps([(p.prompt, p.chosen, p.rejected) for p in pairs]).encode()
         ).hexdigest()

@@ -34,6 +34,23 @@ def out_dir(tmp_path):
     return d
 
 
+def test_quiet_merge_over_a_gguf_base_writes_a_readable_file(gguf_model, lora_adapter, out_dir):
+    """--no-progress means no output on stderr at all (transformers' own GGUF loading bar and deprecation notices
+    included), and the output gets the umask's permissions, not the temporary file's private 0600."""
+    import os
+
+    base = gguf_model("llama_small", "f32")
+    out = out_dir / "merged.gguf"
+    result = run_cli(
+        "convert", base, "--lora", lora_adapter, "-o", out, "--outtype", "f16", "--no-progress", cwd=out_dir
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout.startswith("wrote")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_convert_then_quantize_q4_k_m(hf_model, gguf_model, out_dir):
     from genarm_local.core.native import Model
 

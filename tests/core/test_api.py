@@ -3,11 +3,12 @@ streaming, logprobs, cancellation, threads, errors."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
 import pytest
-from helpers import log_softmax
+from helpers import last_logits, log_softmax
 
 PROMPT = "The history of the bicycle"
 SAMPLED = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
@@ -73,12 +74,16 @@ def test_logprobs_are_the_mixed_distribution(model):
 
 
 def test_normalized_form_is_the_papers(model, paths):
+    base, adapter = paths
     ids = model.tokenize(PROMPT)
     alpha = 1.0
-    base_only = model.next_token_logprobs(ids, weights={paths[1].stem: 0})
-    plain_mix = model.next_token_logprobs(ids)
-    arm_part = (plain_mix - base_only) / alpha  # log p_arm up to a constant
-    expected = log_softmax((base_only + alpha * arm_part) / (1 + alpha))
+    # Independent of the engine: two plain llama.cpp contexts (base, base + adapter) and the paper's formula in
+    # float64, (log p_base + α·log p_arm) / (1 + α), renormalized.
+    options = dict(n_ctx=256, n_threads=1)
+    base_logprobs = log_softmax(last_logits(base, ids, **options))
+    arm_logprobs = log_softmax(last_logits(base, ids, adapter, **options))
+    expected = log_softmax((base_logprobs + alpha * arm_logprobs) / (1 + alpha))
+    assert np.abs(expected - log_softmax(base_logprobs / (1 + alpha))).max() > 0.1  # the ARM moves the mix
     np.testing.assert_allclose(model.next_token_logprobs(ids, normalized=True), expected, atol=1e-3)
     # (base + α·arm)/(1+α) sampled at T/(1+α) is our mix at T: the same tokens
     paper = model.generate(PROMPT, max_tokens=15, seed=8, normalized=True, **SAMPLED)
@@ -91,8 +96,12 @@ def test_grammar_constrains_guided_output(model):
         result = model.generate(PROMPT, max_tokens=10, seed=seed, grammar=grammar, **SAMPLED)
         assert result.text in {"yes", "no", "maybe"}
         assert result.finish_reason == "eos"
-    digits = model.generate(PROMPT, max_tokens=12, seed=1, grammar='root ::= [0-9]+ " km"', **SAMPLED)
-    assert digits.text.rstrip(" km").isdigit() or digits.finish_reason == "length"
+    # A grammar that must end within the token budget: the output is complete, then the grammar allows only EOS.
+    bounded = 'root ::= [0-9] [0-9]? [0-9]? " km"'
+    for seed in range(3):
+        digits = model.generate(PROMPT, max_tokens=16, seed=seed, grammar=bounded, **SAMPLED)
+        assert re.fullmatch(r"[0-9]{1,3} km", digits.text), digits.text
+        assert digits.finish_reason == "eos"
 
 
 def test_stop_strings_spanning_tokens_are_never_emitted(model):
@@ -127,6 +136,29 @@ def test_split_utf8_characters_are_held_back():
     assert text.push(2) == ("é", False)  # "x" is held: it may begin the stop string
     assert text.push(3) == ("", False)
     assert text.push(4) == ("", True)
+
+
+def test_a_new_speakers_label_ends_a_plain_transcript_reply():
+    """stop_at_turns: a new line opening with "Name:" ends the reply (never emitted); a new line that cannot become
+    a label is released as soon as that is clear."""
+    from genarm_local.core.api import _StopText
+
+    def feed(pieces):
+        chunks = {i: piece.encode() for i, piece in enumerate(pieces)}
+        text, out = _StopText(chunks.__getitem__, [], turn_labels=True), []
+        for i in chunks:
+            piece, stopped = text.push(i)
+            out.append(piece)
+            if stopped:
+                return out, True
+        return out + [text.flush()], False
+
+    assert feed([" Fine, thanks.", "\n", "Stu", "dent", ":", " and you?"]) == ([" Fine, thanks.", "", "", "", ""], True)
+    assert feed([" Sure.", "\n", "Dr Smith", ": hello"]) == ([" Sure.", "", "", ""], True)
+    assert feed([" One", "\n", "two", " three"]) == ([" One", "", "\ntwo", " three", ""], False)
+    assert feed([" It is 10:30", " now"]) == ([" It is 10:30", " now", ""], False)
+    plain = _StopText({0: b"A\nUser: x"}.__getitem__, [])
+    assert plain.push(0) == ("A\nUser: x", False)  # off unless asked for
 
 
 def test_cancellation(model):

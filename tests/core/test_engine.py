@@ -6,7 +6,7 @@ from __future__ import annotations
 import llama_cpp as lc
 import numpy as np
 import pytest
-from helpers import hf_logits, log_softmax, swapped_vocabulary
+from helpers import hf_logits, last_logits, log_softmax, swapped_vocabulary
 
 PROMPT = "The history of the bicycle"
 EXACT = 1e-3
@@ -197,10 +197,18 @@ def test_padded_arm_vocabulary_is_accepted(gguf_model):
 
     small, padded = gguf_model("llama_small", "f32"), gguf_model("qwen2", "f32")
     with GuidedModel(small, {str(padded): 1.0}, n_ctx=256, n_threads=1) as model:
-        assert model.engine.arms[0].context.model.n_vocab > model.engine.n_vocab
-        logprobs = model.next_token_logprobs(model.tokenize(PROMPT))
-        assert logprobs.shape == (model.engine.n_vocab,)
-    assert abs(np.logaddexp.reduce(logprobs.astype(np.float64))) < 1e-4
+        n_vocab = model.engine.n_vocab
+        assert model.engine.arms[0].context.model.n_vocab > n_vocab
+        ids = model.tokenize(PROMPT)
+        logprobs = model.next_token_logprobs(ids)
+    # Independent reference: each model's logits from a plain context, the ARM's padding rows dropped, the mix in
+    # float64.
+    base_logits = last_logits(small, ids, n_ctx=256, n_threads=1)
+    arm_logits = last_logits(padded, ids, n_ctx=256, n_threads=1)
+    assert len(arm_logits) > n_vocab
+    expected = log_softmax(log_softmax(base_logits) + log_softmax(arm_logits[:n_vocab]))
+    assert np.abs(expected - log_softmax(base_logits)).max() > 0.1  # the ARM moves the mix
+    np.testing.assert_allclose(logprobs, expected, atol=EXACT)
 
 
 def test_adapter_for_another_architecture(files, gguf_model):
@@ -211,3 +219,31 @@ def test_adapter_for_another_architecture(files, gguf_model):
         GuidedModel(gguf_model("qwen3", "f32"), {str(files["adapter"]): 1.0})
     with pytest.raises(AdapterMismatchError):  # same architecture, other shapes
         GuidedModel(files["base"], {str(files["adapter"]): 1.0})
+
+
+def test_guard_masks_what_the_base_finds_implausible(files):
+    """guard_min_p through the engine (the kernel's arithmetic is tested against float64 in test_kernel.py): the
+    guided distribution keeps exactly the tokens with p_base ≥ τ · max p_base, is the unguarded mix renormalised over
+    them, sampling never leaves them, and with every ARM off the guard changes nothing."""
+    from genarm_local import GuidedModel
+
+    options = dict(n_ctx=256, n_threads=1, kv_cache_type="f32", flash_attn=False)
+    with GuidedModel(files["small"], {str(files["adapter"]): 1.5}, **options) as model:
+        ids = model.tokenize(PROMPT)
+        base = log_softmax(model.next_token_logprobs(ids, weights={"engine-lora-adapter": 0.0}).astype(np.float64))
+        unguarded = model.next_token_logprobs(ids).astype(np.float64)
+        tau = 0.05
+        guarded = model.next_token_logprobs(ids, guard_min_p=tau).astype(np.float64)
+        keep = base >= base.max() + np.log(tau)
+        assert 1 < keep.sum() < len(keep)
+        assert np.all(np.isneginf(guarded[~keep]))
+        expected = unguarded[keep] - np.logaddexp.reduce(unguarded[keep])
+        assert np.abs(guarded[keep] - expected).max() < 1e-4
+        assert np.array_equal(model.next_token_logprobs(ids, guard_min_p=0.0), model.next_token_logprobs(ids))
+        for seed in range(8):
+            result = model.generate(ids, max_tokens=1, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0,
+                                    guard_min_p=tau, seed=seed)  # fmt: skip
+            assert keep[result.tokens[0]]
+        # with every ARM off the guard does nothing: α = 0 is the base's own output
+        off = dict(weights={"engine-lora-adapter": 0.0}, max_tokens=12, temperature=1.0, seed=3)
+        assert model.generate(ids, guard_min_p=tau, **off).tokens == model.generate(ids, **off).tokens

@@ -1,6 +1,10 @@
 """The fused guidance kernel (kernels/mix.c via genarm_local.core.mixing) against a float64 numpy reference."""
 
 import ctypes
+import math
+import multiprocessing
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -35,6 +39,16 @@ def reference_logprobs(base, arms, alphas, base_weight=1.0):
         masked |= row_masked
     total[masked] = -np.inf
     return total - logsumexp(total[~masked])
+
+
+def guarded_reference(base, arms, alphas, min_p, base_weight=1.0):
+    """The base-plausibility guard over reference_logprobs: a token whose raw base logit is below the base's max +
+    ln(min_p) (base probability below min_p times the top token's) is -inf, the rest renormalised."""
+    mixed = reference_logprobs(base, arms, alphas, base_weight)
+    base = np.asarray(base, dtype=np.float64)
+    if min_p > 0:
+        mixed[base < base.max() + math.log(min_p)] = -np.inf
+    return mixed - logsumexp(mixed[~np.isneginf(mixed)])
 
 
 def assert_matches(got, want):
@@ -235,6 +249,265 @@ def test_all_weights_zero_give_the_uniform_distribution():
     dst = np.empty(10, dtype=np.float32)
     mix_logprobs(dst, np.zeros(10, dtype=np.float32), base_weight=0.0)
     np.testing.assert_allclose(dst, np.log(0.1), rtol=1e-6)
+
+
+# The base-plausibility guard (guard_min_p): the same mix over the tokens the base finds plausible.
+
+
+def real_shaped_logits(rng, shape):
+    """Spread like Gemma-3's logits (mean about -4, standard deviation about 5)."""
+    return (rng.standard_normal(shape) * 5 - 4).astype(np.float32)
+
+
+GUARD_ALPHAS = [(1.0,), (-0.8,), (0.5, -0.7, 2.0)]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 4])
+@pytest.mark.parametrize("alphas", GUARD_ALPHAS, ids=str)
+@pytest.mark.parametrize("min_p", [1e-3, 0.02, 0.3, 1.0])
+@pytest.mark.parametrize("shape", ["flat", "real"])
+def test_guard_matches_reference_in_a_strided_batch(shape, min_p, alphas, n_threads):
+    """Rows of a batch with a padded base stride, ARMs with a padded vocabulary (NaN there: never read)."""
+    rng = np.random.default_rng(round(min_p * 1000) + len(alphas) + 17 * n_threads)
+    n_rows, n_vocab, base_padded, arm_padded = 3, 150_000, 150_016, 150_528
+    logits = real_shaped_logits if shape == "real" else lambda rng, size: random_logits(rng, size, 1.0)
+    base = logits(rng, (n_rows, base_padded))
+    arms = [logits(rng, (n_rows, arm_padded)) for _ in alphas]
+    for row in arms:
+        row[:, n_vocab:] = np.nan
+    dst = np.full_like(base, 7.0)
+    mix_logprobs(
+        dst,
+        base,
+        arms,
+        alphas,
+        n_vocab=n_vocab,
+        n_rows=n_rows,
+        base_stride=base_padded,
+        arm_strides=[arm_padded] * len(arms),
+        n_threads=n_threads,
+        guard_min_p=min_p,
+    )
+    for r in range(n_rows):
+        want = guarded_reference(base[r, :n_vocab], [arm[r, :n_vocab] for arm in arms], alphas, min_p)
+        assert_matches(dst[r, :n_vocab], want)
+        assert (dst[r, n_vocab:] == 7.0).all()
+    if shape == "flat" and min_p == 1e-3:
+        assert np.isneginf(dst[:, :n_vocab]).mean() < 0.1  # most tokens pass a small tau on flat rows...
+    if shape == "real" and min_p >= 0.02:
+        assert np.isneginf(dst[:, :n_vocab]).mean() > 0.99  # ...very few a larger one on peaked rows
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 4])
+@pytest.mark.parametrize("alphas", GUARD_ALPHAS, ids=str)
+@pytest.mark.parametrize("min_p", [1e-3, 0.02, 0.5])
+def test_guard_matches_reference_on_one_row(min_p, alphas, n_threads):
+    """One row of Gemma-3's vocabulary, split between threads by blocks."""
+    rng = np.random.default_rng(round(min_p * 1000) + len(alphas))
+    base = random_logits(rng, 262_144, 2.0)
+    arms = [random_logits(rng, 262_144, 2.0) for _ in alphas]
+    dst = np.empty_like(base)
+    mix_logprobs(dst, base, arms, alphas, n_threads=n_threads, guard_min_p=min_p)
+    assert_matches(dst, guarded_reference(base, arms, alphas, min_p))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (1000.0, 1e-3)], ids=str)
+def test_guard_on_the_exact_path_with_masked_tokens(scales, n_threads):
+    """Masked tokens and logits scaled by 1000 take the double-precision path; the guard applies there too."""
+    rng = np.random.default_rng(18)
+    n_vocab = 262_144
+    base = random_logits(rng, n_vocab, scales[0])
+    arms = [random_logits(rng, n_vocab, scales[1]) for _ in range(2)]
+    for row in [base, *arms]:
+        row[rng.choice(n_vocab, size=n_vocab // 5, replace=False)] = -np.inf
+    top = int(np.argmax(base))
+    for arm in arms:
+        arm[top] = 0.0  # the ARMs allow the base's favourite
+    dst = np.empty_like(base)
+    mix_logprobs(dst, base, arms, [0.7, -0.4], n_threads=n_threads, guard_min_p=1e-4)
+    assert_matches(dst, guarded_reference(base, arms, [0.7, -0.4], 1e-4))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("base_weight", [0.0, 0.5, 2.0])
+def test_guard_reads_the_base_raw_whatever_its_weight(base_weight, n_threads):
+    rng = np.random.default_rng(19)
+    base, arm = random_logits(rng, (2, 200_000), 2.0), random_logits(rng, (2, 200_000), 2.0)
+    dst = np.empty_like(base)
+    mix_logprobs(dst, base, [arm], [1.0], base_weight=base_weight, n_threads=n_threads, guard_min_p=0.05)
+    for r in range(2):
+        assert_matches(dst[r], guarded_reference(base[r], [arm[r]], [1.0], 0.05, base_weight=base_weight))
+
+
+def test_guard_of_one_keeps_only_the_base_favourites():
+    base = np.array([1.0, 3.0, -2.0, 3.0, 0.5], dtype=np.float32)
+    arm = np.array([0.0, 2.0, 9.0, 0.0, 5.0], dtype=np.float32)
+    dst = np.empty_like(base)
+    mix_logprobs(dst, base, [arm], [1.0], guard_min_p=1.0)
+    assert np.isneginf(dst[[0, 2, 4]]).all()  # the ARM's own favourites are implausible to the base
+    np.testing.assert_allclose(np.exp(dst[[1, 3]]), [1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(2.0))], rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_guard_cutoff_is_exact_between_neighbouring_floats(n_threads):
+    """For several tau and maxima: the float just under max + ln(tau) (taken in float64) is masked, the next one up
+    kept, in blocks of the fast path (finite logits) and of the exact path (a masked token in the block)."""
+    rng = np.random.default_rng(28)
+    base = random_logits(rng, 262_144, 0.1) - 100  # far under every cutoff below
+    base[1024 * 70] = -np.inf
+    tested = []
+    for k, (top, min_p) in enumerate([(0.0, 0.5), (7.3, 0.02), (-3.1, 0.3), (12.0, 1e-3), (1.5, 0.9)]):
+        threshold = float(np.float32(top)) + math.log(min_p)
+        kept = np.float32(threshold)
+        if float(kept) < threshold:  # compared in float64 (numpy would compare a float32 with a float in float32)
+            kept = np.nextafter(kept, np.float32(np.inf))
+        under = np.nextafter(kept, np.float32(-np.inf))
+        for at in [1024 * (5 + k), 1024 * 70 + 1 + k]:  # a fast-path block, the exact-path block
+            row = base.copy()
+            row[at : at + 3] = [top, under, kept]
+            dst = np.empty_like(row)
+            mix_logprobs(dst, row, [row], [0.5], n_threads=n_threads, guard_min_p=min_p)
+            assert np.isneginf(dst[at + 1]) and np.isfinite(dst[at + 2])
+            assert_matches(dst, guarded_reference(row, [row], [0.5], min_p))
+            tested.append(kept == np.float32(threshold))
+    assert any(tested) and not all(tested)  # float32 rounding of the threshold went both ways
+
+
+def test_guard_in_place_equals_separate_dst():
+    rng = np.random.default_rng(20)
+    base, arm = real_shaped_logits(rng, 262_144), real_shaped_logits(rng, 262_144)
+    separate = np.empty_like(base)
+    mix_logprobs(separate, base, [arm], [1.0], guard_min_p=0.02, n_threads=2)
+    mix_logprobs(base, base, [arm], [1.0], guard_min_p=0.02, n_threads=2)
+    np.testing.assert_array_equal(base, separate)
+
+
+@pytest.mark.parametrize("shape", ["flat", "real", "masked"])
+def test_guard_zero_is_the_unguarded_kernel_bit_for_bit(shape):
+    """tau = 0, and a tau too small to mask anything, change no bit, on any number of threads."""
+    rng = np.random.default_rng(21)
+    for n_rows, n_vocab in [(1, 262_144), (5, 40_000)]:
+        logits = real_shaped_logits if shape == "real" else random_logits
+        base, arms = logits(rng, (n_rows, n_vocab)), [logits(rng, (n_rows, n_vocab)) for _ in range(2)]
+        if shape == "masked":
+            arms[1][:, rng.choice(n_vocab, size=n_vocab // 3, replace=False)] = -np.inf
+        unguarded = np.empty_like(base)
+        mix_logprobs(unguarded, base, arms, [0.6, -0.3])
+        for n_threads in [1, 2, 3, 4]:
+            for min_p in [0.0, 1e-300]:
+                dst = np.empty_like(base)
+                mix_logprobs(dst, base, arms, [0.6, -0.3], n_threads=n_threads, guard_min_p=min_p)
+                assert dst.tobytes() == unguarded.tobytes(), (n_rows, n_threads, min_p)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_guard_and_an_arm_masking_the_base_favourite_leave_no_token(n_threads):
+    rng = np.random.default_rng(22)
+    base, arm = random_logits(rng, 262_144), random_logits(rng, 262_144)
+    arm[np.argmax(base)] = -np.inf
+    original = base.copy()
+    with pytest.raises(NumericalError, match="no token of sequence 0"):
+        mix_logprobs(base, base, [arm], [1.0], n_threads=n_threads, guard_min_p=1.0)
+    np.testing.assert_array_equal(base, original)  # in place: the rows are left as they were
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_guard_errors_in_the_base_name_it_even_at_weight_zero(n_threads):
+    rng = np.random.default_rng(23)
+    arm = random_logits(rng, (3, 262_144))
+    for bad, message in [(np.nan, r"NaN in base row \(sequence 1\)"), (np.inf, r"\+inf in base row \(sequence 1\)")]:
+        base = random_logits(rng, (3, 262_144))
+        base[1, 100_000] = bad
+        with pytest.raises(NumericalError, match=message):
+            mix_logprobs(np.empty_like(base), base, [arm], [1.0], base_weight=0.0, guard_min_p=0.1, n_threads=n_threads)
+    base = np.full(262_144, -np.inf, dtype=np.float32)
+    with pytest.raises(NumericalError, match=r"base row \(sequence 0\) is -inf for every token"):
+        mix_logprobs(np.empty_like(base), base, [arm[0]], [1.0], base_weight=0.0, guard_min_p=0.1, n_threads=n_threads)
+
+
+@pytest.mark.parametrize("min_p", [-0.1, 1.5, float("nan"), float("inf"), "0.1", None, True])
+def test_guard_min_p_outside_zero_to_one_is_refused(min_p):
+    with pytest.raises(InvalidOptionError, match="guard_min_p must be a number between 0 and 1"):
+        mix_logprobs(ROW.copy(), ROW, guard_min_p=min_p)
+
+
+# Threads: a pool of workers, the same bits whatever their number, safe from several Python threads at once.
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.02])
+@pytest.mark.parametrize(("n_rows", "n_vocab"), [(1, 262_144), (1, 1_000_000), (6, 100_000)])
+def test_threads_give_the_same_bits(n_rows, n_vocab, min_p):
+    rng = np.random.default_rng(24)
+    base, arm = real_shaped_logits(rng, (n_rows, n_vocab)), real_shaped_logits(rng, (n_rows, n_vocab))
+    arm[0, n_vocab // 2 :] = -np.inf  # a thread of a split row sees whole masked blocks
+    one = np.empty_like(base)
+    mix_logprobs(one, base, [arm], [0.8], guard_min_p=min_p)
+    for n_threads in [2, 3, 4, 8]:
+        for attempt in range(40):  # a race between threads shows only now and then
+            many = np.full_like(base, np.nan)
+            mix_logprobs(many, base, [arm], [0.8], n_threads=n_threads, guard_min_p=min_p)
+            assert many.tobytes() == one.tobytes(), (n_threads, attempt)
+
+
+def test_calls_from_several_python_threads_at_once():
+    rng = np.random.default_rng(25)
+    cases = [(real_shaped_logits(rng, (n, 262_144)), real_shaped_logits(rng, (n, 262_144))) for n in [1, 1, 2, 3]]
+    wanted = []
+    for base, arm in cases:
+        wanted.append(np.empty_like(base))
+        mix_logprobs(wanted[-1], base, [arm], [1.0], guard_min_p=0.01)
+    failures = []
+
+    def mix_repeatedly(case):
+        base, arm = cases[case]
+        dst = np.empty_like(base)
+        for _ in range(30):
+            mix_logprobs(dst, base, [arm], [1.0], n_threads=2, guard_min_p=0.01)
+            if dst.tobytes() != wanted[case].tobytes():
+                failures.append(case)
+
+    threads = [threading.Thread(target=mix_repeatedly, args=(case,)) for case in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
+def mix_in_child(queue):
+    rng = np.random.default_rng(26)
+    base, arm = random_logits(rng, 262_144), random_logits(rng, 262_144)
+    dst = np.empty_like(base)
+    mix_logprobs(dst, base, [arm], [1.0], n_threads=2)
+    queue.put(bool(np.allclose(dst, reference_logprobs(base, [arm], [1.0]), rtol=1e-6, atol=1e-4)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_a_forked_child_mixes_without_the_parents_workers():
+    rng = np.random.default_rng(27)
+    base = random_logits(rng, 262_144)
+    mix_logprobs(np.empty_like(base), base, [base], [1.0], n_threads=2)  # the pool has started in this process
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=mix_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5)
+
+
+def test_the_worker_pool_stops_when_the_interpreter_exits():
+    script = (
+        "import numpy as np\n"
+        "from genarm_local.core.mixing import mix_logprobs\n"
+        "row = np.zeros((4, 262_144), np.float32)\n"
+        "mix_logprobs(row, row, n_threads=4)\n"
+        "print('mixed')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "mixed\n"
 
 
 # Sampling through llama.cpp's own sampler chain, as the runtime does.

@@ -1,0 +1,115 @@
+"""Preference labels for the shipped ARMs: pairs that punish what a reader punishes, then rank the objective.
+
+A judge alone is easy to game: the first shipped positive ARM was trained on best-vs-worst VADER pairs and learned
+that repeating "I love it!" maximises VADER. So a candidate is first checked for fluency (``flaws``); the objective
+(positivity, or a short first sentence) only ranks candidates that have no flaw. Two kinds of pair per prompt:
+
+- objective pair: both candidates fluent; the chosen one clearly better on the objective;
+- fluency pair: the chosen one fluent and good on the objective, the rejected one flawed and, among the flawed,
+  the *best* on the objective, so that the ARM learns that reward bought with a flaw is a loss (the reward hack
+  itself is the negative example).
+
+For the positive objective the chosen candidate is drawn at random among the clearly positive fluent ones instead
+of always the most positive: the most positive by VADER is the one with the most positive words, the stock phrase
+the previous ARM converged on; any clearly positive fluent text is what a reader prefers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from genarm_local.evaluation.fluency import echo_share, fragments, is_degenerate, junk_spans, rep_n, words
+from genarm_local.evaluation.judges import positivity, sentence_tokens
+
+FLUENT_REP4 = 0.1  # stricter than the degenerate rule (0.2): a chosen text should not loop at all
+ECHO_SHARE = 0.5  # a chat reply whose word trigrams are mostly the user's own is an echo
+POSITIVE = 0.5  # VADER compound of a clearly positive text (VADER's own cut-off for "positive" is 0.05)
+
+
+def flaws(text: str, prompt: str, chat_turn: str | None = None) -> list[str]:
+    """What a reader would hold against ``text`` as a continuation of ``prompt`` (empty: fluent)."""
+    found = []
+    if not words(text):
+        found.append("empty")
+    if is_degenerate(text):
+        found.append("degenerate")
+    if rep_n(text, 4) > FLUENT_REP4:
+        found.append("repetition")
+    if junk_spans(text):
+        found.append("junk")
+    if fragments(text, prompt)[0]:
+        found.append("fragment")
+    if chat_turn is not None and echo_share(text, chat_turn) >= ECHO_SHARE:
+        found.append("echo")
+    return found
+
+
+def judge(row: dict) -> dict:
+    """Scores of one sampled candidate ({prompt, text, pieces, turn?}): flaws and both objectives."""
+    return {
+        "flaws": flaws(row["text"], row["prompt"], row.get("turn")),
+        "positive": positivity(row["text"]),
+        "concise": -sentence_tokens(row["pieces"]),  # higher is better: fewer tokens to finish the first sentence
+    }
+
+
+def _pair(prompt: str, chosen: dict, rejected: dict, objective: str, kind: str) -> dict:
+    return {
+        "prompt": prompt,
+        "chosen": chosen["train_text"],
+        "rejected": rejected["train_text"],
+        "kind": kind,
+        "margin": chosen[objective] - rejected[objective],
+        "rejected_flaws": rejected["flaws"],
+    }
+
+
+def prompt_pairs(
+    prompt: str, candidates: Sequence[dict], objective: str, min_gap: float, rng: random.Random
+) -> list[dict]:
+    """At most one objective pair and one fluency pair for one prompt's judged candidates (``judge`` fields plus
+    ``train_text``, the response as trained on)."""
+    fluent = sorted((c for c in candidates if not c["flaws"]), key=lambda c: c[objective])
+    flawed = sorted((c for c in candidates if c["flaws"]), key=lambda c: c[objective])
+    if not fluent:
+        return []
+    if objective == "positive":
+        good = [c for c in fluent if c[objective] >= POSITIVE] or fluent[-1:]
+        chosen = rng.choice(good)
+    else:
+        chosen = fluent[-1]
+    pairs = []
+    worst = fluent[0]
+    if chosen[objective] - worst[objective] >= min_gap and chosen["train_text"] != worst["train_text"]:
+        pairs.append(_pair(prompt, chosen, worst, objective, "objective"))
+    if flawed and flawed[-1]["train_text"] != chosen["train_text"]:
+        pairs.append(_pair(prompt, chosen, flawed[-1], objective, "fluency"))
+    return pairs
+
+
+def make_pairs(rows: Sequence[dict], objective: str, min_gap: float, seed: int) -> list[dict]:
+    """Pairs for ``objective`` over all prompts, in prompt order (rows: judged candidates with "prompt")."""
+    rng = random.Random(f"{objective}-{seed}")
+    by_prompt: dict[str, list[dict]] = {}
+    for row in rows:
+        by_prompt.setdefault(row["prompt"], []).append(row)
+    pairs = []
+    for prompt, group in by_prompt.items():
+        pairs += prompt_pairs(prompt, group, objective, min_gap, rng)
+    return pairs
+
+
+def margin_summary(pairs: Sequence[dict]) -> dict:
+    """How many pairs of each kind, the quartiles of their objective margins, and the rejected flaws' counts."""
+    summary: dict[str, object] = {}
+    for kind in ("objective", "fluency"):
+        margins = sorted(p["margin"] for p in pairs if p["kind"] == kind)
+        quartiles = [round(margins[int(q * len(margins))], 3) for q in (0.25, 0.5, 0.75)] if margins else []
+        summary[kind] = {"pairs": len(margins), "margin_quartiles": quartiles}
+    counts: dict[str, int] = {}
+    for pair in pairs:
+        for flaw in pair["rejected_flaws"]:
+            counts[flaw] = counts.get(flaw, 0) + 1
+    summary["rejected_flaws"] = counts
+    return summary
