@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "calibration_budget.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "calibration.png")
     parser.add_argument("--replot", action="store_true", help="only draw the plot from --out")
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     args = parser.parse_args()
 
     from genarm_local import GuidedModel
@@ -139,8 +140,9 @@ def main() -> None:
             path = path or name
             reward, label, calibration_prompts, held_out = judge_for(name)
             print(f"{name}: calibrating {path}", flush=True)
-            calibration = calibrate(CalibrationConfig(arm=path, write=False), prompts=calibration_prompts)
-            with GuidedModel(arms={path: 1.0}, n_ctx=4096, seed=args.seed) as model:
+            settings = CalibrationConfig(arm=path, write=False, n_threads=args.threads)
+            calibration = calibrate(settings, prompts=calibration_prompts)
+            with GuidedModel(arms={path: 1.0}, n_ctx=4096, seed=args.seed, n_threads=args.threads) as model:
                 arm = model.arms[0].name
                 rows = sweep(model, arm, [0.0, *DEFAULT_ALPHAS], held_out, reward, args.seed)
             best = best_within_bounds(rows)
