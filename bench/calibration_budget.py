@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from preference_tasks import TASKS  # noqa: E402
-from train_experiments import MAX_TOKENS, SAMPLES, rep_n  # noqa: E402
+from train_experiments import MAX_TOKENS, SAMPLES  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,6 +51,7 @@ def judge_for(name: str):
 
 
 def sweep(model, arm: str, alphas, prompts, reward, seed: int) -> list[dict]:
+    from genarm_local.evaluation.fluency import rep_n
     from genarm_local.evaluation.judges import distinct_n
 
     rows = []

@@ -30,18 +30,9 @@ MAX_TOKENS = 40
 SAMPLES = 2
 
 
-def rep_n(text: str, n: int = 4) -> float:
-    """Share of repeated word n-grams within one text (seq-rep-n on words). A stand-in for the fluency judges'
-    rep-4 until they are merged; the same definition."""
-    import re
-
-    words = re.findall(r"[^\W_]+(?:['’][^\W_]+)*", text.lower())
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
-
-
 def measure(model, task, alpha: float, seed: int) -> dict:
     """Guided continuations of every held-out prompt (SAMPLES each) at ``alpha``: feature rate and fluency."""
+    from genarm_local.evaluation.fluency import is_degenerate, rep_n
     from genarm_local.evaluation.judges import distinct_n
 
     prompts = [p for p in task.held_out for _ in range(SAMPLES)]
@@ -53,6 +44,7 @@ def measure(model, task, alpha: float, seed: int) -> dict:
         "feature": sum(task.has_feature(t) for t in texts) / len(texts),
         "distinct_2": distinct_n(texts, 2),
         "rep_4": sum(rep_n(t) for t in texts) / len(texts),
+        "degenerate": sum(map(is_degenerate, texts)) / len(texts),
         "n": len(texts),
         "examples": texts[:4],
     }

@@ -1,7 +1,7 @@
 """Calibration: how far an ARM moves its base, as a function of its weight α, and the α that spends a KL budget.
 
 For each α of a grid, continuations of the calibration prompts are sampled from the guided distribution
-p_α ∝ p_base · p_arm^α (engine.generate_batch, the product's default sampling settings), then each continuation is
+p_α ∝ p_base · p_arm^α (generate_batch with the product's default sampling settings), then each continuation is
 scored in one decode per context (Context.decode_outputs): at every position the engine's own mixing gives the
 guided row and the base's normalised row, and
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.arm_metadata import Calibration, recommend_alpha
-from ..core.config import option
+from ..core.config import SamplingConfig, option
 from ..core.errors import InputNotFoundError, InvalidOptionError
 
 # Chosen by measurement (bench/train_experiments.py, bench/calibration_budget.py; README "Train your own ARM").
@@ -144,11 +144,12 @@ class KLCurve:
     samples: list[list[tuple[list[int], bool]]] = field(default_factory=list)
 
 
-def _position_kl(engine, active, rows: int, guided: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """KL(p_α ‖ p_base) at each of the ``rows`` output rows of the last decode, from the engine's own mixing."""
+def _position_kl(engine, active, rows: int, guided: np.ndarray, base: np.ndarray, guard: float) -> np.ndarray:
+    """KL(p_α ‖ p_base) at each of the ``rows`` output rows of the last decode, from the engine's own mixing (with
+    the base-plausibility guard the default sampling uses, if any)."""
     out = np.empty(rows)
     for row in range(rows):
-        engine.mix(active, False, dst=guided, row=row)
+        engine.mix(active, False, dst=guided, row=row, guard_min_p=guard)
         engine.mix([], False, dst=base, row=row)
         log_q = guided.astype(np.float64)
         q = np.exp(log_q)
@@ -199,7 +200,8 @@ def measure_kl(
                 continue
             for context in contexts:
                 rows = context.decode_outputs(tokens, first)
-            per_alpha[a].append(_position_kl(engine, [(engine.arms[index], alpha)], rows, guided, base))
+            active = [(engine.arms[index], alpha)]
+            per_alpha[a].append(_position_kl(engine, active, rows, guided, base, SamplingConfig().guard_min_p))
     per_token = [np.concatenate(kls) if kls else np.zeros(0) for kls in per_alpha]
     return KLCurve(
         alphas=list(alphas),
