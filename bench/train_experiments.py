@@ -6,7 +6,8 @@ the task's held-out prompts: the preferred feature's rate, distinct-2 and rep-4 
         --alphas 0 1 recommended --out docs/train_experiments.json
 
 --train takes TrainConfig fields as NAME=VALUE (Python literals); the rest are the defaults. --arm evaluates an
-existing ARM instead of training one. Each run appends one record to --out (the JSON file keeps every run).
+existing ARM instead of training one. Each run appends one record to --out (the JSON file keeps every run);
+`python bench/train_experiments.py --table [--out FILE]` prints them as the README's table.
 """
 
 from __future__ import annotations
@@ -80,10 +81,37 @@ def train_arm(task, overrides: dict, workdir: Path, threads: int) -> tuple[Path,
     }
 
 
+def table(runs: list[dict]) -> str:
+    """The README's table: per task, the base then each run at α = 1 and at its recommended α."""
+    lines = [
+        "| task | training | steps | held-out margin β·Δ | α | feature | distinct-2 | rep-4 | degenerate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    seen_base = set()
+    for run in runs:
+        training = run.get("training", {})
+        for row in run["rows"]:
+            if row["alpha"] == 0:
+                if run["task"] in seen_base:
+                    continue
+                seen_base.add(run["task"])
+                name, steps, margin = "base", "", ""
+            else:
+                name = run["name"]
+                steps = str(training.get("steps", ""))
+                margin = f"{training['eval']['margin']:.2f}" if training.get("eval") else ""
+            alpha = f"{row['alpha']:.3g}" + (" (rec.)" if row.get("label") == "recommended" else "")
+            lines.append(
+                f"| {run['task']} | {name} | {steps} | {margin} | {alpha} | {row['feature']:.2f} | "
+                f"{row['distinct_2']:.3f} | {row['rep_4']:.3f} | {row.get('degenerate', float('nan')):.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=TASKS, required=True)
-    parser.add_argument("--name", required=True, help="label of this run in --out")
+    parser.add_argument("--task", choices=TASKS)
+    parser.add_argument("--name", help="label of this run in --out")
     parser.add_argument("--train", nargs="*", default=[], metavar="NAME=VALUE", help="TrainConfig overrides")
     parser.add_argument("--arm", help="evaluate this ARM instead of training one")
     parser.add_argument("--alphas", nargs="+", default=["0", "1", "recommended"])
@@ -91,7 +119,13 @@ def main() -> None:
     parser.add_argument("--out", default="docs/train_experiments.json")
     parser.add_argument("--keep", help="copy the trained ARM here")
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    parser.add_argument("--table", action="store_true", help="only print --out as the README's table")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
+    if not (args.task and args.name):
+        parser.error("--task and --name are required")
 
     from genarm_local import GuidedModel
     from genarm_local.core.arm_metadata import read_calibration

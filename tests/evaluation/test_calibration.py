@@ -158,3 +158,17 @@ def test_an_empty_prompt_file_fails_and_leaves_the_arm(calibrated, files):
     bad_budget = run_cli("calibrate", arm, "--base", files["base"], "--budget", "0", cwd=work)
     assert_one_line_error(bad_budget, "--budget")
     assert digest(arm) == before
+
+
+def test_chat_shows_the_recommended_alpha_and_its_kl(calibrated, files):
+    from genarm_local.core.arm_metadata import read_calibration
+
+    arm, _, work = calibrated
+    calibration = read_calibration(arm)
+    result = run_cli("chat", "-m", files["base"], "--arm", arm, "--verbose", "-t", 1, cwd=work, input="/weights\n")
+    assert result.returncode == 0, result.stderr
+    recommended = f"recommended α={calibration.recommended_alpha:.3g} (KL {calibration.budget:g})"
+    # --verbose at the start and /weights: the ARM runs at its recommended α, which spends the budget
+    shown = [line for line in result.stderr.splitlines() if recommended in line]
+    assert len(shown) == 2, result.stderr
+    assert f"arm: α={calibration.recommended_alpha:g}, KL {calibration.budget:.3g} nats/token" in shown[0]
