@@ -3,7 +3,8 @@
     python bench/calibration_budget.py --arm sky=PATH --arm rain=PATH [--arm positive] [--arm concise] \
         [--out docs/calibration_budget.json] [--plot docs/calibration.png]
 
-For each ARM (a task ARM of bench/preference_tasks.py, named after its task, or a shipped ARM):
+For each ARM (a task ARM of bench/preference_tasks.py, named after its task — TASK:LABEL for several of one task —,
+or a shipped ARM):
 1. its calibration curve (evaluation.calibration.calibrate, not written to the file): mean per-token
    KL(guided_α ‖ base) on its calibration prompts (the task's training prompts; for the shipped ARMs the prompts
    bench/build_arms.py trains them on);
@@ -38,6 +39,7 @@ def judge_for(name: str):
 
     from genarm_local.evaluation.judges import positivity, sentence_tokens
 
+    name = name.split(":")[0]  # "sky:paper" is another ARM of the sky task
     if name in TASKS:
         task = TASKS[name]()
         reward = lambda texts, pieces: sum(task.has_feature(t) for t in texts) / len(texts)  # noqa: E731

@@ -55,8 +55,8 @@ class CalibrationConfig:
     alphas: tuple[float, ...] = option(
         DEFAULT_ALPHAS, "the grid of weights α the KL is measured at (> 0)", nargs="+", type=float, metavar="ALPHA"
     )
-    max_tokens: int = option(32, "tokens sampled per continuation")
-    max_prompts: int = option(32, "at most this many prompts (a seeded random subset of a larger set)")
+    max_tokens: int = option(24, "tokens sampled per continuation")
+    max_prompts: int = option(16, "at most this many prompts (a seeded random subset of a larger set)")
     seed: int = option(0, "seed of the prompt subset and the sampling")
     n_threads: int | None = option(None, "CPU threads; default: all cores", flags=("-t", "--threads"))
     write: bool = option(
@@ -163,7 +163,7 @@ def measure_kl(
     arm: str,
     prompts: Sequence[Prompt],
     alphas: Sequence[float],
-    max_tokens: int = 32,
+    max_tokens: int = 24,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> KLCurve:

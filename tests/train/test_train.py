@@ -181,7 +181,7 @@ def test_export_is_calibrated_on_the_training_prompts(marker_run):
     given without a weight then runs at the recommended α."""
     from genarm_local.core.api import GuidedModel
     from genarm_local.core.arm_metadata import read_calibration, recommend_alpha
-    from genarm_local.evaluation.calibration import file_sha256
+    from genarm_local.evaluation.calibration import CalibrationConfig, file_sha256
 
     base, result, _ = marker_run
     stored = read_calibration(result.export)
@@ -189,7 +189,7 @@ def test_export_is_calibrated_on_the_training_prompts(marker_run):
     assert stored.alphas == pytest.approx(result.calibration.alphas)
     assert stored.kl == pytest.approx(result.calibration.kl)
     prompts = {row["prompt"] for row in marker_rows(200, seed=0)}
-    assert stored.prompts == min(32, len(prompts)) and all(n > 0 for n in stored.tokens)
+    assert stored.prompts == min(CalibrationConfig.max_prompts, len(prompts)) and all(n > 0 for n in stored.tokens)
     assert stored.base_sha256 == file_sha256(base)
     assert 0 < stored.kl[0] < stored.kl[-1]
     assert stored.recommended_alpha == pytest.approx(recommend_alpha(stored.alphas, stored.kl, stored.budget), rel=1e-5)
