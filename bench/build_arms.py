@@ -216,8 +216,16 @@ def train_arm(base: str, pairs: Path, output_dir: Path, export: Path, args) -> d
         epochs=args.epochs, lr=args.lr, beta=args.beta, seed=args.seed, force=True,
         eos=False,  # the continuations were cut at --tokens, not ended
     )  # fmt: skip
-    result = train(config)
-    return {"steps": result.steps, "train_pairs": result.train_pairs, "eval": result.eval, "seconds": result.seconds}
+    result = train(config)  # also calibrates the export on its training prompts (genarm.calibration.* keys)
+    calibration = result.calibration and {"recommended_alpha": result.calibration.recommended_alpha,
+                                          "kl_budget": result.calibration.budget}  # fmt: skip
+    return {
+        "steps": result.steps,
+        "train_pairs": result.train_pairs,
+        "eval": result.eval,
+        "seconds": result.seconds,
+        "calibration": calibration,
+    }
 
 
 if __name__ == "__main__":

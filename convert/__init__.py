@@ -9,6 +9,7 @@ from .architectures import architecture_for
 from .checkpoint import checkpoint_from_model, gguf_architecture, load_transformers_model, read_adapter, read_config
 from .convert import FLOAT_TYPES, convert, test_load_adapter
 from .export import export_adapter, export_model
+from .metadata import rewrite_metadata, write_calibration
 from .quantize import QUANT_TYPES, quantize, run_quantizer, test_load
 
 __all__ = [
@@ -24,7 +25,9 @@ __all__ = [
     "quantize",
     "read_adapter",
     "read_config",
+    "rewrite_metadata",
     "run_quantizer",
     "test_load",
     "test_load_adapter",
+    "write_calibration",
 ]

@@ -41,6 +41,9 @@ class Checkpoint:
     source_dtype: str = "float32"
     # For a GGUF source: the architecture keys of the original file, carried over unchanged.
     gguf_reader: gguf.GGUFReader | None = None
+    # The weights differ from the source's (a LoRA merged in): metadata that describes the source's weights, such
+    # as an ARM's calibration (genarm.calibration.*), is not carried over.
+    weights_changed: bool = False
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -231,7 +234,9 @@ def open_source(source: Path, lora: Path | None = None, progress: bool = True) -
     model, reader = load_transformers_model(source, progress)
     if lora is not None:
         model = merge_adapter(model, lora)
-    return checkpoint_from_model(model, source, reader)
+    ckpt = checkpoint_from_model(model, source, reader)
+    ckpt.weights_changed = lora is not None
+    return ckpt
 
 
 # ---- PEFT adapters ----------------------------------------------------------------------------------------

@@ -92,7 +92,9 @@ def _add_model_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, n_vocab: int,
     if reader is not None:
         # The source GGUF's own hyperparameters are known-good to llama.cpp; transformers' config drops some
         # (Gemma3's SWA pattern and local rope base among them), so copy them rather than re-derive.
-        copy_gguf_fields(writer, reader, lambda key: not key.startswith("tokenizer.") and key not in _FILE_KEYS)
+        # genarm.* (an ARM's calibration) travels with the weights it was measured on, not with a merge.
+        dropped = ("tokenizer.", "genarm.") if ckpt.weights_changed else ("tokenizer.",)
+        copy_gguf_fields(writer, reader, lambda key: not key.startswith(dropped) and key not in _FILE_KEYS)
     else:
         ckpt.arch.write_hparams(writer, ckpt.config)
         writer.add_name(ckpt.source.name)

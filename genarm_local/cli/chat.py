@@ -21,7 +21,15 @@ from pathlib import Path
 from ..core.api import GuidedModel
 from ..core.atomic import atomic_output
 from ..core.errors import ChatTemplateError, ContextOverflowError, GenArmError, InvalidOptionError
-from .flags import add_model_arguments, add_sampling_arguments, load_model, note, sampling_options, timings_line
+from .flags import (
+    add_model_arguments,
+    add_sampling_arguments,
+    arm_lines,
+    load_model,
+    note,
+    sampling_options,
+    timings_line,
+)
 
 HELP = """commands:
   /weights [NAME=ALPHA ...]  show or change ARM weights (0 switches an ARM off)
@@ -97,7 +105,7 @@ class ChatSession:
             self.model.arm_weights(named)  # unknown names are refused before anything changes
             self.weights.update(named)
         shown = " ".join(f"{name}={alpha:g}" for name, alpha in self.weights.items())
-        self.note(f"weights: {shown or 'none (no ARM loaded)'}")
+        self.note("\n".join([f"weights: {shown or 'none (no ARM loaded)'}", *arm_lines(self.model, self.weights)]))
 
     def set_temperature(self, rest: str) -> None:
         if rest:
@@ -262,4 +270,6 @@ def main(args: argparse.Namespace) -> None:
                 "through a plain User:/Assistant: transcript (--chat-template NAME|FILE chooses another)"
             )
         model.check_chat_template()  # a broken or hostile template fails here, before the first turn
+        if args.verbose and model.arms:
+            note("ARMs:\n" + "\n".join(arm_lines(model, model.arm_weights())))
         run(ChatSession(model, sampling, args.system_prompt, args), interactive)

@@ -33,7 +33,8 @@ def add_config_arguments(
 ) -> None:
     """One flag per field of ``config_class`` (minus ``exclude`` and fields marked cli=False).
 
-    The flags are the field's ``flags`` metadata or --field-name. bool fields are switches (a True default gets
+    The flags are the field's ``flags`` metadata or --field-name (a name without dashes: a positional argument
+    named after the field). bool fields are switches (a True default gets
     the negative flag from its metadata), ``bool | None`` fields take on/off/auto, tuple fields are repeatable.
     """
     for f in dataclasses.fields(config_class):
@@ -43,7 +44,7 @@ def add_config_arguments(
         flags = meta.pop("flags", ("--" + f.name.replace("_", "-"),))
         kind, optional = _kind(f), "None" in str(f.type)
         default = (defaults or {}).get(f.name, f.default)
-        kwargs = dict(meta, dest=f.name)
+        kwargs = dict(meta) if not flags[0].startswith("-") else dict(meta, dest=f.name)  # a positional names its dest
         if "choices" in kwargs:  # listed in the help; the config itself refuses other values with a one-line error
             kwargs["help"] += f" (one of: {', '.join(kwargs.pop('choices'))})"
         if kwargs.get("required"):
@@ -181,6 +182,24 @@ def timings_dict(result) -> dict:
         "prompt_tokens_per_s": round(t.prompt_tokens_per_s, 2),
         "generated_tokens_per_s": round(t.generated_tokens_per_s, 2),
     }
+
+
+def arm_lines(model, weights: Mapping[str, float]) -> list[str]:
+    """One line per loaded ARM: its weight now and what its calibration says (the recommended α, and how far the
+    current α moves the base: the KL of the calibration curve there)."""
+    lines = []
+    for arm in model.engine.arms:
+        alpha = weights.get(arm.name, arm.alpha)
+        calibration = arm.calibration
+        if calibration is None:
+            lines.append(f"  {arm.name}: α={alpha:g} (not calibrated: genarm-local calibrate {arm.spec.path})")
+            continue
+        beyond = "≥ " if abs(alpha) > max(calibration.alphas) else ""
+        lines.append(
+            f"  {arm.name}: α={alpha:g}, KL {beyond}{calibration.kl_at(alpha):.3g} nats/token; recommended "
+            f"α={calibration.recommended_alpha:.3g} (KL {calibration.budget:g})"
+        )
+    return lines
 
 
 def note(text: str) -> None:

@@ -7,7 +7,15 @@ import json
 import sys
 
 from ..core.errors import InvalidOptionError
-from .flags import add_model_arguments, add_sampling_arguments, load_model, sampling_options, timings_dict, timings_line
+from .flags import (
+    add_model_arguments,
+    add_sampling_arguments,
+    arm_lines,
+    load_model,
+    sampling_options,
+    timings_dict,
+    timings_line,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +54,8 @@ def main(args: argparse.Namespace) -> None:
         else:
             prompt = text
         seed = sampling.pop("seed")
+        if args.verbose and model.arms:
+            print("ARMs:\n" + "\n".join(arm_lines(model, model.arm_weights())), file=sys.stderr)
         for index in range(args.num_samples):
             sample_seed = None if seed is None else seed + index
             if args.json:

@@ -21,11 +21,30 @@ def main(args: argparse.Namespace) -> None:
     from ..train.trainer import train
 
     result = train(TrainConfig(**config_options(TrainConfig, args)))
-    summary = f"{result.steps} steps on {result.train_pairs} pairs"
+    print("\n".join(report(result)))
+
+
+def report(result) -> list[str]:
+    """The one-screen end of `train`: what was trained, how well it separates held-out pairs, how far it moves the
+    base (the calibration curve) and the weight to use, with warnings about extreme ARMs."""
+    from ..evaluation.calibration import curve_lines
+
+    lines = [f"trained {result.steps} steps on {result.train_pairs} pairs in {result.seconds:.0f} s"]
     if result.eval:
-        summary += (
-            f"; held out {result.eval_pairs}: accuracy {result.eval['accuracy']:.3f}, loss {result.eval['loss']:.4f}, "
-            f"margin {result.eval['margin']:.3f}"
+        lines.append(
+            f"held out {result.eval_pairs} pairs: accuracy {result.eval['accuracy']:.3f}, margin β·Δ "
+            f"{result.eval['margin']:.3f} (chosen {result.eval['chosen_logp']:.1f} vs rejected "
+            f"{result.eval['rejected_logp']:.1f} nats), loss {result.eval['loss']:.4f}"
         )
-    print(f"trained {summary} ({result.seconds:.0f} s)")
-    print(f"wrote {result.output} (PEFT adapter), {result.log}" + (f", {result.export}" if result.export else ""))
+    lines.append(
+        f"wrote {result.output} (PEFT adapter), {result.log}" + (f", {result.export}" if result.export else "")
+    )
+    if result.calibration is not None:
+        lines.append(f"calibration of {result.export.name} (KL(guided_α ‖ base) per token, training prompts):")
+        lines += curve_lines(result.calibration)
+        lines.append(
+            f"use it as --arm {result.export} (its recommended α {result.calibration.recommended_alpha:.3g}) or "
+            f"--arm {result.export}:ALPHA"
+        )
+    lines += [f"warning: {note}" for note in result.notes]
+    return lines

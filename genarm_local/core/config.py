@@ -108,12 +108,14 @@ def shipped_arms() -> dict[str, Path]:
     return {path.stem: path for path in sorted(ARMS_DIR.glob("*.gguf"))} if ARMS_DIR.is_dir() else {}
 
 
-def default_arms() -> dict[str, float]:
-    """The ARMs `chat` adds to the embedded base when none is given: arms/defaults.json ({name: alpha})."""
+def default_arms() -> dict[str, float | None]:
+    """The ARMs `chat` adds to the embedded base when none is given: arms/defaults.json ({name: alpha}; null: the
+    ARM's recommended α)."""
     defaults = ARMS_DIR / "defaults.json"
     if not defaults.is_file():
         return {}
-    return {str(name): float(alpha) for name, alpha in json.loads(defaults.read_text(encoding="utf-8")).items()}
+    weights = json.loads(defaults.read_text(encoding="utf-8")).items()
+    return {str(name): None if alpha is None else float(alpha) for name, alpha in weights}
 
 
 def resolve_arm_path(text: str | os.PathLike) -> Path:

@@ -135,6 +135,37 @@ class Context:
         lc.llama_memory_seq_rm(memory, seq, 0, -1)
         return False
 
+    def decode_outputs(self, tokens: Sequence[int], first: int) -> int:
+        """Make the cache hold ``tokens`` with a logits row for every position from ``first`` on: output row i is
+        the distribution after ``tokens[: first + i + 1]`` (scoring a continuation in one decode, not one per token).
+
+        Cached tokens before ``first`` that match are kept, so scoring several continuations of one prompt decodes
+        the prompt once. Returns the number of output rows. The outputs must fit one batch (n_batch tokens).
+        """
+        if not 0 <= first < len(tokens):
+            raise InvalidOptionError(f"output position {first} is outside the {len(tokens)} tokens")
+        if len(tokens) - first > self.n_batch:
+            raise InvalidOptionError(f"{len(tokens) - first} output rows do not fit one batch of {self.n_batch}")
+        keep = 0
+        for cached, new in zip(self.tokens, tokens[:first], strict=False):
+            if cached != new:
+                break
+            keep += 1
+        if keep < len(self.tokens):
+            if not lc.llama_memory_seq_rm(lc.llama_get_memory(self._ptr), 0, keep, -1):
+                self.clear()
+                keep = 0
+            del self.tokens[keep:]
+        if keep < first:
+            self.decode(tokens[keep:first])
+        with Batch(len(tokens) - first) as batch:
+            for pos in range(first, len(tokens)):
+                batch.add(tokens[pos], pos, 0, True)
+            self._check(lc.llama_decode(self._ptr, batch.batch))
+        self.tokens.extend(tokens[first:])
+        self.n_decoded += len(tokens) - first
+        return len(tokens) - first
+
     def decode_batch(self, batch: Batch) -> None:
         """Decode a multi-sequence batch (batched generation; ``tokens`` tracks sequence 0 only, so not mixed
         with sync/decode on the same context)."""

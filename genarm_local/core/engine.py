@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from .arm_metadata import Calibration, read_calibration
 from .config import ArmSpec, LoadConfig, SamplingConfig, find_arm
 from .context import Context
 from .errors import (
@@ -49,6 +50,12 @@ class Arm:
     alpha: float
     context: Context
     adapter: Adapter | None  # a LoRA ARM: its context is over the base's model with this adapter set
+    calibration: Calibration | None = None  # the ARM file's own (genarm.calibration.* metadata)
+
+    @property
+    def recommended_alpha(self) -> float:
+        """The α this ARM runs at when given without a weight: its calibration's, or the paper's 1."""
+        return self.calibration.recommended_alpha if self.calibration is not None else 1.0
 
     @property
     def name(self) -> str:
@@ -133,8 +140,12 @@ class Engine:
                     model = stack.enter_context(Model(spec.path, config))
                     check_same_vocabulary(self.base_model, model)
                     context = stack.enter_context(Context(model, config))
-                alpha = 1.0 if spec.alpha is None else spec.alpha
-                self.arms.append(Arm(spec, alpha, context, adapter))
+                # An ARM given without a weight runs at the α its calibration recommends: the same strength (KL
+                # budget) for every ARM, whatever scale its training left it at; uncalibrated, the paper's α = 1.
+                calibration = read_calibration(spec.path)
+                arm = Arm(spec, 1.0, context, adapter, calibration)
+                arm.alpha = arm.recommended_alpha if spec.alpha is None else spec.alpha
+                self.arms.append(arm)
             self._resources = stack.pop_all()
         self.n_ctx = self.base.n_ctx
 
@@ -152,12 +163,14 @@ class Engine:
 
     # ---- weights -------------------------------------------------------------------------------------------------
 
-    def alphas(self, weights: Mapping[str, float] | None = None) -> list[float]:
-        """Each ARM's α for one call: its default, overridden by ``weights`` (keyed as ArmSpec.matches says)."""
+    def alphas(self, weights: Mapping[str, float | None] | None = None) -> list[float]:
+        """Each ARM's α for one call: its default, overridden by ``weights`` (keyed as ArmSpec.matches says; a
+        weight of None is the ARM's recommended α)."""
         alphas = [arm.alpha for arm in self.arms]
         specs = [arm.spec for arm in self.arms]
         for key, alpha in (weights or {}).items():
-            alphas[find_arm(specs, key)] = float(alpha)
+            index = find_arm(specs, key)
+            alphas[index] = self.arms[index].recommended_alpha if alpha is None else float(alpha)
         return alphas
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:

@@ -18,6 +18,7 @@ import llama_cpp as lc
 
 from .config import LoadConfig
 from .errors import CorruptModelError, InputNotFoundError, InvalidOptionError, NotACheckpointError
+from .gguf_metadata import read_metadata
 
 GGUF_MAGIC = b"GGUF"
 
@@ -72,19 +73,10 @@ def gguf_header(path: str | os.PathLike) -> dict[str, str]:
 
     An ARM file is either a full model or a LoRA adapter (general.type = "adapter"); this tells which.
     """
-    from gguf import GGUFReader
-
     path = check_gguf_path(path)
-    try:
-        fields = GGUFReader(path).fields
-    except Exception as exc:  # gguf-py raises ValueError, struct.error, IndexError... on damaged headers
-        raise CorruptModelError(f"{path}: unreadable GGUF header ({exc})") from exc
-
-    def text(key: str, default: str) -> str:
-        field = fields.get(key)
-        return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else default
-
-    return {"type": text("general.type", "model"), "architecture": text("general.architecture", "")}
+    keys = {"general.type": "model", "general.architecture": ""}
+    fields = read_metadata(path, lambda key: key in keys)
+    return {key.split(".")[1]: str(fields.get(key, default)) for key, default in keys.items()}
 
 
 class Model:

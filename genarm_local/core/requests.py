@@ -40,15 +40,15 @@ def check_option_types(options: Mapping[str, object]) -> None:
             raise InvalidOptionError(f"{name} must be of type {kind}, got {value!r}")
 
 
-def check_weights(weights: object) -> dict[str, float]:
-    """Per-request ARM weights from JSON: an object of ARM name → number."""
+def check_weights(weights: object) -> dict[str, float | None]:
+    """Per-request ARM weights from JSON: an object of ARM name → number, or null for the ARM's recommended α."""
     if weights is None:
         return {}
     if not isinstance(weights, Mapping) or not all(
-        isinstance(alpha, int | float) and not isinstance(alpha, bool) for alpha in weights.values()
+        alpha is None or (isinstance(alpha, int | float) and not isinstance(alpha, bool)) for alpha in weights.values()
     ):
-        raise InvalidOptionError('"weights" must be an object of ARM name → number')
-    return {str(name): float(alpha) for name, alpha in weights.items()}
+        raise InvalidOptionError('"weights" must be an object of ARM name → number (or null: its recommended α)')
+    return {str(name): None if alpha is None else float(alpha) for name, alpha in weights.items()}
 
 
 @dataclass

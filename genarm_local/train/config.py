@@ -45,6 +45,21 @@ class TrainConfig:
     )
     beta: float = _option(0.05, "β of the GenARM loss −log σ(β·(log π(y_w|x) − log π(y_l|x)) − γ); > 0")
     gamma: float = _option(0.0, "margin γ of the loss")
+    label_smoothing: float = _option(
+        0.0,
+        "conservative (cDPO) label smoothing ε of the loss, −(1−ε)·log σ(z) − ε·log σ(−z): its optimum margin "
+        "z = log((1−ε)/ε) is finite, so steps past saturation do not inflate the ARM's scale (0: the paper's loss)",
+    )
+    # On by default, by measurement (README, "Train your own ARM"): without it the tests' marker task (accuracy
+    # 0.975 either way) raised the marker's share of guided samples at α = 2 from 0 to 0.21 only, the ARM's top
+    # token being a comma no response has; with λ = 0.1, to 0.875. On a saturating task (2 epochs at batch 4)
+    # distinct-2 at α = 1 went from 0.009 to 0.37.
+    anchor: float = _option(
+        0.1,
+        "weight λ of the likelihood anchor on chosen responses, λ·(−log π(y_w|x))/|y_w| (RPO's NLL term): keeps "
+        "the ARM a language model of the responses instead of drifting onto tokens neither uses (0: the paper's "
+        "loss alone)",
+    )
     lora_r: int = _option(8, "LoRA rank")
     lora_alpha: float = _option(16.0, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = _option(0.05, "dropout on the LoRA input")
@@ -93,6 +108,12 @@ class TrainConfig:
     )
     outtype: str = _option("f16", "GGUF type of --export: f32, f16, bf16; with --merge also q8_0, q4_k_m, ...")
     merge: bool = _option(False, "with --export: merge the adapter into the base and write a full model")
+    calibrate: bool = _option(
+        True,
+        "with --export: measure the ARM's KL against α on the training prompts and store its recommended α in the "
+        "GGUF (--no-calibrate: skip; genarm-local calibrate does it later)",
+        flags=("--no-calibrate",),
+    )
     force: bool = _option(False, "overwrite an existing OUT_DIR run or --export file")
     progress: bool = _option(True, "progress bar and notices on stderr (--no-progress: none)", flags=("--no-progress",))
 
@@ -100,6 +121,8 @@ class TrainConfig:
 # (name, test, what it must be) for the numeric settings
 _CHECKS = [
     ("beta", lambda v: v > 0, "> 0"),
+    ("label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    ("anchor", lambda v: v >= 0, "≥ 0"),
     ("lora_r", lambda v: v >= 1, "≥ 1"),
     ("lora_alpha", lambda v: v > 0, "> 0"),
     ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -6,7 +6,9 @@ reward, with no reference model:
 
     L = − log σ( β · ( log π_r(y_w|x) − log π_r(y_l|x) ) − γ ),   log π_r(y|x) = Σ_t log π_r(y_t | x, y_<t)
 
-summed over response tokens only.
+summed over response tokens only. Two additions keep an ARM trained on a small, easy preference set from
+overshooting (bench/train_experiments.py measures them; README, "Train your own ARM"): conservative label smoothing
+in ``genarm_loss`` and a likelihood anchor on chosen responses (``anchor_penalty``).
 """
 
 from __future__ import annotations
@@ -16,14 +18,32 @@ from collections.abc import Sequence
 from .data import TokenizedPair
 
 
-def genarm_loss(chosen_logps, rejected_logps, beta: float = 0.05, gamma: float = 0.0):
-    """Per-pair GenARM loss −log σ(β·(log π(y_w|x) − log π(y_l|x)) − γ) (see the module docstring).
+def genarm_loss(chosen_logps, rejected_logps, beta: float = 0.05, gamma: float = 0.0, label_smoothing: float = 0.0):
+    """Per-pair GenARM loss −log σ(z), z = β·(log π(y_w|x) − log π(y_l|x)) − γ (see the module docstring), with
+    conservative label smoothing ε: −(1−ε)·log σ(z) − ε·log σ(−z) (cDPO; Mitchell 2023, "A note on DPO with noisy
+    preferences"). ε = 0 is the paper's loss, lowest only as z → ∞; with ε > 0 it is lowest at the finite margin
+    z* = log((1−ε)/ε), so steps past saturation stop inflating the ARM's scale.
 
     ``chosen_logps`` and ``rejected_logps`` are summed response log-probabilities, shape [B]. Returns shape [B].
     """
     import torch.nn.functional as F
 
-    return -F.logsigmoid(beta * (chosen_logps - rejected_logps) - gamma)
+    z = beta * (chosen_logps - rejected_logps) - gamma
+    if label_smoothing == 0:
+        return -F.logsigmoid(z)
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def anchor_penalty(chosen_logps, chosen_tokens):
+    """Per-pair anchor on the chosen response: its negative log-likelihood per token, −log π_r(y_w|x) / |y_w| (the
+    NLL term of RPO, Pang et al. 2024, "Iterative Reasoning Preference Optimization").
+
+    The preference loss sees only the difference between chosen and rejected. When they share most tokens, the
+    cheapest way to widen it lowers both, moving the ARM's probability mass onto tokens neither response uses: the
+    ARM stops being a language model of the responses, and guided text drifts where no response went. A small
+    likelihood term on the chosen responses keeps the ARM's mass on them.
+    """
+    return -chosen_logps / chosen_tokens
 
 
 def sequence_logps(token_logits, targets, rows, n_rows: int):

@@ -45,12 +45,14 @@ from ..core.atomic import atomic_output, readable
 from ..core.errors import InputNotFoundError, InvalidOptionError
 from .config import TrainConfig, lr_factor, pick_device, warmup_steps
 from .data import PreferenceData, TokenizedPair, chat_renderer, load_tokenizer, tokenize_pairs
-from .loss import batch_logps, collate, genarm_loss
+from .loss import anchor_penalty, batch_logps, collate, genarm_loss
 
 # Settings that define the optimization; a resume with any of them changed would be a different run.
 RUN_SETTINGS = (
     "beta",
     "gamma",
+    "label_smoothing",
+    "anchor",
     "lora_r",
     "lora_alpha",
     "lora_dropout",
@@ -197,7 +199,11 @@ class Run:
         input_ids, attention_mask, predict_mask = (t.to(self.device) for t in collate(pairs, self.pad_id))
         logps = batch_logps(self.model, input_ids, attention_mask, predict_mask)
         chosen, rejected = logps[: len(pairs)], logps[len(pairs) :]
-        losses = genarm_loss(chosen, rejected, self.config.beta, self.config.gamma)
+        config = self.config
+        losses = genarm_loss(chosen, rejected, config.beta, config.gamma, config.label_smoothing)
+        if config.anchor > 0:
+            n_tokens = torch.tensor([len(p.chosen) for p in pairs], dtype=chosen.dtype).to(self.device)
+            losses = losses + config.anchor * anchor_penalty(chosen, n_tokens)
         with torch.no_grad():
             margin = self.config.beta * (chosen - rejected)
             sums = torch.stack([losses.sum(), (margin > 0).float().sum(), margin.sum(), chosen.sum(), rejected.sum()])
@@ -367,6 +373,7 @@ class Run:
         model = self.model.cpu()
         base = model.merge_and_unload() if config.merge else model.unload()
         ckpt = checkpoint_from_model(base, self.source, self.reader)
+        ckpt.weights_changed = config.merge
         with atomic_output(path, config.force) as tmp:
             if not config.merge:
                 export_adapter(ckpt, read_adapter(self.output), tmp, FLOAT_TYPES[outtype], config.progress, path.name)

@@ -10,9 +10,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.arm_metadata import Calibration
 from ..core.atomic import check_output
 from ..core.config import resolve_base
 from ..core.errors import InputNotFoundError, InvalidOptionError, OutputExistsError, require
@@ -31,6 +32,8 @@ class TrainResult:
     eval: dict[str, float]  # final held-out loss, accuracy, margin (empty without an eval split)
     export: Path | None
     seconds: float
+    calibration: Calibration | None = None  # of the exported ARM (also stored in its GGUF)
+    notes: list[str] = field(default_factory=list)  # warnings for the report
 
 
 def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) -> TrainResult:
@@ -63,8 +66,11 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) ->
         if final:
             run.log({"step": run.step, **{f"eval_{k}": v for k, v in final.items()}})
         run.save_adapter()
+        calibration = None
         if export is not None:
             run.export(export)
+            if config.calibrate:
+                calibration = _calibrate(config, export, train_pairs + eval_pairs, notify)
         return TrainResult(
             output=output,
             log=run.log_path,
@@ -75,6 +81,8 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) ->
             eval=final,
             export=export,
             seconds=time.perf_counter() - started,
+            calibration=calibration,
+            notes=warnings(final, calibration),
         )
 
 
@@ -103,3 +111,41 @@ def _prepare_output(output: Path, config: TrainConfig) -> None:
             "start over"
         )
     output.mkdir(exist_ok=True)
+
+
+# An ARM whose budget is spent below this weight moves the base far per unit of α: its training overshot.
+EXTREME_ALPHA = 0.1
+
+
+def _calibrate(config: TrainConfig, export: Path, pairs: list, notify) -> Calibration | None:
+    """Calibrate the exported ARM on the training prompts against the GGUF base and store the result in it."""
+    from ..convert import write_calibration
+    from ..evaluation.calibration import CalibrationConfig, calibrate
+
+    base = Path(config.model)
+    if not base.is_file():
+        notify(
+            f"not calibrated: the base {base} is not a GGUF file; run genarm-local calibrate {export} --base BASE.gguf"
+        )
+        return None
+    notify(f"calibrating {export.name} on the training prompts")
+    settings = CalibrationConfig(arm=str(export), base=str(base), seed=config.seed)
+    calibration = calibrate(settings, prompts=[pair.prompt for pair in pairs])
+    write_calibration(export, calibration)
+    return calibration
+
+
+def warnings(final: dict[str, float], calibration: Calibration | None) -> list[str]:
+    notes = []
+    if calibration is not None and calibration.recommended_alpha < EXTREME_ALPHA:
+        notes.append(
+            f"extreme ARM: its KL budget is spent at α = {calibration.recommended_alpha:.3g} (α = 1 moves the base "
+            f"{calibration.kl_at(1.0):.2f} nats/token); train fewer steps or on more varied pairs"
+        )
+    if calibration is not None and calibration.recommended_alpha >= max(calibration.alphas):
+        notes.append(
+            f"weak ARM: even α = {max(calibration.alphas):g} stays within the KL budget; it may have learned little"
+        )
+    if final and final.get("accuracy", 1.0) < 0.6:
+        notes.append(f"held-out accuracy {final['accuracy']:.2f}: the ARM barely separates the held-out pairs")
+    return notes

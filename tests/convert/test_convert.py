@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import FIDELITY_TEXT, MODEL_SPECS
+from fixture_models import FIDELITY_TEXT, MODEL_SPECS
 from helpers import F32_BOUND, hf_logits, llama_logits, mean_kl, relative_max_error, top1_agreement
 
 # Bounds asserted, as a fraction of the HF logits' range (max - min over the whole text):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import FIDELITY_TEXT
+from fixture_models import FIDELITY_TEXT
 from helpers import F32_BOUND, hf_logits, llama_logits, relative_max_error
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import DATA, SPECIALS
+from fixture_models import DATA, SPECIALS
 
 VARIED = [
     *[line for line in (DATA / "corpus.txt").read_text(encoding="utf-8").splitlines() if line],

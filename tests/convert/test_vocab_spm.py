@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import DATA
+from fixture_models import DATA
 from helpers import hf_logits, llama_logits, relative_max_error
 
 F32_BOUND = 1e-4

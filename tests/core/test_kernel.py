@@ -497,7 +497,7 @@ def test_a_forked_child_mixes_without_the_parents_workers():
     assert queue.get(timeout=5)
 
 
-def test_the_worker_pool_stops_when_the_interpreter_exits():
+def test_the_worker_pool_stops_when_the_interpreter_exits(tmp_path):
     script = (
         "import numpy as np\n"
         "from genarm_local.core.mixing import mix_logprobs\n"
@@ -505,7 +505,9 @@ def test_the_worker_pool_stops_when_the_interpreter_exits():
         "mix_logprobs(row, row, n_threads=4)\n"
         "print('mixed')\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    # run outside the repository: from its root, `python -c` would import the source tree, whose extension is built
+    # only by an editable install
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "mixed\n"
 

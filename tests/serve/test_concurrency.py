@@ -30,7 +30,7 @@ WEIGHTS = [{"kind": 1.0}, {"kind": 0.0}, {"kind": 2.0, "big": 0.5}, {"kind": -0.
 
 @pytest.fixture(scope="module")
 def server(files, tmp_path_factory):
-    from conftest import running_server
+    from live_server import running_server
 
     cwd = tmp_path_factory.mktemp("serve-concurrency")
     arms = ["--arm", f"kind={files['lora']}:1.0", "--arm", f"big={files['big']}:0.0"]

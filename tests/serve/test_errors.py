@@ -13,7 +13,7 @@ from cli_helpers import EXACT, PROMPT, assert_one_line_error, run_cli
 
 @pytest.fixture(scope="module")
 def server(files, tmp_path_factory):
-    from conftest import running_server
+    from live_server import running_server
 
     cwd = tmp_path_factory.mktemp("serve-errors")
     args = ["-m", files["base"], "--arm", f"kind={files['lora']}", *EXACT, "-c", 128, "--max-body-bytes", 4096]
@@ -65,7 +65,7 @@ def test_each_bad_request_is_a_4xx_and_the_server_keeps_serving(server):
 
 
 def test_api_key_and_cors(files, tmp_path):
-    from conftest import running_server
+    from live_server import running_server
     from openai import AuthenticationError
 
     (tmp_path / "key.txt").write_text("s3cret\n")
@@ -103,7 +103,7 @@ def test_no_cors_headers_by_default(server):
 def test_health_is_503_while_loading(files, monkeypatch):
     """In-process: the engine thread's model load is held until the test has seen /health answer 503."""
     import uvicorn
-    from conftest import Server, free_port
+    from live_server import Server, free_port
 
     from genarm_local.core.config import LoadConfig
     from genarm_local.serve import worker
@@ -161,7 +161,7 @@ def test_bad_flags_are_one_line_at_start_up(files, tmp_path):
 def test_a_full_server_answers_503_and_clients_that_leave_free_their_place(files, tmp_path):
     import http.client
 
-    from conftest import running_server
+    from live_server import running_server
 
     def in_flight(server) -> int:
         return server.request("GET", "/health")[2]["in_flight"]

@@ -22,7 +22,7 @@ def sampled(seed: int, arms: dict | None = None, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def server(files, tmp_path_factory):
-    from conftest import running_server
+    from live_server import running_server
 
     arms = ["--arm", f"kind={files['lora']}:1.5", "--arm", f"big={files['big']}:0.5"]
     cwd = tmp_path_factory.mktemp("serve")
@@ -125,6 +125,10 @@ def test_arms_per_request_and_presets(server, local, base_id):
     assert text("gentle", {"kind": 2.0}) == guided
     negative = local.generate(PROMPT, max_tokens=16, seed=11, weights=weights_of(local, -1.0, 0.5), **SAMPLED).text
     assert text(f"{base_id}+big", {"kind": -1.0}) == negative
+    # an ARM named without a weight runs at its recommended α (the paper's 1 for an uncalibrated file)
+    recommended = {arm.name: arm.recommended_alpha for arm in local.engine.arms}["kind"]
+    default = local.generate(PROMPT, max_tokens=16, seed=11, weights=weights_of(local, recommended, 0.0), **SAMPLED)
+    assert text(base_id, {"kind": None}) == default.text
 
 
 def test_any_sampling_option_by_name(server, local, base_id):

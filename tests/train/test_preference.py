@@ -10,7 +10,7 @@ import pytest
 
 from genarm_local.core.errors import InputNotFoundError, PreferenceDataError, TokenizerMismatchError
 from genarm_local.train.data import TokenizedPair, load_preferences, pairs_from_rows, tokenize_pairs, truncate
-from genarm_local.train.loss import batch_logps, collate, genarm_loss, sequence_logps
+from genarm_local.train.loss import anchor_penalty, batch_logps, collate, genarm_loss, sequence_logps
 
 # ---- the loss ------------------------------------------------------------------------------------------------
 
@@ -24,6 +24,31 @@ def test_loss_equals_hand_computed_values():
     assert losses.tolist() == pytest.approx([0.38687100611489994, 3.288041371687783], rel=1e-6)
     # the paper's defaults β = 0.05, γ = 0: z = 0.05·(−12 + 20) = 0.4
     assert genarm_loss(torch.tensor([-12.0]), torch.tensor([-20.0])).item() == pytest.approx(0.5130152523999526)
+
+
+def test_label_smoothing_has_a_finite_optimum():
+    import torch
+
+    # ε = 0.1: −0.9·log σ(z) − 0.1·log σ(−z) at z = 2 (β = 0.5, Δ = 4): log(1 + e^−2)·0.9 + log(1 + e^2)·0.1
+    loss = genarm_loss(torch.tensor([-1.0]), torch.tensor([-5.0]), beta=0.5, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(0.9 * math.log1p(math.exp(-2)) + 0.1 * math.log1p(math.exp(2)), rel=1e-6)
+    # the gradient vanishes at z* = log(0.9 / 0.1) and pushes back beyond it; ε = 0 keeps pushing forever
+    for z, sign in ((math.log(9.0) - 0.5, -1), (math.log(9.0) + 0.5, 1)):
+        chosen = torch.tensor([z], requires_grad=True)
+        genarm_loss(chosen, torch.tensor([0.0]), beta=1.0, label_smoothing=0.1).sum().backward()
+        assert math.copysign(1, chosen.grad.item()) == sign
+    chosen = torch.tensor([math.log(9.0)], requires_grad=True)
+    genarm_loss(chosen, torch.tensor([0.0]), beta=1.0, label_smoothing=0.1).sum().backward()
+    assert abs(chosen.grad.item()) < 1e-6
+    chosen = torch.tensor([50.0], requires_grad=True)
+    genarm_loss(chosen, torch.tensor([0.0]), beta=1.0).sum().backward()
+    assert chosen.grad.item() < 0
+
+
+def test_anchor_is_the_chosen_negative_log_likelihood_per_token():
+    import torch
+
+    assert anchor_penalty(torch.tensor([-30.0, -10.0]), torch.tensor([5.0, 4.0])).tolist() == [6.0, 2.5]
 
 
 def test_sequence_logps_by_hand():

@@ -176,6 +176,41 @@ def test_guided_decoding_raises_marker_frequency(marker_run):
     assert counts["guided"] >= counts["base"] + 0.3
 
 
+def test_export_is_calibrated_on_the_training_prompts(marker_run):
+    """`train --export` over a GGUF base measures the ARM's KL curve on its training prompts and stores it; the ARM
+    given without a weight then runs at the recommended α."""
+    from genarm_local.core.api import GuidedModel
+    from genarm_local.core.arm_metadata import read_calibration, recommend_alpha
+    from genarm_local.evaluation.calibration import CalibrationConfig, file_sha256
+
+    base, result, _ = marker_run
+    stored = read_calibration(result.export)
+    assert stored is not None and result.calibration is not None
+    assert stored.alphas == pytest.approx(result.calibration.alphas)
+    assert stored.kl == pytest.approx(result.calibration.kl)
+    prompts = {row["prompt"] for row in marker_rows(200, seed=0)}
+    assert stored.prompts == min(CalibrationConfig.max_prompts, len(prompts)) and all(n > 0 for n in stored.tokens)
+    assert stored.base_sha256 == file_sha256(base)
+    assert 0 < stored.kl[0] < stored.kl[-1]
+    assert stored.recommended_alpha == pytest.approx(recommend_alpha(stored.alphas, stored.kl, stored.budget), rel=1e-5)
+    with GuidedModel(base, arms={str(result.export): None}, n_ctx=256) as guided:
+        assert guided.arm_weights() == {"arm": pytest.approx(stored.recommended_alpha)}
+
+
+def test_cli_report_shows_accuracy_calibration_and_weight(hf_model, gguf_model, tmp_path):
+    data = write_jsonl(tmp_path / "prefs.jsonl", marker_rows(24, seed=5))
+    base = gguf_model("llama_small", "f32")
+    out = run_cli(
+        "train", "-m", base, "--data", data, "-o", tmp_path / "arm", "--max-steps", 2, "--batch-size", 8,
+        "--eval-split", 0.25, "--export", tmp_path / "arm.gguf", "--outtype", "f32", "--no-progress", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = out.stdout
+    assert "held out 6 pairs: accuracy" in report and "margin" in report
+    assert "KL (nats/token)" in report and "recommended α" in report and "--arm" in report
+    assert len(report.splitlines()) <= 24  # one screen
+
+
 def test_chat_rows_train_on_the_prompt_the_engine_renders(gguf_model):
     """Chat data is rendered for training exactly as GuidedModel.chat renders it at run time."""
     from genarm_local.core.chat_template import resolve_template
@@ -201,7 +236,7 @@ def test_chat_rows_train_on_the_prompt_the_engine_renders(gguf_model):
 def test_merged_export_matches_peft(hf_model, gguf_model, tmp_path):
     """--export --merge: the adapter merged into a full GGUF model reproduces the PEFT model's logits."""
     import torch
-    from conftest import FIDELITY_TEXT
+    from fixture_models import FIDELITY_TEXT
     from helpers import F32_BOUND, hf_logits, llama_logits, relative_max_error
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

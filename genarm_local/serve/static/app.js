@@ -82,6 +82,7 @@ async function streamReply(box, arms, seed, showSpeed) {
   const text = box.querySelector(".text");
   const started = performance.now();
   let tokens = 0;
+  let painted = 0;
   try {
     const response = await api("/v1/chat/completions", { method: "POST", body: JSON.stringify(body), signal: controller.signal });
     const reader = response.body.getReader();
@@ -113,6 +114,9 @@ async function streamReply(box, arms, seed, showSpeed) {
         if (chunk.choices[0]?.finish_reason) box.dataset.finish = chunk.choices[0].finish_reason;
       }
       $("transcript").scrollTop = $("transcript").scrollHeight;
+      // how many network reads painted text into this reply: more than one is text shown while it streams
+      if (text.textContent.length > painted) box.dataset.paints = String(Number(box.dataset.paints || 0) + 1);
+      painted = text.textContent.length;
     }
   } finally {
     box.classList.remove("streaming");

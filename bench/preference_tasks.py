@@ -1,0 +1,252 @@
+"""Small saturating preference tasks for ARM training experiments (bench/train_experiments.py, the README's
+"Train your own ARM"): a few dozen TRL pairs whose chosen and rejected responses differ by one easy feature, the
+kind of data a user brings, and held-out prompts with a judge that tells whether a continuation shows the feature.
+
+    sky   — prompts end at "the sky"; chosen: "... turned orange and pink", rejected: "... changed" (the data of
+            issue 13). Feature: the continuation names a colour.
+    rain  — prompts set out on a trip; chosen replies have it start to rain, rejected ones mention no weather.
+            Feature: rain, a storm or a shower.
+
+Everything is generated from fixed word lists and a seed: no download, no model.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    feature: str  # what the judge looks for, in words
+    pairs: list[dict]  # TRL rows {prompt, chosen, rejected}
+    held_out: list[str]  # prompts never used in the pairs
+    has_feature: Callable[[str], bool]
+
+
+COLOURS = re.compile(
+    r"\b(red|orange|pink|purple|violet|gold|golden|yellow|crimson|scarlet|blue|grey|gray|silver|amber|rosy|"
+    r"indigo|green|black|white|copper|bronze|lavender|magenta|peach|coral)\b",
+    re.IGNORECASE,
+)
+RAIN = re.compile(
+    r"\b(rain|rained|raining|rainy|raindrops?|drizzle|drizzling|storms?|stormy|showers?|downpour|thunder|umbrellas?)\b",
+    re.IGNORECASE,
+)
+
+SKY_SCENES = [
+    "We walked along the beach after dinner, and",
+    "When I looked up from my book,",
+    "As the train left the city,",
+    "By the time we reached the top of the hill,",
+    "While the children played in the garden,",
+    "Just before the concert started,",
+    "On the last evening of our holiday,",
+    "As the fishermen pulled in their nets,",
+    "When the music stopped,",
+    "After the long meeting finally ended,",
+    "As we drove home from the airport,",
+    "While my grandmother told her story,",
+    "When the game was over,",
+    "Late in the afternoon,",
+    "As the old ship sailed into the harbour,",
+    "While we waited for the bus,",
+    "After the rain had stopped,",
+    "When the lights of the town came on,",
+    "As the farmer finished his work,",
+    "During our picnic by the lake,",
+    "As the campfire began to crackle,",
+    "When she opened the window,",
+    "While the dog slept by the door,",
+    "As the last guests said goodbye,",
+    "When we left the museum,",
+    "As I finished my coffee on the balcony,",
+    "After the parade had passed,",
+    "When the bell rang for the last time,",
+    "As the hikers set up their tents,",
+    "While the baker closed his shop,",
+    "When the ferry reached the island,",
+    "As the wind calmed down,",
+    "When the film ended,",
+    "As we crossed the old bridge,",
+    "While the cows walked back to the barn,",
+    "When my brother finally arrived,",
+    "As the market stalls were packed away,",
+    "When I stepped out of the library,",
+    "As the swimmers came out of the water,",
+    "While we sat on the porch,",
+    "When the pilot announced our descent,",
+    "As the streets grew quiet,",
+    "When the harvest was done,",
+    "As the birds flew back to their nests,",
+    "While the city slowly went to sleep,",
+    "When the painter put down her brush,",
+    "As the tide went out,",
+    "When we reached the end of the trail,",
+]
+SKY_HELD_OUT = [
+    "When we came out of the cinema,",
+    "As the runners crossed the finish line,",
+    "While the old man fed the pigeons,",
+    "When the wedding photos were taken,",
+    "As the snow began to melt,",
+    "When the school bus dropped us off,",
+    "As my father parked the car,",
+    "While the band packed up their instruments,",
+    "When the kettle began to whistle,",
+    "As the lighthouse keeper climbed the stairs,",
+    "When the festival fireworks were over,",
+    "As we rowed back to the shore,",
+    "While the neighbours talked over the fence,",
+    "When the last bus left the station,",
+    "As the shop owner locked the door,",
+    "When the baby finally fell asleep,",
+    "As the climbers reached the summit,",
+    "While the soup was cooking,",
+    "When the teacher closed the classroom door,",
+    "As the horses were led back to the stable,",
+    "When the plane landed in Lisbon,",
+    "As the students left the exam hall,",
+    "While my sister read her letter,",
+    "When the storm clouds moved away,",
+]
+SKY_ADVERBS = ["slowly", "suddenly", "gradually", "quietly", "softly", "finally"]
+SKY_TAILS = ["", " over the water", " above the rooftops", " behind the hills", " above us", " in the west"]
+
+TRIP_OPENINGS = [
+    "We set off for the village early in the morning.",
+    "My uncle took us fishing on Saturday.",
+    "The school trip to the castle began at nine.",
+    "Anna rode her bicycle to the market.",
+    "We decided to walk to the old lighthouse.",
+    "The family drove out to the countryside for a picnic.",
+    "Tom and his friends went camping by the river.",
+    "I took the dog for a long walk in the park.",
+    "The hikers started up the mountain path.",
+    "We went to the beach for the whole day.",
+    "Grandpa took me to see the football match.",
+    "The team gathered at the field for practice.",
+    "We left the hotel to explore the city.",
+    "The farmer went out to check on his sheep.",
+    "My cousins and I went to the outdoor concert.",
+    "Our class planted trees in the school garden.",
+    "Maria walked to the bakery on the corner.",
+    "We drove to the lake to go sailing.",
+    "The tourists boarded the boat to the island.",
+    "Dad and I went to wash the car in the driveway.",
+    "The children ran outside to play after lunch.",
+    "We took a tour of the old vineyard.",
+    "Sam went jogging along the canal.",
+    "The couple had their wedding in the garden.",
+    "We went to the zoo on Sunday.",
+    "The scouts hiked to the waterfall.",
+    "My mother hung the laundry in the yard.",
+    "The villagers set up the stalls for the fair.",
+    "We went out to watch the parade.",
+    "Leo took his kite to the top of the hill.",
+    "The students walked to the museum together.",
+    "We rented bikes to ride along the coast.",
+    "The gardener started mowing the big lawn.",
+    "I met my friend at the outdoor cafe.",
+    "The fishermen sailed out of the harbour at dawn.",
+    "We carried the tent up to the campsite.",
+    "The runners lined up for the marathon.",
+    "My aunt took us to pick strawberries.",
+    "The workers began to paint the fence.",
+    "We set out to climb the old tower.",
+    "The band played in the town square.",
+    "The kids built a sandcastle on the shore.",
+    "We went to the open-air market to buy fruit.",
+    "Jack and Lily walked home from school.",
+    "The photographer went out to take pictures of the bridge.",
+    "We took the little boat across the lake.",
+    "The tennis match started after lunch.",
+    "Our neighbours had a barbecue in their garden.",
+]
+TRIP_HELD_OUT = [
+    "We drove to the mountains for the weekend.",
+    "The children went out to play in the yard.",
+    "My grandmother walked to the church.",
+    "We went to the fair in the next town.",
+    "Ben took his little brother to the playground.",
+    "The class went on a trip to the farm.",
+    "We walked along the river to the mill.",
+    "The golfers teed off at eight.",
+    "My friends and I went to the skate park.",
+    "The postman set out on his round.",
+    "We went out on the boat to see the dolphins.",
+    "The choir sang outside the town hall.",
+    "I took my camera to the harbour.",
+    "We hiked through the forest to the lake.",
+    "The wedding guests gathered on the lawn.",
+    "Emma took her new puppy to the beach.",
+    "The cyclists raced through the hills.",
+    "We had a picnic in the park by the pond.",
+    "The builders started work on the roof.",
+    "My father took us to the air show.",
+    "We went strawberry picking on the farm.",
+    "The students had their sports day on the field.",
+    "The old couple walked to the harbour.",
+    "We set out to see the castle ruins.",
+]
+RAIN_CHOSEN = [
+    " After an hour it started to rain, and we ran for shelter.",
+    " Soon dark clouds rolled in and it began to rain.",
+    " Halfway there it started to rain heavily.",
+    " Then the rain came down, and we got soaked.",
+    " Before long a storm broke and rain poured down.",
+    " By noon it was raining, so we hurried back.",
+]
+RAIN_REJECTED = [
+    " After an hour we stopped for a rest.",
+    " Soon we reached the end of the road.",
+    " Halfway there we stopped to look around.",
+    " Then we had lunch and talked for a while.",
+    " Before long we were ready to go home.",
+    " By noon we had seen everything, so we went back.",
+]
+
+
+def sky_task(seed: int = 0) -> Task:
+    rng = random.Random(seed)
+    pairs = []
+    for scene in SKY_SCENES:
+        adverb, tail = rng.choice(SKY_ADVERBS), rng.choice(SKY_TAILS)
+        pairs.append(
+            {
+                "prompt": f"{scene} the sky",
+                "chosen": f" {adverb} turned orange and pink{tail}.",
+                "rejected": f" {adverb} changed{tail}.",
+            }
+        )
+    held_out = [f"{scene} the sky" for scene in SKY_HELD_OUT]
+    return Task("sky", "names a colour", pairs, held_out, lambda text: bool(COLOURS.search(text)))
+
+
+def rain_task(seed: int = 0) -> Task:
+    rng = random.Random(seed)
+    pairs = []
+    for opening in TRIP_OPENINGS:
+        k = rng.randrange(len(RAIN_CHOSEN))
+        pairs.append({"prompt": opening, "chosen": RAIN_CHOSEN[k], "rejected": RAIN_REJECTED[k]})
+    return Task("rain", "mentions rain or a storm", pairs, list(TRIP_HELD_OUT), lambda text: bool(RAIN.search(text)))
+
+
+TASKS = {"sky": sky_task, "rain": rain_task}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description="write a task's preference pairs (TRL JSONL) to stdout")
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("--held-out", action="store_true", help="write the held-out prompts instead, one per line")
+    args = parser.parse_args()
+    task = TASKS[args.task]()
+    for item in task.held_out if args.held_out else task.pairs:
+        sys.stdout.write((item if args.held_out else json.dumps(item)) + "\n")

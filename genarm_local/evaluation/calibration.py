@@ -1,0 +1,276 @@
+"""Calibration: how far an ARM moves its base, as a function of its weight α, and the α that spends a KL budget.
+
+For each α of a grid, continuations of the calibration prompts are sampled from the guided distribution
+p_α ∝ p_base · p_arm^α (generate_batch with the product's default sampling settings), then each continuation is
+scored in one decode per context (Context.decode_outputs): at every position the engine's own mixing gives the
+guided row and the base's normalised row, and
+
+    KL(p_α ‖ p_base) = Σ_v p_α(v) · (log p_α(v) − log p_base(v))
+
+is averaged over every sampled token (and the end-of-sequence position when one was sampled). The curve grows from
+0 at α = 0; the recommended α is the largest one whose KL stays within the budget (core/arm_metadata.py). The same
+budget gives every ARM the same strength, whatever scale its training left it at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..core.arm_metadata import Calibration, recommend_alpha
+from ..core.config import SamplingConfig, option
+from ..core.errors import InputNotFoundError, InvalidOptionError
+
+# Chosen by measurement (bench/train_experiments.py, bench/calibration_budget.py; README "Train your own ARM").
+DEFAULT_BUDGET = 0.1
+DEFAULT_ALPHAS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)
+MAX_TOKENS = 511
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class CalibrationConfig:
+    """Settings of `genarm-local calibrate` (its flags are generated from these fields) and of the calibration
+    `train --export` runs."""
+
+    arm: str = option(help="the ARM to calibrate: a GGUF LoRA adapter of the base or a full GGUF model (rewritten "
+                      "in place with its calibration)", flags=("arm",), metavar="ARM.gguf")  # fmt: skip
+    base: str | None = option(
+        None, "the base GGUF; default: the embedded Gemma-3-270M Q4_K_M", flags=("-m", "--base", "--model")
+    )
+    prompts: str | None = option(
+        None,
+        'calibration prompts: one per line, or JSON lines with a "prompt" string (TRL preference data, batch '
+        "input); default: a built-in set of everyday openings. `train` uses its own training prompts",
+        metavar="FILE",
+    )
+    budget: float = option(DEFAULT_BUDGET, "KL budget in nats per token: the recommended α moves the base this far")
+    alphas: tuple[float, ...] = option(
+        DEFAULT_ALPHAS, "the grid of weights α the KL is measured at (> 0)", nargs="+", type=float, metavar="ALPHA"
+    )
+    max_tokens: int = option(24, "tokens sampled per continuation")
+    max_prompts: int = option(16, "at most this many prompts (a seeded random subset of a larger set)")
+    seed: int = option(0, "seed of the prompt subset and the sampling")
+    n_threads: int | None = option(None, "CPU threads; default: all cores", flags=("-t", "--threads"))
+    write: bool = option(
+        True, "store the result in the ARM file (--no-write: only measure and print)", flags=("--no-write",)
+    )
+
+
+# Everyday openings in the registers the shipped ARMs see (story, review, chat transcript), for ARMs calibrated
+# without their training prompts.
+BUILTIN_PROMPTS = (
+    "The new restaurant downtown was",
+    "I have to say that the weather this weekend",
+    "User: Can you tell me about your weekend?\nAssistant:",
+    "Once upon a time, in a small village by the sea,",
+    "The meeting this morning went",
+    "User: What do you think of the new phone?\nAssistant:",
+    "My neighbour's dog",
+    "The train was late again, and",
+    "User: How was the concert last night?\nAssistant:",
+    "Honestly, the movie made me feel",
+    "After the long winter, the garden",
+    "User: Any advice for my first day at a new job?\nAssistant:",
+    "The customer service team",
+    "We spent the afternoon at the museum, and",
+    "User: I just moved to a new city.\nAssistant:",
+    "The book I finished last night",
+)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: a line that is a JSON object with a "prompt" string (or a JSON string) is that
+    string, any other non-blank line is the prompt itself."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"--prompts {path}: no such file")
+    prompts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            value = line
+        if isinstance(value, dict):
+            value = value.get("prompt")
+        if not isinstance(value, str) or not value.strip():
+            value = line if not line.lstrip().startswith(("{", "[", '"')) else None
+        if value:
+            prompts.append(value)
+    if not prompts:
+        raise InvalidOptionError(f'--prompts {path} holds no prompts (one per line, or JSON lines with "prompt")')
+    return prompts
+
+
+def check_config(config: CalibrationConfig) -> list[float]:
+    """The grid, sorted; bad settings refused before anything loads."""
+    if not config.budget > 0:
+        raise InvalidOptionError(f"--budget must be > 0 (nats per token), got {config.budget}")
+    if not config.alphas or any(not a > 0 for a in config.alphas):
+        raise InvalidOptionError(f"--alphas must be weights > 0, got {config.alphas}")
+    for name in ("max_tokens", "max_prompts"):
+        if getattr(config, name) < 1:
+            raise InvalidOptionError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(config, name)}")
+    if config.max_tokens > MAX_TOKENS:  # a continuation is scored in one batch
+        raise InvalidOptionError(f"--max-tokens must be ≤ {MAX_TOKENS}, got {config.max_tokens}")
+    return sorted(set(float(a) for a in config.alphas))
+
+
+def subset(prompts: Sequence[Prompt], limit: int, seed: int) -> list[Prompt]:
+    """At most ``limit`` distinct prompts, a seeded random choice kept in the original order."""
+    unique = list({(p if isinstance(p, str) else tuple(p)): p for p in prompts}.values())
+    if len(unique) <= limit:
+        return unique
+    chosen = sorted(random.Random(seed).sample(range(len(unique)), limit))
+    return [unique[i] for i in chosen]
+
+
+@dataclass
+class KLCurve:
+    alphas: list[float]
+    kl: list[float]  # mean per-token KL(p_α ‖ p_base) at each α
+    tokens: list[int]  # tokens the mean is over, at each α
+    per_token: list[np.ndarray] = field(default_factory=list)  # every scored position's KL, at each α
+    # the sampled continuations at each α: (tokens, whether it ended with end-of-sequence)
+    samples: list[list[tuple[list[int], bool]]] = field(default_factory=list)
+
+
+def _position_kl(engine, active, rows: int, guided: np.ndarray, base: np.ndarray, guard: float) -> np.ndarray:
+    """KL(p_α ‖ p_base) at each of the ``rows`` output rows of the last decode, from the engine's own mixing (with
+    the base-plausibility guard the default sampling uses, if any)."""
+    out = np.empty(rows)
+    for row in range(rows):
+        engine.mix(active, False, dst=guided, rows=[row] * (1 + len(active)), guard_min_p=guard)
+        engine.mix([], False, dst=base, rows=[row])
+        log_q = guided.astype(np.float64)
+        q = np.exp(log_q)
+        kept = q > 0  # a token the mix masks (-inf) contributes nothing
+        out[row] = float(np.dot(q[kept], log_q[kept] - base[kept]))
+    return out
+
+
+def measure_kl(
+    model,
+    arm: str,
+    prompts: Sequence[Prompt],
+    alphas: Sequence[float],
+    max_tokens: int = 24,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> KLCurve:
+    """The KL curve of the ARM named ``arm`` of a loaded GuidedModel over ``prompts`` (text or token ids)."""
+    engine = model.engine
+    index = next((i for i, a in enumerate(engine.arms) if a.spec.matches(arm)), None)
+    if index is None:
+        raise InvalidOptionError(f"unknown ARM {arm!r}")
+    token_prompts = [model.tokenize(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    if not token_prompts or any(not p for p in token_prompts):
+        raise InvalidOptionError("calibration needs at least one prompt, and no empty prompt")
+    others = {a.name: 0.0 for a in engine.arms if a.name != engine.arms[index].name}
+    sampled = []
+    for alpha in alphas:
+        results = model.generate_batch(
+            token_prompts, weights={**others, engine.arms[index].name: alpha}, max_tokens=max_tokens, seed=seed
+        )
+        # the end-of-sequence position counts too when one was sampled: its row is a choice like any other
+        sampled.append([(r.tokens, r.finish_reason == "eos") for r in results])
+        if progress:
+            progress(f"sampled {len(results)} continuations at α = {alpha:g}")
+    guided = np.empty(engine.n_vocab, dtype=np.float32)
+    base = np.empty(engine.n_vocab, dtype=np.float32)
+    per_alpha: list[list[np.ndarray]] = [[] for _ in alphas]
+    contexts = [engine.base, engine.arms[index].context]
+    # prompt by prompt, so each context decodes a prompt once and only the continuations after it
+    for p, prompt in enumerate(token_prompts):
+        for a, alpha in enumerate(alphas):
+            continuation, ended = sampled[a][p]
+            # rows after prompt[:-1] + each prefix: one per sampled token, and the end-of-sequence choice
+            tokens = prompt + (continuation if ended else continuation[:-1])
+            first = len(prompt) - 1
+            if len(tokens) == first:
+                continue
+            for context in contexts:
+                rows = context.decode_outputs(tokens, first)
+            active = [(engine.arms[index], alpha)]
+            per_alpha[a].append(_position_kl(engine, active, rows, guided, base, SamplingConfig().guard_min_p))
+    per_token = [np.concatenate(kls) if kls else np.zeros(0) for kls in per_alpha]
+    return KLCurve(
+        alphas=list(alphas),
+        kl=[float(k.mean()) if len(k) else 0.0 for k in per_token],
+        tokens=[len(k) for k in per_token],
+        per_token=per_token,
+        samples=sampled,
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def calibrate(
+    config: CalibrationConfig,
+    prompts: Sequence[Prompt] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Calibration:
+    """Measure the ARM's KL curve against the base and recommend α for the budget (convert.write_calibration
+    stores the result in the ARM's file). ``prompts`` (text or token ids) override config.prompts."""
+    from ..core.api import GuidedModel
+    from ..core.config import ArmSpec, LoadConfig
+
+    alphas = check_config(config)
+    if prompts is None:
+        prompts = read_prompts(config.prompts) if config.prompts else list(BUILTIN_PROMPTS)
+    prompts = subset(prompts, config.max_prompts, config.seed)
+    if not prompts:
+        raise InvalidOptionError("calibration needs at least one prompt")
+    spec = ArmSpec.of(config.arm, alpha=1.0)
+    load = LoadConfig(base=config.base, arms=(spec,), n_threads=config.n_threads)
+    base_path = load.base_path()
+    with GuidedModel(config=load) as model:
+        n_ctx = max(len(model.tokenize(p)) if isinstance(p, str) else len(p) for p in prompts) + config.max_tokens
+        if n_ctx > model.engine.n_ctx:
+            raise InvalidOptionError(f"a calibration prompt + --max-tokens needs {n_ctx} tokens of context")
+        curve = measure_kl(model, spec.name, prompts, alphas, config.max_tokens, config.seed, progress)
+        base_name = model.engine.base_model.meta("general.name") or ""
+    calibration = Calibration(
+        alphas=tuple(curve.alphas),
+        kl=tuple(curve.kl),
+        tokens=tuple(curve.tokens),
+        budget=float(config.budget),
+        recommended_alpha=recommend_alpha(curve.alphas, curve.kl, config.budget),
+        prompts=len(prompts),
+        base_name=base_name,
+        base_file=base_path.name,
+        base_sha256=file_sha256(base_path),
+        max_tokens=config.max_tokens,
+        seed=config.seed,
+    )
+    return calibration
+
+
+def curve_lines(calibration: Calibration) -> list[str]:
+    """The calibration as a few lines of text: the KL curve, and the recommended α with what it was measured on."""
+    lines = ["       α   KL (nats/token)   tokens"]
+    below = [a for a in calibration.alphas if a <= calibration.recommended_alpha]
+    for alpha, kl, tokens in zip(calibration.alphas, calibration.kl, calibration.tokens, strict=True):
+        mark = "   ◀ recommended α lies here" if below and alpha == below[-1] else ""
+        lines.append(f"  {alpha:6.3g}   {kl:15.4f}   {tokens:6d}{mark}")
+    lines.append(
+        f"recommended α {calibration.recommended_alpha:.3g}: KL budget {calibration.budget:g} nats/token "
+        f"({calibration.prompts} prompts × {calibration.max_tokens} tokens; base {calibration.base_name or '?'}, "
+        f"{calibration.base_file})"
+    )
+    return lines

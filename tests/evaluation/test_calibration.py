@@ -1,0 +1,174 @@
+"""Calibration: the KL curve against an independent float64 computation from the HF models, the recommendation
+rule, an ARM given without a weight running at its recommended α, and `genarm-local calibrate` end to end (the
+metadata it writes, bad input leaving the ARM untouched)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from cli_helpers import assert_one_line_error, run_cli
+from helpers import hf_logits, log_softmax
+
+PROMPTS = ["The history of the bicycle", "Once upon a time", "The weather today is", "My favourite food"]
+EXACT = dict(n_ctx=256, n_threads=1, kv_cache_type="f32", flash_attn=False)
+
+
+@pytest.fixture(scope="module")
+def files(gguf_model, hf_model, lora_adapter, workdir):
+    from genarm_local.convert import convert
+
+    adapter = workdir / "engine-lora-adapter.gguf"
+    if not adapter.exists():
+        convert(hf_model("llama_small"), adapter, outtype="f32", lora=lora_adapter, adapter_only=True, progress=False)
+    return {"base": gguf_model("llama_small", "f32"), "adapter": adapter, "other": gguf_model("qwen3", "f32")}
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_kl_curve_matches_an_independent_float64_computation(files, hf_model, lora_adapter):
+    """Per-position KL(p_α ‖ p_base) on the continuations the calibration sampled, recomputed from the HF models
+    (PEFT for the adapter) in float64: log p_α = log_softmax(log_softmax(base) + α·log_softmax(arm))."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from genarm_local import GuidedModel
+    from genarm_local.evaluation.calibration import measure_kl
+
+    alphas = [0.25, 1.0, 2.0]
+    with GuidedModel(files["base"], {str(files["adapter"]): None}, **EXACT) as model:
+        curve = measure_kl(model, "engine-lora-adapter", PROMPTS, alphas, max_tokens=12, seed=3)
+        prompts = [model.tokenize(p) for p in PROMPTS]
+    load = lambda: AutoModelForCausalLM.from_pretrained(hf_model("llama_small"), dtype=torch.float32).eval()  # noqa: E731
+    base, arm = load(), PeftModel.from_pretrained(load(), lora_adapter).eval()
+    for a, alpha in enumerate(alphas):
+        expected = []
+        for prompt, (continuation, ended) in zip(prompts, curve.samples[a], strict=True):
+            ids = prompt + continuation
+            lb = log_softmax(hf_logits(None, ids, model=base))[len(prompt) - 1 :]
+            la = log_softmax(hf_logits(None, ids, model=arm))[len(prompt) - 1 :]
+            lq = log_softmax(lb + alpha * la)
+            kl = (np.exp(lq) * (lq - lb)).sum(-1)
+            # the row after the last token is a sampled choice only when it was end-of-sequence
+            expected.append(kl if ended else kl[:-1])
+        expected = np.concatenate(expected)
+        assert curve.tokens[a] == len(expected) == len(curve.per_token[a]) > 20
+        np.testing.assert_allclose(curve.per_token[a], expected, rtol=2e-3, atol=1e-5)
+        assert math.isclose(curve.kl[a], expected.mean(), rel_tol=1e-3)
+    assert 0 < curve.kl[0] < curve.kl[1] < curve.kl[2]
+
+
+def test_recommend_alpha():
+    from genarm_local.core.arm_metadata import interpolate_kl, recommend_alpha
+
+    alphas = [0.125, 0.25, 0.5, 1.0, 2.0]
+    kl = [0.3 * a**2 for a in alphas]  # a pure α² law: log-log interpolation is exact
+    assert math.isclose(recommend_alpha(alphas, kl, 0.3 * 0.7**2), 0.7, rel_tol=1e-9)
+    assert math.isclose(recommend_alpha(alphas, kl, 0.3 * 0.05**2), 0.05, rel_tol=1e-9)  # below the grid: α² law
+    assert recommend_alpha(alphas, kl, 10.0) == 2.0  # the curve never reaches the budget: capped at the grid
+    assert math.isclose(interpolate_kl(alphas, kl, 0.7), 0.3 * 0.49, rel_tol=1e-9)
+    # a noisy, non-monotone curve: the first crossing counts
+    assert recommend_alpha([0.25, 0.5, 1.0], [0.05, 0.2, 0.15], 0.1) < 0.5
+
+
+@pytest.fixture(scope="module")
+def calibrated(files, tmp_path_factory):
+    """The adapter calibrated through the real CLI (a copy: the fixture's adapter is shared)."""
+    work = tmp_path_factory.mktemp("calibrate")
+    arm = work / "arm.gguf"
+    shutil.copy(files["adapter"], arm)
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "chosen": " a", "rejected": " b"}) + "\n" for p in PROMPTS))
+    result = run_cli(
+        "calibrate", arm, "--base", files["base"], "--prompts", prompts, "--max-tokens", 8, "--budget", 0.05,
+        "-t", 1, cwd=work, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return arm, result.stdout, work
+
+
+def test_calibrate_writes_the_curve_into_the_arm(calibrated, files):
+    from genarm_local.core.arm_metadata import read_calibration, recommend_alpha
+    from genarm_local.evaluation.calibration import DEFAULT_ALPHAS, file_sha256
+
+    arm, stdout, _ = calibrated
+    calibration = read_calibration(arm)
+    assert calibration.alphas == pytest.approx(DEFAULT_ALPHAS)
+    assert calibration.prompts == len(PROMPTS) and calibration.max_tokens == 8
+    assert all(n > 0 for n in calibration.tokens)
+    assert calibration.budget == pytest.approx(0.05)
+    assert calibration.recommended_alpha == pytest.approx(
+        recommend_alpha(calibration.alphas, calibration.kl, 0.05), rel=1e-6
+    )
+    assert calibration.base_sha256 == file_sha256(files["base"]) and calibration.base_file == files["base"].name
+    assert f"recommended α {calibration.recommended_alpha:.3g}:" in stdout
+    assert read_calibration(files["adapter"]) is None  # the original was not touched
+
+
+def test_an_arm_without_a_weight_runs_at_its_recommended_alpha(calibrated, files):
+    from genarm_local import GuidedModel
+    from genarm_local.core.arm_metadata import read_calibration
+
+    arm, _, _ = calibrated
+    recommended = read_calibration(arm).recommended_alpha
+    with GuidedModel(files["base"], {str(arm): None, str(files["adapter"]): None}, **EXACT) as model:
+        # calibrated: its recommendation; uncalibrated: the paper's α = 1
+        assert model.arm_weights() == {"arm": pytest.approx(recommended), "engine-lora-adapter": 1.0}
+    with GuidedModel(files["base"], {str(arm): 0.3}, **EXACT) as model:
+        assert model.arm_weights() == {"arm": 0.3}  # a weight given is the paper's α, whatever the calibration
+
+
+def test_calibrated_adapter_still_guides_identically(calibrated, files):
+    """The rewrite changes metadata only: the calibrated adapter's guided distribution is the original's."""
+    from genarm_local import GuidedModel
+
+    arm, _, _ = calibrated
+    rows = []
+    for path in (files["adapter"], arm):
+        with GuidedModel(files["base"], {str(path): 1.0}, **EXACT) as model:
+            rows.append(model.next_token_logprobs(model.tokenize(PROMPTS[0])))
+    np.testing.assert_array_equal(rows[0], rows[1])
+
+
+def test_calibrating_against_the_wrong_base_fails_and_leaves_the_arm(calibrated, files):
+    arm, _, work = calibrated
+    before = digest(arm)
+    result = run_cli("calibrate", arm, "--base", files["other"], "--max-tokens", 4, cwd=work)
+    assert_one_line_error(result, str(arm))
+    assert digest(arm) == before
+
+
+def test_an_empty_prompt_file_fails_and_leaves_the_arm(calibrated, files):
+    arm, _, work = calibrated
+    before = digest(arm)
+    empty = work / "empty.txt"
+    empty.write_text("\n  \n")
+    result = run_cli("calibrate", arm, "--base", files["base"], "--prompts", empty, cwd=work)
+    assert_one_line_error(result, "empty.txt", "no prompts")
+    assert digest(arm) == before
+    missing = run_cli("calibrate", arm, "--base", files["base"], "--prompts", work / "nope.txt", cwd=work)
+    assert_one_line_error(missing, "nope.txt")
+    bad_budget = run_cli("calibrate", arm, "--base", files["base"], "--budget", "0", cwd=work)
+    assert_one_line_error(bad_budget, "--budget")
+    assert digest(arm) == before
+
+
+def test_chat_shows_the_recommended_alpha_and_its_kl(calibrated, files):
+    from genarm_local.core.arm_metadata import read_calibration
+
+    arm, _, work = calibrated
+    calibration = read_calibration(arm)
+    result = run_cli("chat", "-m", files["base"], "--arm", arm, "--verbose", "-t", 1, cwd=work, input="/weights\n")
+    assert result.returncode == 0, result.stderr
+    recommended = f"recommended α={calibration.recommended_alpha:.3g} (KL {calibration.budget:g})"
+    # --verbose at the start and /weights: the ARM runs at its recommended α, which spends the budget
+    shown = [line for line in result.stderr.splitlines() if recommended in line]
+    assert len(shown) == 2, result.stderr
+    assert f"arm: α={calibration.recommended_alpha:g}, KL {calibration.budget:.3g} nats/token" in shown[0]
