@@ -12,6 +12,10 @@ that repeating "I love it!" maximises VADER. So a candidate is first checked for
 For the positive objective the chosen candidate is drawn at random among the clearly positive fluent ones instead
 of always the most positive: the most positive by VADER is the one with the most positive words, the stock phrase
 the previous ARM converged on; any clearly positive fluent text is what a reader prefers.
+
+The concise ARM is trained on first sentences only (``response``): its preference is about the first sentence, and
+whole continuations taught the first concise ARM short sentences *everywhere*, which loop ("I love to cook. I love
+to eat. I love to dance.").
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import random
 from collections.abc import Sequence
 
 from genarm_local.fluency import echo_share, fragments, is_degenerate, junk_spans, rep_n, words
-from genarm_local.judges import positivity, sentence_tokens
+from genarm_local.judges import first_sentence, positivity, sentence_tokens
 
 FLUENT_REP4 = 0.1  # stricter than the degenerate rule (0.2): a chosen text should not loop at all
 ECHO_SHARE = 0.5  # a chat reply whose word trigrams are mostly the user's own is an echo
 POSITIVE = 0.5  # VADER compound of a clearly positive text (VADER's own cut-off for "positive" is 0.05)
+CHAT_TURN_END = "\n"  # a chat reply is one line: the base writes the next speaker's turn after it
 
 
 def flaws(text: str, prompt: str, chat_turn: str | None = None) -> list[str]:
@@ -45,13 +50,27 @@ def flaws(text: str, prompt: str, chat_turn: str | None = None) -> list[str]:
     return found
 
 
-def judge(row: dict) -> dict:
-    """Scores of one sampled candidate ({prompt, text, pieces, turn?}): flaws and both objectives."""
-    return {
-        "flaws": flaws(row["text"], row["prompt"], row.get("turn")),
-        "positive": positivity(row["text"]),
-        "concise": -sentence_tokens(row["pieces"]),  # higher is better: fewer tokens to finish the first sentence
-    }
+def response(row: dict, objective: str) -> str:
+    """The candidate's response as trained on for ``objective``: for "concise" only up to the end of its first
+    sentence (as judges.sentence_tokens finds it); a chat reply that ends there, at the line break, keeps the line
+    break (the ARM learns where a turn ends); anything cut at the token limit stays open (trained without EOS)."""
+    text = row["text"]
+    if objective == "concise":
+        lead = len(text) - len(text.lstrip())
+        text = text[:lead] + first_sentence(text[lead:])
+    ended = "turn" in row and row["finish"] == "stop" and not row["text"][len(text) :].strip()
+    return text + CHAT_TURN_END if ended and not text.endswith(CHAT_TURN_END) else text
+
+
+def judge(row: dict, objective: str) -> dict:
+    """One sampled candidate ({prompt, text, pieces, finish, turn?}) judged for ``objective``: the trained text,
+    its flaws and its score (higher is better)."""
+    text = response(row, objective)
+    if objective == "positive":
+        score = positivity(row["text"])
+    else:  # fewer tokens to finish the first sentence is better
+        score = -sentence_tokens(row["pieces"])
+    return {"train_text": text, "flaws": flaws(text, row["prompt"], row.get("turn")), objective: score}
 
 
 def _pair(prompt: str, chosen: dict, rejected: dict, objective: str, kind: str) -> dict:
@@ -68,8 +87,7 @@ def _pair(prompt: str, chosen: dict, rejected: dict, objective: str, kind: str) 
 def prompt_pairs(
     prompt: str, candidates: Sequence[dict], objective: str, min_gap: float, rng: random.Random
 ) -> list[dict]:
-    """At most one objective pair and one fluency pair for one prompt's judged candidates (``judge`` fields plus
-    ``train_text``, the response as trained on)."""
+    """At most one objective pair and one fluency pair for one prompt's candidates judged for ``objective``."""
     fluent = sorted((c for c in candidates if not c["flaws"]), key=lambda c: c[objective])
     flawed = sorted((c for c in candidates if c["flaws"]), key=lambda c: c[objective])
     if not fluent:
@@ -89,11 +107,11 @@ def prompt_pairs(
 
 
 def make_pairs(rows: Sequence[dict], objective: str, min_gap: float, seed: int) -> list[dict]:
-    """Pairs for ``objective`` over all prompts, in prompt order (rows: judged candidates with "prompt")."""
+    """Pairs for ``objective`` over all prompts, in prompt order (rows: sampled candidates with "prompt")."""
     rng = random.Random(f"{objective}-{seed}")
     by_prompt: dict[str, list[dict]] = {}
     for row in rows:
-        by_prompt.setdefault(row["prompt"], []).append(row)
+        by_prompt.setdefault(row["prompt"], []).append({**row, **judge(row, objective)})
     pairs = []
     for prompt, group in by_prompt.items():
         pairs += prompt_pairs(prompt, group, objective, min_gap, rng)

