@@ -12,10 +12,13 @@ that repeating "I love it!" maximises VADER. So a candidate is first checked for
 For the positive objective the chosen candidate is drawn at random among the clearly positive fluent ones instead
 of always the most positive: the most positive by VADER is the one with the most positive words, the stock phrase
 the previous ARM converged on; any clearly positive fluent text is what a reader prefers.
+The same for concise: the chosen one is drawn among the fluent candidates whose first sentence is short (at most
+SHORT tokens), not always the shortest (" amazing!").
 
-The concise ARM is trained on first sentences only (``response``): its preference is about the first sentence, and
-whole continuations taught the first concise ARM short sentences *everywhere*, which loop ("I love to cook. I love
-to eat. I love to dance.").
+Both ARMs train on whole continuations. Training the concise ARM on first sentences only was tried and is worse:
+with nothing after the first sentence to learn from, the ARM generalised "end the sentence now" to every sentence
+and the guided text looped in three-word sentences (degenerate rate 0.83 at α = 1, against 0.19 with whole
+continuations).
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ import random
 from collections.abc import Sequence
 
 from genarm_local.fluency import echo_share, fragments, is_degenerate, junk_spans, rep_n, words
-from genarm_local.judges import first_sentence, positivity, sentence_tokens
+from genarm_local.judges import positivity, sentence_tokens
 
 FLUENT_REP4 = 0.1  # stricter than the degenerate rule (0.2): a chosen text should not loop at all
 ECHO_SHARE = 0.5  # a chat reply whose word trigrams are mostly the user's own is an echo
 POSITIVE = 0.5  # VADER compound of a clearly positive text (VADER's own cut-off for "positive" is 0.05)
-CHAT_TURN_END = "\n"  # a chat reply is one line: the base writes the next speaker's turn after it
+SHORT = 8  # tokens to finish the first sentence of a clearly concise text (the base's mean is about 13)
+# What follows a finished chat reply in the plain transcript (where `genarm-local chat` stops): trained after every
+# reply that ended, so that the ARMs end their turns as the base does instead of writing on.
+CHAT_TURN_END = "\nUser:"
 
 
-def flaws(text: str, prompt: str, chat_turn: str | None = None) -> list[str]:
-    """What a reader would hold against ``text`` as a continuation of ``prompt`` (empty: fluent)."""
+def flaws(text: str, prompt: str, echo_source: str | None = None) -> list[str]:
+    """What a reader would hold against ``text`` as a continuation of ``prompt`` (empty: fluent); a chat reply
+    that mostly repeats ``echo_source`` (the user's turn, earlier replies) is an echo."""
     found = []
     if not words(text):
         found.append("empty")
@@ -45,32 +52,28 @@ def flaws(text: str, prompt: str, chat_turn: str | None = None) -> list[str]:
         found.append("junk")
     if fragments(text, prompt)[0]:
         found.append("fragment")
-    if chat_turn is not None and echo_share(text, chat_turn) >= ECHO_SHARE:
+    if echo_source is not None and echo_share(text, echo_source) >= ECHO_SHARE:
         found.append("echo")
     return found
 
 
-def response(row: dict, objective: str) -> str:
-    """The candidate's response as trained on for ``objective``: for "concise" only up to the end of its first
-    sentence (as judges.sentence_tokens finds it); a chat reply that ends there, at the line break, keeps the line
-    break (the ARM learns where a turn ends); anything cut at the token limit stays open (trained without EOS)."""
-    text = row["text"]
-    if objective == "concise":
-        lead = len(text) - len(text.lstrip())
-        text = text[:lead] + first_sentence(text[lead:])
-    ended = "turn" in row and row["finish"] == "stop" and not row["text"][len(text) :].strip()
-    return text + CHAT_TURN_END if ended and not text.endswith(CHAT_TURN_END) else text
+def response(row: dict) -> str:
+    """The candidate's response as trained on: a chat reply that ended (at its line break) is followed by
+    CHAT_TURN_END; anything cut at the token limit stays open (trained without EOS)."""
+    ended = "turn" in row and row["finish"] == "stop"
+    return row["text"] + CHAT_TURN_END if ended else row["text"]
 
 
 def judge(row: dict, objective: str) -> dict:
-    """One sampled candidate ({prompt, text, pieces, finish, turn?}) judged for ``objective``: the trained text,
-    its flaws and its score (higher is better)."""
-    text = response(row, objective)
+    """One sampled candidate ({prompt, text, pieces, finish, and for chat turn, echo_source}) judged for
+    ``objective``: the trained text, its flaws and its score (higher is better)."""
+    text = response(row)
     if objective == "positive":
         score = positivity(row["text"])
     else:  # fewer tokens to finish the first sentence is better
         score = -sentence_tokens(row["pieces"])
-    return {"train_text": text, "flaws": flaws(text, row["prompt"], row.get("turn")), objective: score}
+    body = text.removesuffix(CHAT_TURN_END)
+    return {"train_text": text, "flaws": flaws(body, row["prompt"], row.get("echo_source")), objective: score}
 
 
 def _pair(prompt: str, chosen: dict, rejected: dict, objective: str, kind: str) -> dict:
@@ -92,11 +95,8 @@ def prompt_pairs(
     flawed = sorted((c for c in candidates if c["flaws"]), key=lambda c: c[objective])
     if not fluent:
         return []
-    if objective == "positive":
-        good = [c for c in fluent if c[objective] >= POSITIVE] or fluent[-1:]
-        chosen = rng.choice(good)
-    else:
-        chosen = fluent[-1]
+    threshold = POSITIVE if objective == "positive" else -SHORT
+    chosen = rng.choice([c for c in fluent if c[objective] >= threshold] or fluent[-1:])
     pairs = []
     worst = fluent[0]
     if chosen[objective] - worst[objective] >= min_gap and chosen["train_text"] != worst["train_text"]:

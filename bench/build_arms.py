@@ -3,8 +3,9 @@
     python bench/build_arms.py [--seed 0] [--out genarm_local/arms] [--workdir DIR]
 
 1. prompts: every training subject of bench/data/subjects.txt in every frame of bench/data/frames.txt, and every
-   user turn of bench/data/chat_turns.txt as a plain chat transcript "User: <turn>\nAssistant:" (the held-out
-   subjects and bench/data/chat_heldout.txt are left for the evaluation and the chat test);
+   user turn of bench/data/chat_turns.txt as a plain chat transcript "User: <turn>\nAssistant:", then again after
+   an earlier exchange (another turn and one of its sampled replies); the held-out subjects and
+   bench/data/chat_heldout.txt are left for the evaluation and the chat test;
 2. sample candidates from the embedded base (Gemma-3-270M Q4_K_M) with the engine, batched, at a spread of
    temperatures (TEMPERATURES) so that a prompt's candidates differ in tone, length and fluency; chat replies end
    at the first line break (the next turn);
@@ -32,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from arm_labels import CHAT_TURN_END, judge, make_pairs, margin_summary  # noqa: E402
+from arm_labels import judge, make_pairs, margin_summary  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -40,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 # that guided decoding falls into (negatives the ARM must learn), high ones the junk and odd turns.
 TEMPERATURES = (0.6, 0.8, 1.0, 1.0, 1.0, 1.0, 1.2, 1.2)
 SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.05)
+CHAT_LINE_END = "\n"  # a sampled chat reply is one line: after it the base writes the next speaker's turn
 OBJECTIVES = {"positive": 0.5, "concise": 3}  # objective -> least margin of an objective pair
 
 
@@ -66,9 +68,10 @@ def load_chat_turns(split: str) -> list[str]:
     return _lines("chat_turns.txt" if split == "train" else "chat_heldout.txt")
 
 
-def chat_prompt(turn: str) -> str:
-    """A one-turn plain transcript, as `genarm-local chat` renders a base without a chat template."""
-    return f"User: {turn}\nAssistant:"
+def chat_prompt(turn: str, history: str = "") -> str:
+    """A plain transcript ending in the user's ``turn``, as `genarm-local chat` renders a base without a chat
+    template; ``history``: earlier turns, each "User: …\nAssistant: …\n"."""
+    return f"{history}User: {turn}\nAssistant:"
 
 
 def sample(model, jobs: list[dict], tokens: int, seed: int, batch_size: int) -> list[dict]:
@@ -82,7 +85,7 @@ def sample(model, jobs: list[dict], tokens: int, seed: int, batch_size: int) -> 
     rows: list[dict | None] = [None] * len(jobs)
     with tqdm(total=len(jobs), desc="sampling", unit="cont") as bar:
         for (temperature, chat), indices in groups.items():
-            options = {**SAMPLING, "temperature": temperature, "stop": [CHAT_TURN_END] if chat else []}
+            options = {**SAMPLING, "temperature": temperature, "stop": [CHAT_LINE_END] if chat else []}
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start : start + batch_size]
                 prompts = [jobs[i]["prompt"] for i in chunk]
@@ -117,10 +120,36 @@ def build_jobs(args) -> list[dict]:
         {"prompt": p, "temperature": TEMPERATURES[k % len(TEMPERATURES)]} for p in prompts for k in range(args.samples)
     ]
     jobs += [
-        {"prompt": chat_prompt(t), "turn": t, "temperature": TEMPERATURES[k % len(TEMPERATURES)]}
+        {"prompt": chat_prompt(t), "turn": t, "echo_source": t, "temperature": TEMPERATURES[k % len(TEMPERATURES)]}
         for t in turns
         for k in range(args.chat_samples)
     ]
+    return jobs
+
+
+def second_turn_jobs(rows: list[dict], samples: int, seed: int) -> list[dict]:
+    """Two-turn transcripts, so that the ARMs learn the second turn of a chat too (where a reply can copy the first
+    one): for every user turn, an earlier exchange made of another turn and one of its fluent sampled replies."""
+    rng = random.Random(f"second-turn-{seed}")
+    replies: dict[str, list[str]] = {}
+    for row in rows:
+        if "turn" in row and row["finish"] == "stop" and not judge(row, "positive")["flaws"]:
+            replies.setdefault(row["turn"], []).append(row["text"].strip())
+    turns = sorted(replies)
+    jobs = []
+    for turn in turns:
+        earlier = rng.choice([t for t in turns if t != turn])
+        reply = rng.choice(replies[earlier])
+        history = f"{chat_prompt(earlier)} {reply}\n"
+        jobs += [
+            {
+                "prompt": chat_prompt(turn, history),
+                "turn": turn,
+                "echo_source": f"{earlier}\n{reply}\n{turn}",
+                "temperature": TEMPERATURES[k % len(TEMPERATURES)],
+            }
+            for k in range(samples)
+        ]
     return jobs
 
 
@@ -163,6 +192,8 @@ def main() -> None:
     else:
         with GuidedModel(base, n_ctx=4096) as model:
             rows = sample(model, build_jobs(args), args.tokens, args.seed, args.batch_size)
+            follow_ups = second_turn_jobs(rows, args.chat_samples // 2, args.seed)
+            rows += sample(model, follow_ups, args.tokens, args.seed + len(rows), args.batch_size)
         write_jsonl(samples_path, rows)
     log["sample_s"] = time.perf_counter() - start
     log["sample_cpu_s"] = time.process_time() - start_cpu

@@ -55,26 +55,18 @@ def test_concise_prefers_a_short_complete_sentence_over_a_fragment():
     stub = candidate(prompt, ". It.", "concise")  # 1 piece: shorter, but a fragment
     assert stub["concise"] > short["concise"] > long["concise"]
     pairs = prompt_pairs(prompt, [short, long, stub], "concise", 3, random.Random(0))
-    # trained on first sentences only
     assert [(p["kind"], p["chosen"], p["rejected"]) for p in pairs] == [
-        ("objective", " late again.", long["text"]),
-        ("fluency", " late again.", "."),
+        ("objective", short["text"], long["text"]),
+        ("fluency", short["text"], stub["text"]),
     ]
 
 
-def test_trained_responses():
+def test_a_finished_chat_reply_is_trained_with_the_next_turn():
     turn = "What should I cook tonight?"
-    reply = {"prompt": chat_prompt(turn), "turn": turn, "text": " Pasta with beans. It is quick.", "finish": "stop"}
-    # a chat reply that ended at the line break keeps it; the concise ARM sees the first sentence, which is not
-    # the end of the reply, so no line break there
-    assert response(reply, "positive") == " Pasta with beans. It is quick.\n"
-    assert response(reply, "concise") == " Pasta with beans."
-    short = {**reply, "text": " Pasta with beans."}
-    assert response(short, "concise") == " Pasta with beans.\n"
-    cut = {**reply, "finish": "length"}
-    assert response(cut, "positive") == cut["text"]
-    continuation = {"prompt": "The bus was", "text": "\n\nLate again. We waited.", "finish": "length"}
-    assert response(continuation, "concise") == "\n\nLate again."
+    reply = {"prompt": chat_prompt(turn), "turn": turn, "text": " Pasta with beans.", "finish": "stop"}
+    assert response(reply) == " Pasta with beans.\nUser:"
+    assert response({**reply, "finish": "length"}) == " Pasta with beans."  # cut at the token limit: left open
+    assert response({"prompt": "The bus was", "text": " late.", "finish": "stop"}) == " late."  # not a chat
 
 
 def test_no_pair_without_a_fluent_candidate_or_a_clear_margin():
