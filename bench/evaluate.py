@@ -137,6 +137,31 @@ def fluency_columns(model, prompts, results) -> dict:
     return {**fluency_summary(texts, prompts), "sentence_tokens": float(np.mean(lengths))}
 
 
+# The positive ARM's α sweep: reward against fluency (docs/tradeoff.png). SWEEP_GUARDS holds the base-plausibility
+# guard's τ values (guard_min_p; 0: no guard); each adds one curve.
+SWEEP_ALPHAS = (0.25, 0.5, 1.0, 2.0)
+SWEEP_GUARDS = (0.0,)
+
+
+def alpha_sweep(model, prompts, base_scores, ppl_ctx, seed, sampling: dict, tokens: int = TOKENS) -> list[dict]:
+    """One summarize() row per (guard τ, α) of the positive ARM alone, with "alpha" and "guard_min_p" added;
+    ``sampling`` is the guided sampling (the same for every point)."""
+    rows = []
+    for guard in SWEEP_GUARDS:
+        options = {**sampling, **({"guard_min_p": guard} if guard else {})}
+        for alpha in SWEEP_ALPHAS:
+            weights = {"positive": alpha, "concise": 0.0}
+            results = []
+            for start in range(0, len(prompts), 16):
+                chunk = prompts[start : start + 16]
+                seeds = [seed + start + i for i in range(len(chunk))]
+                results += model.generate_batch(chunk, weights=weights, max_tokens=tokens, seeds=seeds, **options)
+            name = f"GenARM α={alpha:g}" + (f", guard {guard:g}" if guard else "")
+            row = summarize(name, prompts, as_rows(model, results), base_scores, ppl_ctx, model)
+            rows.append({**row, "alpha": alpha, "guard_min_p": guard})
+    return rows
+
+
 def speed(fn, prompts) -> float:
     """Seconds per generated token of ``fn(prompt) -> n_tokens`` over ``prompts`` (single stream), after one
     untimed call (the first call of a method pays for allocating its contexts and buffers)."""

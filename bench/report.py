@@ -56,6 +56,28 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
+def tradeoff_plot(plt, evaluation: dict) -> None:
+    """Reward against distinct-2 along the positive ARM's α sweep, one curve per guard τ, the base as a star."""
+    base = next(m for m in evaluation["methods"] if m["method"] == "base")
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for guard in sorted({p["guard_min_p"] for p in evaluation["sweep"]}):
+        points = sorted((p for p in evaluation["sweep"] if p["guard_min_p"] == guard), key=lambda p: p["alpha"])
+        label = f"guard τ = {guard:g}" if guard else "no guard"
+        ax.plot([p["distinct_2"] for p in points], [p["reward"] for p in points], marker="o", label=label)
+        for p in points:
+            ax.annotate(f"α={p['alpha']:g}", (p["distinct_2"], p["reward"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=8)  # fmt: skip
+    ax.scatter([base["distinct_2"]], [base["reward"]], marker="*", s=120, c="k", label="base", zorder=3)
+    ax.axvline(0.8 * base["distinct_2"], color="grey", linestyle=":", linewidth=1, label="0.8 × base distinct-2")
+    ax.set_xlabel("distinct-2 (higher: more varied text)")
+    ax.set_ylabel("mean VADER compound (higher: more positive)")
+    ax.set_title("Positive ARM: reward vs fluency along α")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(DOCS / "tradeoff.png", dpi=120)
+    plt.close(fig)
+
+
 def fmt(value, digits=2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -89,14 +111,23 @@ def eval_section(evaluation: dict) -> list[str]:
         "whole method per output token, single stream, judging included."
         + f" Best-of-N: N = {best['n']}, the {best['rule']}.",
         "",
-        "| method | reward | win rate | perplexity | distinct-2 | tok/s |",
-        "|---|---|---|---|---|---|",
+        "| method | reward | win rate | perplexity | distinct-2 | rep-4 | degenerate | fragments | tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for m in evaluation["methods"]:
+    for m in evaluation["methods"] + evaluation.get("sweep", []):
         lines.append(
             f"| {m['method']} | {m['reward']:+.3f} | {m['win_rate']:.2f} | {m['perplexity']:.1f} | "
-            f"{m['distinct_2']:.2f} | {fmt(m['tok_s'], 1)} |"
+            f"{m['distinct_2']:.2f} | {m['rep_4']:.3f} | {m['degenerate']:.0%} | {m['fragments']:.1%} | "
+            f"{fmt(m['tok_s'], 1)} |"
         )
+    if "sweep" in evaluation:
+        lines += ["", "![tradeoff](docs/tradeoff.png)"]
+    lines += [
+        "",
+        "Degenerate: rep-4 (share of repeated word 4-grams in a text) > 0.2, a line repeated 3+ times, markup spam, "
+        "or a switch of script (genarm_local/fluency.py); fragments: finished sentences under 3 words or left "
+        "unfinished, per sentence.",
+    ]
     lines += [
         "",
         "#### Two objectives at once: (α_positive, α_concise)",
@@ -214,6 +245,8 @@ def plots(bench: dict | None, evaluation: dict | None) -> None:
         ax.set_ylabel("mean VADER compound (higher: more positive)")
         ax.set_title("(α_positive, α_concise) grid, held-out prompts")
         save(fig, "pareto.png")
+        if "sweep" in evaluation:
+            tradeoff_plot(plt, evaluation)
 
 
 def quant_section(quant: dict) -> list[str]:
