@@ -111,8 +111,15 @@ class Context:
         """
         if not tokens:
             raise InvalidOptionError("empty prompt: give at least one token")
+        keep = self._keep_prefix(tokens[:-1])
+        before = self.n_decoded
+        self.decode(tokens[keep:])
+        return self.n_decoded - before
+
+    def _keep_prefix(self, tokens: Sequence[int]) -> int:
+        """Drop the cached tokens after their common prefix with ``tokens``; returns how many stay cached."""
         keep = 0
-        for cached, new in zip(self.tokens, tokens[:-1], strict=False):
+        for cached, new in zip(self.tokens, tokens, strict=False):
             if cached != new:
                 break
             keep += 1
@@ -122,9 +129,7 @@ class Context:
                 self.clear()
                 keep = 0
             del self.tokens[keep:]
-        before = self.n_decoded
-        self.decode(tokens[keep:])
-        return self.n_decoded - before
+        return keep
 
     def truncate(self, seq: int, keep: int) -> bool:
         """Drop sequence ``seq``'s cached tokens from position ``keep`` on (llama_memory_seq_rm); False when the
@@ -146,16 +151,7 @@ class Context:
             raise InvalidOptionError(f"output position {first} is outside the {len(tokens)} tokens")
         if len(tokens) - first > self.n_batch:
             raise InvalidOptionError(f"{len(tokens) - first} output rows do not fit one batch of {self.n_batch}")
-        keep = 0
-        for cached, new in zip(self.tokens, tokens[:first], strict=False):
-            if cached != new:
-                break
-            keep += 1
-        if keep < len(self.tokens):
-            if not lc.llama_memory_seq_rm(lc.llama_get_memory(self._ptr), 0, keep, -1):
-                self.clear()
-                keep = 0
-            del self.tokens[keep:]
+        keep = self._keep_prefix(tokens[:first])
         if keep < first:
             self.decode(tokens[keep:first])
         with Batch(len(tokens) - first) as batch:

@@ -126,7 +126,7 @@ def test_arms_per_request_and_presets(server, local, base_id):
     negative = local.generate(PROMPT, max_tokens=16, seed=11, weights=weights_of(local, -1.0, 0.5), **SAMPLED).text
     assert text(f"{base_id}+big", {"kind": -1.0}) == negative
     # an ARM named without a weight runs at its recommended α (the paper's 1 for an uncalibrated file)
-    recommended = {arm.name: arm.recommended_alpha for arm in local.engine.arms}["kind"]
+    recommended = local.engine.arms[0].recommended_alpha  # "kind" is the first ARM (weights_of)
     default = local.generate(PROMPT, max_tokens=16, seed=11, weights=weights_of(local, recommended, 0.0), **SAMPLED)
     assert text(base_id, {"kind": None}) == default.text
 
