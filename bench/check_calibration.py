@@ -6,10 +6,12 @@ code on the measuring side.
 The direct measurement uses llama-cpp-python's high-level `Llama` only (one instance for the base, one for the base
 with the ARM's LoRA adapter, or the ARM model itself), decoding token by token, and numpy in float64:
 
-    log p_α = log_softmax(log_softmax(base) + α · log_softmax(arm)),   KL = Σ p_α · (log p_α − log_softmax(base))
+    log p_α = log_softmax((log_softmax(base) + α · log_softmax(arm)) / max(1, 1 + α)),
+    KL = Σ p_α · (log p_α − log_softmax(base))
 
-at every position of continuations it samples itself from p_α (its own sampler: top-k 40 → top-p 0.95 → min-p
-0.05 → temperature 0.8, llama.cpp's defaults and order). It is compared with what `calibrate` reports
+(the guided distribution at T = 1 as the default sampling draws from it: scale_temperature divides the mix by
+max(1, 1 + α)) at every position of continuations it samples itself from p_α (its own sampler: top-k 40 → top-p
+0.95 → min-p 0.05 → temperature 0.8, llama.cpp's defaults and order). It is compared with what `calibrate` reports
 (evaluation.calibration.measure_kl through the engine) on the same prompts, twice:
 - on the calibration's own continuations, re-scored token by token (the same tokens, so only the arithmetic and
   the decode path differ);
@@ -66,7 +68,7 @@ class Scorer:
 
 
 def guided_kl(lb: np.ndarray, la: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
-    lq = log_softmax(lb + alpha * la)
+    lq = log_softmax((lb + alpha * la) / max(1.0, 1.0 + alpha))
     return lq, float(np.sum(np.exp(lq) * (lq - lb)))
 
 

@@ -139,8 +139,8 @@ def fluency_columns(model, prompts, results) -> dict:
 
 # The positive ARM's α sweep: reward against fluency (docs/tradeoff.png). SWEEP_GUARDS holds the base-plausibility
 # guard's τ values (guard_min_p; 0: no guard); each adds one curve.
-SWEEP_ALPHAS = (0.25, 0.5, 1.0, 2.0)
-SWEEP_GUARDS = (0.0,)
+SWEEP_ALPHAS = (0.25, 0.5, 0.75, 1.0, 2.0)
+SWEEP_GUARDS = (0.0, 0.1)
 
 
 def alpha_sweep(model, prompts, base_scores, ppl_ctx, seed, sampling: dict, tokens: int = TOKENS) -> list[dict]:
@@ -203,7 +203,9 @@ def main() -> None:
     base = assemble()
     prompts = load_prompts("held-out")[: args.prompts]
     timed = prompts[: args.speed_prompts]
-    arms = {str(args.arms / "positive.gguf"): 1.0, str(args.arms / "concise.gguf"): 0.0}
+    # loaded as chat loads them: an ARM without a weight in arms/defaults.json runs at its recommended α
+    defaults = json.loads((args.arms / "defaults.json").read_text(encoding="utf-8"))
+    arms = {str(args.arms / f"{name}.gguf"): defaults.get(name, 0.0) for name in ("positive", "concise")}
     report: dict[str, object] = {"prompts": len(prompts), "tokens": TOKENS, "sampling": SAMPLING}
 
     def weights(positive=0.0, concise=0.0):
@@ -242,6 +244,17 @@ def main() -> None:
         base_rows = as_rows(model, run_batch(model, prompts, weights(), args.seed))
         base_scores = judge_all([r["text"] for r in base_rows])
         methods = [summarize("base", prompts, base_rows, base_scores, ppl_ctx, model, t_base)]
+        # the shipped defaults (chat's weights), and the concise ARM alone at its recommended α
+        shipped = model.arm_weights()
+        recommended = {arm.name: arm.recommended_alpha for arm in model.engine.arms}
+        report["shipped_weights"], report["recommended_alpha"] = shipped, recommended
+        for name, w in (
+            ("shipped defaults", shipped),
+            ("concise at its recommended α", weights(concise=recommended["concise"])),
+        ):
+            rows = as_rows(model, run_batch(model, prompts, w, args.seed))
+            label = f"GenARM, {name} ({', '.join(f'{k} {v:.2g}' for k, v in w.items() if v)})"
+            methods.append(summarize(label, prompts, rows, base_scores, ppl_ctx, model))
         for alpha in (0.5, 1.0, 2.0, 4.0):
             rows = as_rows(model, run_batch(model, prompts, weights(positive=alpha), args.seed))
             t = t_genarm if alpha == 1.0 else None
@@ -256,6 +269,7 @@ def main() -> None:
         name = f"best-of-{n_best} (one batch, judged)"
         methods.append(summarize(name, prompts, best_rows, base_scores, ppl_ctx, model, t_best[n_best]))
         report["methods"] = methods
+        report["sweep"] = alpha_sweep(model, prompts, base_scores, ppl_ctx, args.seed, SAMPLING)
 
         grid = []
         grid_prompts = prompts[: args.grid_prompts]

@@ -219,6 +219,15 @@ class Engine:
             guard_min_p=guard_min_p,
         )
 
+    def temperature_scale(self, config: SamplingConfig, active: Sequence[tuple[Arm, float]]) -> float:
+        """What the sampler chain divides T by for a row mixed as ``mix(active, config.normalized)`` writes it: the
+        normalised row (its log-probs divided by 1 + Σα) needs T/(1+Σα) to sample the same distribution, and
+        ``scale_temperature`` samples that distribution at T·max(1, 1+Σα) (SamplingConfig)."""
+        alphas = [alpha for _, alpha in active]
+        divisor = self.normalizer(alphas) if config.normalized else 1.0
+        sharpness = max(1.0, 1.0 + sum(alphas)) if config.scale_temperature and active else 1.0
+        return divisor / sharpness
+
     @staticmethod
     def normalizer(alphas: Sequence[float]) -> float:
         total = 1.0 + sum(alphas)
@@ -264,7 +273,7 @@ class Engine:
         # guard, too, belongs to the guided distribution: α = 0 everywhere is the base's own output).
         guided = bool(active) or config.normalized
         guard = config.guard_min_p if active else 0.0
-        temperature_scale = self.normalizer([a for _, a in active]) if config.normalized else 1.0
+        temperature_scale = self.temperature_scale(config, active)
         scratch = np.empty(self.n_vocab, dtype=np.float32) if not guided and config.logprobs is not None else None
 
         with SamplerChain(config, self.base_model, temperature_scale) as chain, self.thread_shares(contexts):

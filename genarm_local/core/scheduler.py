@@ -247,7 +247,7 @@ class Scheduler:
         """A job's sampler chain and contexts; an error here (a bad grammar, 1 + Σα ≤ 0) fails only this job."""
         engine = self.engine
         active = engine.active_arms(job.alphas)
-        scale = engine.normalizer([alpha for _, alpha in active]) if job.config.normalized else 1.0
+        scale = engine.temperature_scale(job.config, active)
         contexts = [0] + [index + 1 for index, alpha in enumerate(job.alphas) if alpha != 0.0]
         for index in contexts:
             self._context(index)

@@ -90,6 +90,23 @@ def test_normalized_form_is_the_papers(model, paths):
     assert paper.tokens == model.generate(PROMPT, max_tokens=15, seed=8, **SAMPLED).tokens
 
 
+def test_scaled_temperature_samples_the_normalised_mix_at_t(model):
+    """scale_temperature (the default) samples base·arm^α at T·max(1, 1+Σα): the same tokens as the paper's
+    product at that temperature, whichever row form (normalized or not) the mix is written in; it leaves the base
+    alone (α = 0) and a flattening mix (1 + Σα < 1) as they are."""
+
+    def tokens(weight: float, **options) -> list[int]:
+        options = {**SAMPLED, **options}
+        return model.generate(PROMPT, max_tokens=15, seed=9, weights={"engine-lora-adapter": weight}, **options).tokens
+
+    scaled = tokens(1.0, temperature=0.7)
+    assert scaled == tokens(1.0, temperature=1.4, scale_temperature=False)
+    assert scaled != tokens(1.0, temperature=0.7, scale_temperature=False)
+    assert scaled == tokens(1.0, temperature=0.7, normalized=True)
+    assert tokens(0.0, temperature=0.7) == tokens(0.0, temperature=0.7, scale_temperature=False)
+    assert tokens(-0.5, temperature=0.7) == tokens(-0.5, temperature=0.7, scale_temperature=False)
+
+
 def test_grammar_constrains_guided_output(model):
     grammar = 'root ::= "yes" | "no" | "maybe"'
     for seed in range(4):

@@ -34,7 +34,8 @@ def digest(path) -> str:
 
 def test_kl_curve_matches_an_independent_float64_computation(files, hf_model, lora_adapter):
     """Per-position KL(p_α ‖ p_base) on the continuations the calibration sampled, recomputed from the HF models
-    (PEFT for the adapter) in float64: log p_α = log_softmax(log_softmax(base) + α·log_softmax(arm))."""
+    (PEFT for the adapter) in float64: log p_α = log_softmax((log_softmax(base) + α·log_softmax(arm)) / (1 + α)), the
+    distribution the default sampling draws from at T = 1 (scale_temperature)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -54,7 +55,7 @@ def test_kl_curve_matches_an_independent_float64_computation(files, hf_model, lo
             ids = prompt + continuation
             lb = log_softmax(hf_logits(None, ids, model=base))[len(prompt) - 1 :]
             la = log_softmax(hf_logits(None, ids, model=arm))[len(prompt) - 1 :]
-            lq = log_softmax(lb + alpha * la)
+            lq = log_softmax((lb + alpha * la) / (1 + alpha))
             kl = (np.exp(lq) * (lq - lb)).sum(-1)
             # the row after the last token is a sampled choice only when it was end-of-sequence
             expected.append(kl if ended else kl[:-1])
