@@ -104,7 +104,7 @@ class ChatSession:
                     raise InvalidOptionError(f"write NAME=ALPHA, got {item!r}")
             self.model.arm_weights(named)  # unknown names are refused before anything changes
             self.weights.update(named)
-        shown = " ".join(f"{name}={alpha:g}" for name, alpha in self.weights.items())
+        shown = " ".join(f"{name}={alpha:.3g}" for name, alpha in self.weights.items())
         self.note("\n".join([f"weights: {shown or 'none (no ARM loaded)'}", *arm_lines(self.model, self.weights)]))
 
     def set_temperature(self, rest: str) -> None:

@@ -192,11 +192,11 @@ def arm_lines(model, weights: Mapping[str, float]) -> list[str]:
         alpha = weights.get(arm.name, arm.alpha)
         calibration = arm.calibration
         if calibration is None:
-            lines.append(f"  {arm.name}: α={alpha:g} (not calibrated: genarm-local calibrate {arm.spec.path})")
+            lines.append(f"  {arm.name}: α={alpha:.3g} (not calibrated: genarm-local calibrate {arm.spec.path})")
             continue
         beyond = "≥ " if abs(alpha) > max(calibration.alphas) else ""
         lines.append(
-            f"  {arm.name}: α={alpha:g}, KL {beyond}{calibration.kl_at(alpha):.3g} nats/token; recommended "
+            f"  {arm.name}: α={alpha:.3g}, KL {beyond}{calibration.kl_at(alpha):.3g} nats/token; recommended "
             f"α={calibration.recommended_alpha:.3g} (KL {calibration.budget:g})"
         )
     return lines
