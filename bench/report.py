@@ -92,8 +92,14 @@ def build_section(build: dict) -> list[str]:
         f"_Built {describe(build.get('stamp'))}, by `python bench/build_arms.py --seed {build['seed']}`._",
         "",
         f"The shipped ARMs were rebuilt from seed {build['seed']} by `python bench/build_arms.py` in "
-        f"{build['total_s'] / 60:.0f} minutes: {build['continuations']} sampled "
-        f"continuations ({build['sample_s'] / 60:.0f} min), {build['positive_pairs']} positive and "
+        f"{build['total_s'] / 60:.0f} minutes: {build['continuations']} sampled continuations and "
+        f"{build.get('chat_replies', 0)} chat replies ("
+        + (
+            "reused from an earlier run of the same recipe and seed"
+            if build.get("samples_reused")
+            else f"{build['sample_s'] / 60:.0f} min"
+        )
+        + f"), {build['positive_pairs']} positive and "
         f"{build['concise_pairs']} concise pairs, training {build['positive_train_s'] / 60:.0f} + "
         f"{build['concise_train_s'] / 60:.0f} min (held-out preference accuracy "
         f"{positive.get('accuracy', float('nan')):.2f} and {concise.get('accuracy', float('nan')):.2f}).",
@@ -111,22 +117,23 @@ def eval_section(evaluation: dict) -> list[str]:
         "whole method per output token, single stream, judging included."
         + f" Best-of-N: N = {best['n']}, the {best['rule']}.",
         "",
-        "| method | reward | win rate | perplexity | distinct-2 | rep-4 | degenerate | fragments | tok/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | reward | win rate | perplexity | distinct-2 | rep-4 | degenerate | fragments | 1st sentence "
+        "(tokens) | tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in evaluation["methods"] + evaluation.get("sweep", []):
         lines.append(
             f"| {m['method']} | {m['reward']:+.3f} | {m['win_rate']:.2f} | {m['perplexity']:.1f} | "
             f"{m['distinct_2']:.2f} | {m['rep_4']:.3f} | {m['degenerate']:.0%} | {m['fragments']:.1%} | "
-            f"{fmt(m['tok_s'], 1)} |"
+            f"{m['sentence_tokens']:.1f} | {fmt(m['tok_s'], 1)} |"
         )
     if "sweep" in evaluation:
         lines += ["", "![tradeoff](docs/tradeoff.png)"]
     lines += [
         "",
         "Degenerate: rep-4 (share of repeated word 4-grams in a text) > 0.2, a line repeated 3+ times, markup spam, "
-        "or a switch of script (genarm_local/fluency.py); fragments: finished sentences under 3 words or left "
-        "unfinished, per sentence.",
+        "or a switch of script (genarm_local/evaluation/fluency.py); fragments: finished sentences under 3 words or "
+        "left unfinished, per sentence. Guided rows sample at T·(1+α) (scale_temperature, the default).",
     ]
     lines += [
         "",

@@ -20,8 +20,7 @@ from build_arms import chat_prompt, load_chat_turns, load_prompts  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ARMS = REPO / "genarm_local" / "arms"
-# The ARMs' weights when shown alone; measured in bench/evaluate.py's α sweep (docs/eval.json).
-RECOMMENDED = {"positive": 1.0, "concise": 1.0}
+NAMES = ("positive", "concise")  # each shown alone at its recommended α (its calibration, as chat uses it)
 SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.05)
 
 
@@ -82,18 +81,20 @@ def main() -> None:
     args = parser.parse_args()
     held_out = load_prompts("held-out")
     prompts = held_out[:: max(1, len(held_out) // args.prompts)][: args.prompts]
-    names = [name for name in RECOMMENDED if (ARMS / f"{name}.gguf").exists()]
+    names = [name for name in NAMES if (ARMS / f"{name}.gguf").exists()]
     off = {name: 0.0 for name in names}
-    configurations = [("base", off)] + [
-        (f"{name} α={RECOMMENDED[name]:g}", {**off, name: RECOMMENDED[name]}) for name in names
-    ]
-    with GuidedModel(assemble(), {str(ARMS / f"{n}.gguf"): 0.0 for n in names}, n_ctx=2048) as model:
+    with GuidedModel(assemble(), {str(ARMS / f"{n}.gguf"): None for n in names}, n_ctx=2048) as model:
+        recommended = {arm.name: arm.recommended_alpha for arm in model.engine.arms}
+        configurations = [("base", off)] + [
+            (f"{name} α={recommended[name]:.2g}", {**off, name: recommended[name]}) for name in names
+        ]
         lines = [
             "# Guided samples",
             "",
             f"Written by `python bench/samples.py` (seed {args.seed}; sampling {json.dumps(SAMPLING)}; "
             f"{args.tokens} tokens at most). Embedded base Gemma-3-270M Q4_K_M (pretrained, not instruction-tuned) "
-            "and the shipped ARMs; the same seed for every configuration of a prompt.",
+            "and the shipped ARMs; the same seed for every configuration of a prompt. Guided rows sample at "
+            "T·(1+α) (scale_temperature, the default).",
             "",
         ]
         lines += continuations(model, prompts, configurations, args.tokens, args.seed)
