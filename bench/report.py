@@ -35,6 +35,7 @@ SECTIONS = {
     "engine": ("engine.json", ["bench_engine.py", "--tokens", "32"]),
     "kernel": ("kernel.json", ["bench_kernel.py"]),
     "ray": ("ray.json", ["bench_ray.py", "--repeats", "3"]),
+    "serve": ("serve.json", ["bench_serve.py"]),
 }
 
 
@@ -302,6 +303,28 @@ def ray_section(ray: dict) -> list[str]:
     return lines
 
 
+def serve_section(serve: dict) -> list[str]:
+    """bench/bench_serve.py's docs/serve.json: the server against the in-process API, concurrency, a load test."""
+    single, many, load = serve["single_stream"], serve["concurrency"], serve["load_test"]
+    status = ", ".join(f"{code}: {n}" for code, n in sorted(load["status"].items()))
+    return stamped("The OpenAI-compatible server", serve, "python bench/bench_serve.py") + [
+        f"{serve['threads']} threads, {serve['tokens']} tokens per request, the shipped default ARMs.",
+        "",
+        "| measurement | result |",
+        "|---|---|",
+        f"| one stream, server ÷ in-process API | {single['server_tok_s']:.1f} ÷ {single['in_process_tok_s']:.1f} "
+        f"tok/s = {single['server_vs_in_process']:.3f}× |",
+        f"| {many['clients']['clients']} concurrent clients ÷ one client (aggregate tok/s) | "
+        f"{many['clients']['tok_s']:.1f} ÷ {many['one_client']['tok_s']:.1f} = {many['ratio']:.2f}× (llama.cpp's own "
+        f"batched decode on this machine: {many['raw_llama_cpp_ratio']:.2f}×) |",
+        f"| load test: {load['requests']} requests (mixed weights, {load['disconnected']} disconnecting "
+        f"mid-stream, {load['rejected_4xx']} malformed) | status {status}; 5xx: {load['server_5xx']}; "
+        f"{'alive' if load['alive'] else 'DEAD'} after; RSS {load['rss_mib_before']:.0f} → "
+        f"{load['rss_mib_after']:.0f} MiB |",
+        "",
+    ]
+
+
 RENDERERS = {
     "build_arms": build_section,
     "eval": eval_section,
@@ -311,6 +334,7 @@ RENDERERS = {
     "engine": engine_section,
     "kernel": kernel_section,
     "ray": ray_section,
+    "serve": serve_section,
 }
 
 
