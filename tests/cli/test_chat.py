@@ -131,8 +131,8 @@ def test_sigint_stops_the_reply_and_the_session_goes_on(files, tmp_path):
         reply = saved_reply(tmp_path / "t.json", proc)
         assert reply["interrupted"] is True and 0 < len(reply["content"]) < 400
         assert out.text == reply["content"] + " [interrupted]\n"
-        proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt: a clean exit
-        assert proc.wait(timeout=30) == 0
+        proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt: a clean exit (slow on a loaded machine)
+        assert proc.wait(timeout=120) == 0
         assert "Traceback" not in proc.stderr.read()
     finally:
         proc.kill()

@@ -172,4 +172,4 @@ def test_chat_shows_the_recommended_alpha_and_its_kl(calibrated, files):
     # --verbose at the start and /weights: the ARM runs at its recommended α, which spends the budget
     shown = [line for line in result.stderr.splitlines() if recommended in line]
     assert len(shown) == 2, result.stderr
-    assert f"arm: α={calibration.recommended_alpha:g}, KL {calibration.budget:.3g} nats/token" in shown[0]
+    assert f"arm: α={calibration.recommended_alpha:.3g}, KL {calibration.budget:.3g} nats/token" in shown[0]
