@@ -194,7 +194,7 @@ def main() -> None:
     samples_path = workdir / "samples.jsonl"
     if samples_path.exists():  # a rerun in the same workdir reuses the samples (labelling/training experiments)
         rows = read_jsonl(samples_path)
-        log["samples_reused"] = str(samples_path)  # the sampling times below are then only the reading
+        log["samples_reused"] = samples_path.name  # the sampling times below are then only the reading
     else:
         with GuidedModel(base, n_ctx=4096) as model:
             rows = sample(model, build_jobs(args), args.tokens, args.seed, args.batch_size)

@@ -12,8 +12,10 @@ or a shipped ARM):
    the preferred feature; positive: mean VADER compound; concise: minus the tokens to finish the first sentence),
    distinct-2 and rep-4 (the fluency bounds of issue 12: distinct-2 ≥ 0.8 × the base's, rep-4 ≤ the base's + 0.05);
 3. α* = the α of the best reward within the fluency bounds, and the KL the curve gives there.
-The budget a single default can use for every ARM is the smallest KL(α*): at that budget every ARM measured stays
-within the bounds. Each ARM's record goes to --out as it is finished.
+The smallest KL(α*) is a budget at which every ARM measured stays within the bounds, but α* is read off a coarse
+grid (a factor 2 between points up to 1), so it is a lower bound. The plot shows calibration's DEFAULT_BUDGET
+(stars: each ARM's recommended α there) with that lower bound beside it. Each ARM's record goes to --out as it
+is finished.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def best_within_bounds(rows: list[dict]) -> dict:
     return max(fluent, key=lambda r: (r["reward"], -r["alpha"]))
 
 
-def plot(records: list[dict], budget: float, path: Path) -> None:
+def plot(records: list[dict], budget: float, path: Path, lowest: float | None = None) -> None:
+    """The curves with ``budget`` (stars: each ARM's recommended α there) and, dotted, ``lowest``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +114,9 @@ def plot(records: list[dict], budget: float, path: Path) -> None:
     left.set_ylabel("KL(guided_α ‖ base), nats/token")
     left.set_title("calibration curves (★ recommended α)")
     left.legend()
-    right.axvline(budget, color="grey", linestyle="--", linewidth=1, label=f"budget {budget:g}")
+    right.axvline(budget, color="grey", linestyle="--", linewidth=1, label=f"default budget {budget:g}")
+    if lowest is not None:
+        right.axvline(lowest, color="grey", linestyle=":", linewidth=1, label=f"lowest KL at a grid α* {lowest:.3g}")
     right.set_xscale("log")
     right.set_xlabel("KL(guided_α ‖ base), nats/token")
     right.set_ylabel("reward gain over the base (÷ its largest)")
@@ -152,7 +157,7 @@ def main() -> None:
             records.append(
                 {
                     "arm": name,
-                    "path": str(path),
+                    "path": Path(path).name,  # no machine's paths in the docs
                     "reward": label,
                     "calibration": {k: v for k, v in vars(calibration).items()},
                     "sweep": rows,
@@ -163,9 +168,12 @@ def main() -> None:
             print(f"{name}: best α within the bounds {best['alpha']:g}, KL there "
                   f"{records[-1]['kl_at_best']:.4f}", flush=True)  # fmt: skip
             args.out.write_text(json.dumps(records, indent=1) + "\n")
-    budget = min(r["kl_at_best"] for r in records if r["kl_at_best"] > 0)
-    print(f"smallest KL at the best fluent α: {budget:.4f} nats/token over {len(records)} ARMs")
-    plot(records, budget, args.plot)
+    from genarm_local.evaluation.calibration import DEFAULT_BUDGET
+
+    lowest = min(r["kl_at_best"] for r in records if r["kl_at_best"] > 0)
+    print(f"smallest KL at the best fluent α of the grid: {lowest:.4f} nats/token over {len(records)} ARMs; "
+          f"the default budget: {DEFAULT_BUDGET:g}")  # fmt: skip
+    plot(records, DEFAULT_BUDGET, args.plot, lowest)
 
 
 if __name__ == "__main__":
