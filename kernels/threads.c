@@ -111,6 +111,7 @@ static void after_fork_reset(void (*reset)(void))
 }
 #else
 #include <pthread.h>
+#include <signal.h>
 #include <sched.h>
 #include <time.h>
 
@@ -142,9 +143,17 @@ static void *thread_entry(void *seen)
     worker_main((uintptr_t)seen);
     return NULL;
 }
+/* Workers start with every signal blocked (a thread inherits its creator's mask): the kernel then delivers Ctrl-C
+   to a thread that can act on it, Python's main thread, and never to a worker that would leave the main thread
+   asleep in a blocking read. */
 static int thread_start(Thread *thread, uintptr_t seen)
 {
-    return pthread_create(thread, NULL, thread_entry, (void *)seen) == 0;
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &previous);
+    int started = pthread_create(thread, NULL, thread_entry, (void *)seen) == 0;
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    return started;
 }
 static void thread_join(Thread thread)
 {

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from ..core.errors import GenArmError
+# numpy's OpenBLAS starts a pool of threads that do not block signals; the kernel may hand Ctrl-C to one of them,
+# which leaves `chat` asleep at its prompt instead of leaving. The commands do no BLAS work worth threads (the mixing
+# is our own kernel, whose workers block signals, as do our other threads: core.native.block_signals).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from ..core.errors import GenArmError  # noqa: E402
 
 # verb -> (module, one-line help). Each module has add_arguments(parser) and main(args).
 VERBS = {

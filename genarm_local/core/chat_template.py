@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ChatTemplateError, InvalidOptionError
-from .native import Model, apply_builtin_chat_template, builtin_chat_templates
+from .native import Model, apply_builtin_chat_template, block_signals, builtin_chat_templates
 
 Message = Mapping[str, str]
 
@@ -143,7 +143,9 @@ class _Worker:
     def __init__(self):
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genarm-template")
+        self._reader = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="genarm-template", initializer=block_signals
+        )
 
     def _start(self) -> subprocess.Popen:
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")

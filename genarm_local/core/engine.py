@@ -35,7 +35,7 @@ from .errors import (
     VocabularyMismatchError,
 )
 from .mixing import mix_logprobs
-from .native import Adapter, Model, gguf_header
+from .native import Adapter, Model, block_signals, gguf_header
 from .sampling import SamplerChain
 
 Cancel = Callable[[], bool] | threading.Event | None
@@ -321,7 +321,9 @@ class Engine:
         if not self._concurrent(contexts):
             return [work(context) for context in contexts]
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.arms)), thread_name_prefix="genarm-decode")
+            self._pool = ThreadPoolExecutor(
+                max_workers=max(1, len(self.arms)), thread_name_prefix="genarm-decode", initializer=block_signals
+            )
         others = [self._pool.submit(work, context) for context in contexts[1:]]
         first = work(contexts[0])
         return [first, *(future.result() for future in others)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,15 @@ def backend_init() -> None:
             lc.llama_log_set(_log_to_buffer, ctypes.c_void_p())
         lc.llama_backend_init()
         _backend_ready = True
+
+
+def block_signals() -> None:
+    """Block the signals Python handles (Ctrl-C, termination) in the calling thread: the initializer of our worker
+    threads. The kernel delivers a process-wide signal to any thread that does not block it; one delivered to a worker
+    sets Python's flag but leaves the main thread asleep in a blocking read (the chat prompt), so Ctrl-C there would
+    do nothing until the next line of input."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def last_native_error() -> str:

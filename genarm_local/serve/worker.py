@@ -18,6 +18,7 @@ from ..core.api import GuidedModel, StopText
 from ..core.config import LoadConfig
 from ..core.engine import Step
 from ..core.errors import GenArmError, ServerBusyError
+from ..core.native import block_signals
 from ..core.requests import Prepared
 from ..core.scheduler import Job, Scheduler
 
@@ -137,6 +138,7 @@ class EngineWorker:
     # ---- the engine thread -----------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        block_signals()  # Ctrl-C and SIGTERM belong to uvicorn's loop in the main thread
         try:
             model = GuidedModel(config=self.load)
             scheduler = Scheduler(model.engine, self.parallel)
