@@ -38,9 +38,9 @@ def configurations(weights: dict[str, float]) -> list[tuple[str, dict[str, float
     """(label, {ARM name: α}): the base alone, each ARM alone at its α, then all of them together."""
     off = {name: 0.0 for name in weights}
     rows = [("base", off)]
-    rows += [(f"{name}:{alpha:g}", {**off, name: alpha}) for name, alpha in weights.items()]
+    rows += [(f"{name}:{alpha:.2g}", {**off, name: alpha}) for name, alpha in weights.items()]
     if len(weights) > 1:
-        rows.append((" + ".join(f"{name}:{alpha:g}" for name, alpha in weights.items()), dict(weights)))
+        rows.append((" + ".join(f"{name}:{alpha:.2g}" for name, alpha in weights.items()), dict(weights)))
     return rows
 
 
@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> None:
 
     options = sampling_options(args)
     if not args.arms and not args.no_arm and args.base is None:
-        args.arms = [("arm", f"{name}:1") for name in shipped_arms()]
+        args.arms = [("arm", name) for name in shipped_arms()]  # each at its recommended α (its calibration)
     if not args.arms or args.no_arm:
         raise InvalidOptionError("the demo compares the base with guided output: give at least one --arm")
     width = min(shutil.get_terminal_size((100, 20)).columns, 120)

@@ -33,8 +33,12 @@ def test_demo_compares_base_and_guided_on_the_embedded_base(tmp_path):
     assert "using the embedded base" in out.stderr
     lines = out.stdout.splitlines()
     labels = [line.split()[0] for line in lines if "positivity" in line]
-    # base, each shipped ARM alone, then both together
-    assert labels[0] == "base" and "positive:1" in labels and "concise:1" in labels and len(labels) == 4
+    # base, each shipped ARM alone at its recommended α (the weight its calibration stores), then both together
+    from genarm_local.core.arm_metadata import read_calibration
+
+    recommended = {name: read_calibration(path).recommended_alpha for name, path in shipped_arms().items()}
+    expected = [f"{name}:{recommended[name]:.2g}" for name in ("positive", "concise")]
+    assert labels[0] == "base" and all(label in labels for label in expected) and len(labels) == 4
     assert all("tok/s" in line for line in lines if "positivity" in line)
 
 
