@@ -47,10 +47,14 @@ class Arm:
     """One loaded ARM: what was asked for, its default weight α, and the context it decodes in."""
 
     spec: ArmSpec
-    alpha: float
+    alpha: float  # None when constructed: the recommended α
     context: Context
     adapter: Adapter | None  # a LoRA ARM: its context is over the base's model with this adapter set
     calibration: Calibration | None = None  # the ARM file's own (genarm.calibration.* metadata)
+
+    def __post_init__(self) -> None:
+        if self.alpha is None:  # given without a weight
+            self.alpha = self.recommended_alpha
 
     @property
     def recommended_alpha(self) -> float:
@@ -142,10 +146,7 @@ class Engine:
                     context = stack.enter_context(Context(model, config))
                 # An ARM given without a weight runs at the α its calibration recommends: the same strength (KL
                 # budget) for every ARM, whatever scale its training left it at; uncalibrated, the paper's α = 1.
-                calibration = read_calibration(spec.path)
-                arm = Arm(spec, 1.0, context, adapter, calibration)
-                arm.alpha = arm.recommended_alpha if spec.alpha is None else spec.alpha
-                self.arms.append(arm)
+                self.arms.append(Arm(spec, spec.alpha, context, adapter, read_calibration(spec.path)))
             self._resources = stack.pop_all()
         self.n_ctx = self.base.n_ctx
 
