@@ -107,13 +107,19 @@ class Context:
         """Make the cache hold exactly ``tokens`` with the last one's logits fresh; returns how many were decoded.
 
         Only the tokens after the common prefix with the cache are decoded (llama_memory_seq_rm drops the rest).
-        The last token is always decoded again: its logits row may have been overwritten (mixing works in place).
+        The last token is always decoded again, and on its own: its logits row may have been overwritten (mixing
+        works in place), and llama.cpp's quantized matmuls round a row differently in a batch than alone (measured
+        on Gemma-3-270M Q4_K_M: up to 0.9 in a logit), so decoding it alone every time makes the same prompt give the
+        same logits whether its prefix was cached or not -- the same seed the same text, here and in the server's
+        scheduler, which decodes a prompt's last token with its first step.
         """
         if not tokens:
             raise InvalidOptionError("empty prompt: give at least one token")
         keep = self._keep_prefix(tokens[:-1])
         before = self.n_decoded
-        self.decode(tokens[keep:])
+        if keep < len(tokens) - 1:
+            self.decode(tokens[keep:-1])
+        self.decode(tokens[-1:])
         return self.n_decoded - before
 
     def _keep_prefix(self, tokens: Sequence[int]) -> int:

@@ -145,6 +145,21 @@ def test_prefix_reuse_decodes_only_new_tokens(files):
         assert [c.n_decoded - b for c, b in zip(contexts, before, strict=True)] == [2, 2]
 
 
+def test_same_prompt_same_logits_whether_cached_or_not(gguf_model):
+    """llama.cpp's quantized matmuls round a row differently in a batch than alone; the prompt's last token is
+    always decoded alone, so a cached prompt gives the logits (and, with the same seed, the text) of a fresh one."""
+    from genarm_local import GuidedModel
+
+    with GuidedModel(gguf_model("llama_base", "q4_k_m"), n_ctx=256, n_threads=2) as model:
+        ids = model.tokenize(PROMPT + " begins in the early nineteenth century")
+        fresh = model.next_token_logprobs(ids)
+        first = model.generate(ids, max_tokens=12, seed=3, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+        cached = model.next_token_logprobs(ids)  # the cache holds the prompt and the text generated after it
+        np.testing.assert_array_equal(cached, fresh)
+        again = model.generate(ids, max_tokens=12, seed=3, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+        assert again.tokens == first.tokens
+
+
 # ---- loading errors ----------------------------------------------------------------------------------------------
 
 
