@@ -112,7 +112,9 @@ def guided_speed(base: Path, arm: Path, tokens: int, threads: int) -> dict:
 
 def batch_speed(base: Path, arm: Path, tokens: int, threads: int, n_seq: int = 8) -> dict:
     """Guided tokens/s of generate_batch over n_seq prompts against one stream, and beside it the ceiling this
-    machine sets: raw llama.cpp decode of n_seq sequences per batch against one (no mixing, no sampling).
+    machine sets for that work: llama.cpp alone decoding n_seq sequences per step in the base's context and the
+    ARM's against one (raw_guided_decode_tok_s: no mixing, no sampling); and, for reference, the base's context
+    alone (what unguided batching gains).
 
     Both timed from before the prefill: per sequence, the prompt and N − 1 generated tokens pass through each
     context either way (generate_batch decodes the prompt's last token with the first step)."""
@@ -128,6 +130,7 @@ def batch_speed(base: Path, arm: Path, tokens: int, threads: int, n_seq: int = 8
         batch_tokens = sum(len(r.tokens) for r in results)
         batch_tok_s = batch_tokens / (time.perf_counter() - start)
         raw = {size: raw_decode_tok_s(model.engine.base_model, size, tokens, threads) for size in (1, n_seq)}
+    guided = {size: raw_guided_decode_tok_s(base, arm, size, tokens, threads)["best"] for size in (1, n_seq)}
     return {
         "n_seq": n_seq,
         "single_tokens": len(single.tokens),
@@ -136,6 +139,7 @@ def batch_speed(base: Path, arm: Path, tokens: int, threads: int, n_seq: int = 8
         "batch_tok_s": batch_tok_s,
         "ratio": batch_tok_s / single_tok_s,
         "raw_llama_cpp_ratio": raw[n_seq] / raw[1],
+        "raw_guided_ratio": guided[n_seq] / guided[1],
     }
 
 
@@ -158,6 +162,62 @@ def raw_decode_tok_s(model, n_seq: int, tokens: int, threads: int) -> float:
                     batch.add(prompt[step % len(prompt)], len(prompt) + step, seq, True)
                 ctx.decode_batch(batch)
             return n_seq * tokens / (time.perf_counter() - start)
+
+
+def raw_guided_decode_tok_s(base: Path, arm: Path, n_seq: int, tokens: int, threads: int) -> dict:
+    """llama.cpp alone doing the decoding that guided generation needs: every step decodes one token of each of
+    n_seq sequences in the base's context and in the ARM's (a LoRA ARM: a second context over the base's loaded
+    model with the adapter set), all logits rows requested; no mixing, no sampling. Two schedules, as the engine
+    can run them: the two contexts side by side, each on half the threads (each decode on its own Python thread;
+    llama_decode releases the GIL), and one after the other on all threads. Returns the tokens/s (guided tokens:
+    n_seq per step) of each and of the faster, the ceiling of what guided decoding of n_seq sequences can reach."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from genarm_local.core.config import ArmSpec, LoadConfig
+    from genarm_local.core.context import Batch, Context
+    from genarm_local.core.engine import Engine
+
+    with Engine(LoadConfig(base=str(base), arms=(ArmSpec.of(arm, 1.0),), n_threads=threads, n_ctx=64)) as engine:
+        model, adapter = engine.base_model, engine.arms[0].adapter
+        prompt = model.tokenize(PROMPT)
+        n_ctx = (len(prompt) + tokens) * n_seq
+        options = dict(n_ctx=n_ctx, n_seq_max=n_seq)
+        load = LoadConfig(n_threads=threads)
+        out = {}
+        with (
+            Context(model, load, **options) as base_context,
+            Context(model, load, adapters=[(adapter, 1.0)], **options) as arm_context,
+            Batch(max(512, n_seq * len(prompt))) as base_batch,
+            Batch(max(512, n_seq * len(prompt))) as arm_batch,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            pairs = ((base_context, base_batch), (arm_context, arm_batch))
+            for schedule in ("side_by_side", "one_after_the_other"):
+                share = max(1, threads // 2) if schedule == "side_by_side" else threads
+                for context, batch in pairs:
+                    context.clear()
+                    context.set_threads(share, share)
+                    batch.clear()
+                    for seq in range(n_seq):
+                        for pos, token in enumerate(prompt):
+                            batch.add(token, pos, seq, pos == len(prompt) - 1)
+                    context.decode_batch(batch)
+                start = time.perf_counter()
+                for step in range(tokens):
+                    for _, batch in pairs:
+                        batch.clear()
+                        for seq in range(n_seq):
+                            batch.add(prompt[step % len(prompt)], len(prompt) + step, seq, True)
+                    if schedule == "side_by_side":
+                        other = pool.submit(arm_context.decode_batch, arm_batch)
+                        base_context.decode_batch(base_batch)
+                        other.result()
+                    else:
+                        base_context.decode_batch(base_batch)
+                        arm_context.decode_batch(arm_batch)
+                out[schedule] = n_seq * tokens / (time.perf_counter() - start)
+    out["best"] = max(out.values())
+    return out
 
 
 def last_logits(llm) -> np.ndarray:

@@ -4,12 +4,18 @@
 
 writes docs/serve.json (stamped with date, machine, commit and load average: see bench/stamp.py).
 
-Measured side by side in one run, each figure from streamed completions read by a plain HTTP client:
+Two kinds of request throughout: "guided" (the server's default model, the shipped default ARMs at their recommended
+α) and "base" (the base's own model name: every α 0, no ARM decoded). Measured side by side in one run, each figure
+from streamed completions read by a plain HTTP client, the in-process model and the server loaded at the same time:
 - single stream: the server's tokens/s for one client against the in-process GuidedModel.generate of the same
-  request (same model, ARMs, threads, prompt, seed; medians of --repeats) — the server's overhead;
+  request (same model, weights, threads, prompt and seed, so the same tokens: "same_text" counts the rounds where
+  they were), in alternating rounds so that both see the same machine (this one is shared: its speed drifts by
+  15% over minutes) — the server's overhead, the median of the rounds' ratios;
 - concurrency: aggregate tokens/s of --clients clients streaming at once (-np = clients) against one client alone,
-  and beside it the ceiling this machine sets: llama.cpp's own decode of that many sequences per batch against one
-  (bench_engine.raw_decode_tok_s: no mixing, no sampling, no HTTP);
+  in alternating rounds, and beside each the ceiling this machine sets for that work, measured with llama.cpp
+  alone (no mixing, no sampling, no HTTP): for base requests, one context decoding --clients sequences per batch
+  against one; for guided ones, the base's context and the ARM's each decoding them, side by side on half the
+  threads or one after the other on all, whichever is faster (bench_engine.raw_guided_decode_tok_s);
 - a bounded load test: --load-clients clients × --load-requests requests each, with mixed ARM weights, plain and
   streamed, some clients disconnecting mid-stream and some requests malformed. Every well-formed request must be
   answered correctly (200, a finish reason, the weights it asked for, no more tokens than asked), every bad one
@@ -68,6 +74,8 @@ def post(port: int, body: bytes, stream: bool, stop_after: int | None = None, ti
                     break
                 chunk = json.loads(data)
                 result["chunks"] += 1
+                if chunk.get("choices"):
+                    result["text"] = result.get("text", "") + chunk["choices"][0].get("text", "")
                 if "usage" in chunk or "error" in chunk:
                     result["body"] = chunk
                 if stop_after is not None and result["chunks"] >= stop_after:
@@ -79,9 +87,13 @@ def post(port: int, body: bytes, stream: bool, stop_after: int | None = None, ti
         connection.close()
 
 
-def completion(max_tokens: int, seed: int, stream: bool, arms: dict | None = None) -> bytes:
+def completion(max_tokens: int, seed: int, stream: bool, arms: dict | None = None, model: str | None = None) -> bytes:
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "seed": seed, "temperature": 0.8, "stream": stream}
-    return json.dumps(body if arms is None else dict(body, arms=arms)).encode()
+    if arms is not None:
+        body["arms"] = arms
+    if model is not None:
+        body["model"] = model
+    return json.dumps(body).encode()
 
 
 def tokens_of(result: dict) -> int:
@@ -94,6 +106,15 @@ def health(port: int) -> tuple[int, dict]:
         connection.request("GET", "/health")
         response = connection.getresponse()
         return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def models(port: int) -> dict[str, dict[str, float]]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/v1/models")
+        return {card["id"]: card["arms"] for card in json.loads(connection.getresponse().read())["data"]}
     finally:
         connection.close()
 
@@ -124,40 +145,68 @@ def start_server(threads: int, parallel: int, n_ctx: int) -> tuple[subprocess.Po
     raise SystemExit("the server did not become ready in 300 s")
 
 
-def in_process_tok_s(threads: int, n_ctx: int, tokens: int, repeats: int) -> list[float]:
-    """GuidedModel.generate with what `serve` loads by default: the embedded base and the shipped default ARMs."""
+def load_in_process(threads: int, n_ctx: int):
+    """GuidedModel with what `serve` loads by default: the embedded base and the shipped default ARMs."""
     from genarm_local import GuidedModel
     from genarm_local.core.config import ArmSpec, LoadConfig, default_arms, resolve_base
 
     arms = tuple(ArmSpec.of(name, alpha) for name, alpha in default_arms().items())
     config = LoadConfig(base=str(resolve_base(None)), arms=arms, n_ctx=n_ctx, n_threads=threads)
-    speeds = []
-    with GuidedModel(config=config) as model:
-        model.generate(PROMPT, max_tokens=4, seed=0)  # warm-up
-        for repeat in range(repeats):
+    return GuidedModel(config=config)
+
+
+def single_streams(model, port: int, kinds: dict, tokens: int, repeats: int) -> dict:
+    """Per kind of request, alternating rounds: the in-process API, then the server, on the same request."""
+    runs = {kind: {"in_process": [], "server": [], "same_text": 0} for kind in kinds}
+    for repeat in range(repeats):
+        for kind, (weights, model_name) in kinds.items():
             start = time.perf_counter()
-            result = model.generate(PROMPT, max_tokens=tokens, seed=repeat, temperature=0.8)
-            speeds.append(len(result.tokens) / (time.perf_counter() - start))
-    return speeds
+            local = model.generate(PROMPT, max_tokens=tokens, seed=repeat, temperature=0.8, weights=weights)
+            runs[kind]["in_process"].append(len(local.tokens) / (time.perf_counter() - start))
+            result = post(port, completion(tokens, repeat, True, model=model_name), True)
+            runs[kind]["server"].append(tokens_of(result) / result["seconds"])
+            runs[kind]["same_text"] += result.get("text") == local.text
+    report = {}
+    for kind, run in runs.items():
+        ratios = [server / local for server, local in zip(run["server"], run["in_process"], strict=True)]
+        report[kind] = {
+            "server_tok_s": round(statistics.median(run["server"]), 2),
+            "in_process_tok_s": round(statistics.median(run["in_process"]), 2),
+            "server_vs_in_process": round(statistics.median(ratios), 3),
+            "ratios": [round(ratio, 3) for ratio in ratios],
+            "same_text": f"{run['same_text']}/{repeats}",
+        }
+    return report
 
 
-def raw_ratio(threads: int, n_seq: int, tokens: int) -> float:
-    from bench_engine import raw_decode_tok_s
+def ceilings(threads: int, clients: int, tokens: int) -> dict:
+    """llama.cpp alone: --clients sequences per step against one, for each kind of request."""
+    from bench_engine import raw_decode_tok_s, raw_guided_decode_tok_s
 
-    from genarm_local.core.config import LoadConfig, resolve_base
+    from genarm_local.core.config import LoadConfig, default_arms, resolve_arm_path, resolve_base
     from genarm_local.core.native import Model
 
-    with Model(resolve_base(None), LoadConfig(n_threads=threads)) as model:
-        return round(raw_decode_tok_s(model, n_seq, tokens, threads) / raw_decode_tok_s(model, 1, tokens, threads), 2)
+    base = resolve_base(None)
+    with Model(base, LoadConfig(n_threads=threads)) as model:
+        plain = {n: raw_decode_tok_s(model, n, tokens, threads) for n in (1, clients)}
+    arm = resolve_arm_path(next(name for name, alpha in default_arms().items() if alpha != 0.0))
+    guided = {n: raw_guided_decode_tok_s(base, arm, n, tokens, threads) for n in (1, clients)}
+    return {
+        "base": {"one_tok_s": round(plain[1], 2), "many_tok_s": round(plain[clients], 2),
+                 "ratio": round(plain[clients] / plain[1], 2)},
+        "guided": {"one": {k: round(v, 2) for k, v in guided[1].items()},
+                   "many": {k: round(v, 2) for k, v in guided[clients].items()},
+                   "ratio": round(guided[clients]["best"] / guided[1]["best"], 2)},
+    }  # fmt: skip
 
 
-def concurrent(port: int, clients: int, tokens: int, seed: int) -> dict:
+def concurrent(port: int, clients: int, tokens: int, seed: int, model: str | None = None) -> dict:
     results: list[dict] = [{}] * clients
     barrier = threading.Barrier(clients)
 
     def run(index: int) -> None:
         barrier.wait()
-        results[index] = post(port, completion(tokens, seed + index, True), True)
+        results[index] = post(port, completion(tokens, seed + index, True, model=model), True)
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(clients)]
     start = time.perf_counter()
@@ -168,6 +217,22 @@ def concurrent(port: int, clients: int, tokens: int, seed: int) -> dict:
     wall = time.perf_counter() - start
     total = sum(tokens_of(result) for result in results)
     return {"clients": clients, "tokens": total, "seconds": round(wall, 3), "tok_s": round(total / wall, 2)}
+
+
+def concurrency(port: int, kinds: dict, clients: int, tokens: int, repeats: int) -> dict:
+    """Per kind of request, alternating rounds of one client and of ``clients`` at once; medians."""
+    runs = {kind: {"one": [], "many": []} for kind in kinds}
+    for repeat in range(repeats):
+        for kind, (_, model_name) in kinds.items():
+            runs[kind]["one"].append(concurrent(port, 1, tokens, 1000 * repeat, model_name))
+            runs[kind]["many"].append(concurrent(port, clients, tokens, 1000 * repeat + 100, model_name))
+    report = {}
+    for kind, run in runs.items():
+        one = statistics.median(r["tok_s"] for r in run["one"])
+        many = statistics.median(r["tok_s"] for r in run["many"])
+        report[kind] = {"clients": clients, "one_client_tok_s": round(one, 2), "clients_tok_s": round(many, 2),
+                        "ratio": round(many / one, 2), "rounds": run}  # fmt: skip
+    return report
 
 
 def load_test(port: int, clients: int, requests: int, tokens: int) -> dict:
@@ -240,7 +305,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of the speed measurements")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7, help="rounds of the single-stream comparison")
+    parser.add_argument("--concurrency-repeats", type=int, default=3, help="rounds of the concurrency comparison")
     parser.add_argument("--load-clients", type=int, default=32)
     parser.add_argument("--load-requests", type=int, default=4)
     parser.add_argument("--load-tokens", type=int, default=24)
@@ -255,25 +321,20 @@ def main() -> None:
         report[key] = value
         print(json.dumps({key: value}), flush=True)
 
-    local = in_process_tok_s(args.threads, args.ctx, args.tokens, args.repeats)
-    raw = raw_ratio(args.threads, args.clients, args.tokens)
     process, port = start_server(args.threads, args.clients, args.ctx)
     try:
-        post(port, completion(4, 0, True), True)  # warm-up
-        single = []
-        for repeat in range(args.repeats):
-            result = post(port, completion(args.tokens, repeat, True), True)
-            single.append(tokens_of(result) / result["seconds"])
-        server_tok_s, local_tok_s = statistics.median(single), statistics.median(local)
-        record(
-            "single_stream",
-            {"server_tok_s": round(server_tok_s, 2), "in_process_tok_s": round(local_tok_s, 2),
-             "server_vs_in_process": round(server_tok_s / local_tok_s, 3)},
-        )  # fmt: skip
-        one = concurrent(port, 1, args.tokens, 100)
-        many = concurrent(port, args.clients, args.tokens, 200)
-        ratio = round(many["tok_s"] / one["tok_s"], 2)
-        record("concurrency", {"one_client": one, "clients": many, "ratio": ratio, "raw_llama_cpp_ratio": raw})
+        with load_in_process(args.threads, args.ctx) as model:
+            base_model = next(name for name, arms in models(port).items() if not any(arms.values()))
+            off = {name: 0.0 for name in model.arm_weights()}
+            kinds = {"guided": (None, None), "base": (off, base_model)}
+            model.generate(PROMPT, max_tokens=4, seed=0)  # warm-up, both sides
+            post(port, completion(4, 0, True), True)
+            record("single_stream", single_streams(model, port, kinds, args.tokens, args.repeats))
+        many = concurrency(port, kinds, args.clients, args.tokens, args.concurrency_repeats)
+        limits = ceilings(args.threads, args.clients, args.tokens)
+        for kind in kinds:
+            many[kind]["llama_cpp_alone"] = limits[kind]
+        record("concurrency", many)
         load_test(port, args.load_clients, 1, args.load_tokens)  # warm-up: every kind of request once per client
         before = rss_mib(process.pid)
         load = load_test(port, args.load_clients, args.load_requests, args.load_tokens)

@@ -8,7 +8,6 @@ the engine thread (worker.py). The model loads on the engine thread after the se
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import socket
 import sys
@@ -143,28 +142,15 @@ def serve(settings: ServeConfig, load: LoadConfig, sampling: dict | None = None)
     def stop_on_failure() -> None:
         server.should_exit = True
 
+    def announce_ready() -> None:  # on the engine thread, once the model is loaded; none if it fails (the error is)
+        models = ", ".join(state.models)
+        print(f"genarm-local serve: listening on {url} (web chat at /); models: {models}", file=sys.stderr, flush=True)
+
     state.worker.on_load_failure = stop_on_failure
+    state.worker.on_ready = announce_ready
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    async def announce_ready() -> None:
-        # /health answers (503) while the model loads; one line once it is ready, none if it fails (the error is)
-        while not state.worker.ready.is_set():
-            await asyncio.sleep(0.1)
-        if state.worker.model is not None:
-            models = ", ".join(state.models)
-            print(
-                f"genarm-local serve: listening on {url} (web chat at /); models: {models}", file=sys.stderr, flush=True
-            )
-
-    async def main() -> None:
-        ready = asyncio.ensure_future(announce_ready())
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            ready.cancel()
-
     try:
-        asyncio.run(main())
+        server.run(sockets=[sock])  # on uvloop where it is installed (uvicorn's loop="auto")
     finally:
         sock.close()
     if state.worker.error is not None:

@@ -57,25 +57,34 @@ async def wait_disconnect(request: Request) -> None:
         pass
 
 
+def coalesce(mail: list[Piece | Finished | Failed]) -> list[Piece | Finished | Failed]:
+    """Events read together, consecutive pieces joined into one (one chunk for the tokens a busy loop fell behind
+    on, not one per token)."""
+    out: list[Piece | Finished | Failed] = []
+    for event in mail:
+        if isinstance(event, Piece) and out and isinstance(out[-1], Piece):
+            out[-1].extend(event)
+        else:
+            out.append(event)
+    return out
+
+
 async def events(task: Task, request: Request) -> AsyncIterator[Piece | Finished]:
-    """The task's events until it finishes; a failure is raised; a client disconnect ends them and cancels the task."""
+    """The task's events until it finishes, the pieces that arrived together as one; a failure is raised; a client
+    disconnect ends them and cancels the task."""
     gone = asyncio.ensure_future(wait_disconnect(request))
+    gone.add_done_callback(lambda _: task.mailbox.interrupt())
     finished = False
     try:
-        while True:
-            get = asyncio.ensure_future(task.events.get())
-            await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not get.done():
-                get.cancel()
-                return
-            event = get.result()
-            if isinstance(event, Failed):
-                finished = True
-                raise event.error
-            finished = isinstance(event, Finished)
-            yield event
-            if finished:
-                return
+        while not gone.done():
+            for event in coalesce(await task.mailbox.receive()):
+                if isinstance(event, Failed):
+                    finished = True
+                    raise event.error
+                finished = isinstance(event, Finished)
+                yield event
+                if finished:
+                    return
     finally:
         gone.cancel()
         if not finished:

@@ -1,9 +1,14 @@
 """The engine thread: the one owner of the model and the scheduler (llama-server's shape, in Python).
 
-HTTP handlers never touch a llama.cpp context: they validate a request, ``submit`` it, and read their own result
-queue (an asyncio.Queue filled from this thread with call_soon_threadsafe). The thread loads the model, then loops:
-take new tasks → one scheduler step for every running sequence → turn each row's token into text (stop strings
-included) and post it to that request's queue. A cancelled task (client gone) leaves the batch at the next step.
+HTTP handlers never touch a llama.cpp context: they validate a request, ``submit`` it, and read their own task's
+mailbox. The thread loads the model, then loops: take new tasks → one scheduler step for every running sequence →
+turn each row's token into text (stop strings included) and post it to that request's mailbox → wake, with one
+call into the event loop per step, every handler that was waiting. A cancelled task (client gone) leaves the batch
+at the next step.
+
+The mailbox is what keeps the server's cost per token low (bench/bench_serve.py measures it against the in-process
+API): a handler that has not read its last token yet finds the new one next to it, and sends both in one chunk,
+instead of the engine thread waking the event loop once per token per client.
 """
 
 from __future__ import annotations
@@ -32,6 +37,14 @@ class Piece:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
 
+    def extend(self, later: Piece) -> None:
+        """Append the piece that followed this one (two pieces a handler reads at once become one chunk)."""
+        self.text += later.text
+        self.tokens += later.tokens
+        if self.logprobs is not None and later.logprobs is not None:
+            self.logprobs += later.logprobs
+            self.top_logprobs += later.top_logprobs
+
 
 @dataclass
 class Finished:
@@ -45,16 +58,61 @@ class Failed:
     error: BaseException
 
 
+class Mailbox:
+    """Events from the engine thread to one handler, on the handler's event loop.
+
+    The engine thread ``post``s; the handler awaits ``receive``, which returns everything posted since its last
+    call. Only a handler already waiting on an empty mailbox needs waking: ``post`` returns its future, and the
+    engine thread resolves all of a step's futures with one call into the event loop (``resolve``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._mail: list[Piece | Finished | Failed] = []
+        self._waiter: asyncio.Future | None = None
+
+    def post(self, event: Piece | Finished | Failed) -> asyncio.Future | None:
+        """Post ``event`` (any thread); returns the handler's future to resolve if it was waiting for one."""
+        with self._lock:
+            self._mail.append(event)
+            waiter, self._waiter = self._waiter, None
+        return waiter
+
+    async def receive(self) -> list[Piece | Finished | Failed]:
+        """The events posted since the last call, waiting for at least one; [] after ``interrupt``."""
+        with self._lock:
+            if self._mail:
+                mail, self._mail = self._mail, []
+                return mail
+            waiter = self._waiter = self.loop.create_future()
+        await waiter
+        with self._lock:
+            mail, self._mail = self._mail, []
+        return mail
+
+    def interrupt(self) -> None:
+        """Make a waiting ``receive`` return (on the handler's loop: the client went away)."""
+        with self._lock:
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            resolve([waiter])
+
+
+def resolve(waiters: list[asyncio.Future]) -> None:
+    for waiter in waiters:
+        if not waiter.done():  # a handler cancelled while it waited leaves its future cancelled
+            waiter.set_result(None)
+
+
 class Task:
-    """One request on its way through the engine thread, and the queue its handler reads."""
+    """One request on its way through the engine thread, and the mailbox its handler reads."""
 
     def __init__(self, prepared: Prepared, model: GuidedModel, loop: asyncio.AbstractEventLoop):
         config = prepared.config
         self.job = Job(prepared.tokens, config, list(prepared.weights.values()))
         self.text = StopText(model.engine.base_model.token_bytes, config.stop, config.stop_at_turns)
-        self.events: asyncio.Queue = asyncio.Queue()
         self.completion_tokens = 0
-        self._loop = loop
+        self.mailbox = Mailbox(loop)
         self._pending = self._empty_piece()
 
     def _empty_piece(self) -> Piece:
@@ -64,14 +122,9 @@ class Task:
     def cancel(self) -> None:
         self.job.cancel.set()
 
-    def send(self, event: Piece | Finished | Failed) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the handler's event loop is gone (server shutting down): nobody to tell
-            pass
-
-    def take(self, step: Step) -> tuple[str | None, bool]:
-        """Add one step's token; returns (finish reason or None, whether a stop string ended the text)."""
+    def take(self, step: Step, wake: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]) -> tuple[str | None, bool]:
+        """Add one step's token (a handler to wake goes in ``wake``); returns (finish reason or None, whether a stop
+        string ended the text)."""
         pending = self._pending
         stopped = False
         if step.token is not None and step.finish_reason != "eos":
@@ -87,7 +140,9 @@ class Task:
         if reason and not stopped:
             pending.text += self.text.flush()
         if pending.text or (reason and pending.tokens):
-            self.send(pending)
+            waiter = self.mailbox.post(pending)
+            if waiter is not None:
+                wake.append((self.mailbox.loop, waiter))
             self._pending = self._empty_piece()
         return reason, stopped
 
@@ -102,8 +157,11 @@ class EngineWorker:
         self.error: BaseException | None = None  # why loading failed
         self.ready = threading.Event()  # set once loading finished, well or not
         self.on_load_failure: Callable[[], None] | None = None
+        self.on_ready: Callable[[], None] | None = None  # called on the engine thread once the model is loaded
         self._inbox: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._tasks: dict[int, Task] = {}
+        # the handlers to wake at the end of this step, with their event loop
+        self._wake: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._in_flight = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -150,9 +208,12 @@ class EngineWorker:
             return
         self.model = model
         self.ready.set()
+        if self.on_ready is not None:
+            self.on_ready()
         try:
             while not self._stopping.is_set():
                 self._take_tasks(scheduler, block=not scheduler.busy)
+                self._wake_handlers()  # requests refused at admission
                 if not scheduler.busy:
                     continue
                 try:
@@ -160,14 +221,17 @@ class EngineWorker:
                 except Exception as exc:  # a bug, not a bad request: fail what runs, start over, keep serving
                     for task in list(self._tasks.values()):
                         self._end(task, Failed(exc))
+                    self._wake_handlers()
                     scheduler.close()
                     scheduler = Scheduler(model.engine, self.parallel)
                     continue
                 for job, step in events:
                     self._deliver(scheduler, job, step)
+                self._wake_handlers()
         finally:
             for task in list(self._tasks.values()):
                 self._end(task, Failed(ServerBusyError("the server is shutting down")))
+            self._wake_handlers()
             scheduler.close()
             model.close()
 
@@ -198,7 +262,7 @@ class EngineWorker:
         if step.finish_reason == "error":
             self._end(task, Failed(job.error))
             return
-        reason, stopped = task.take(step)
+        reason, stopped = task.take(step, self._wake)
         if stopped:
             scheduler.release(job)
         if reason:
@@ -208,6 +272,22 @@ class EngineWorker:
         if self._tasks.pop(id(task.job), None) is None:
             return
         if event is not None:
-            task.send(event)
+            waiter = task.mailbox.post(event)
+            if waiter is not None:
+                self._wake.append((task.mailbox.loop, waiter))
         with self._lock:
             self._in_flight -= 1
+
+    def _wake_handlers(self) -> None:
+        """Resolve the futures of the handlers that were waiting: one call into each event loop (there is one)."""
+        if not self._wake:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+        for loop, waiter in self._wake:
+            by_loop.setdefault(loop, []).append(waiter)
+        self._wake.clear()
+        for loop, waiters in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(resolve, waiters)
+            except RuntimeError:  # that event loop is gone (server shutting down): nobody to tell
+                pass
