@@ -75,9 +75,9 @@ def test_page_streams_a_guided_reply_beside_the_base(tmp_path):
         # the weights the server reports having used
         assert f"positive {start:g}" in guided.find_element(By.CLASS_NAME, "label").text
         # a slider changes the next message's weights, without reloading
-        positive.send_keys(*[Keys.ARROW_RIGHT] * 10)  # +1.0 in steps of 0.1
+        positive.send_keys(*[Keys.ARROW_RIGHT] * 100)  # +1.0 in steps of 0.01
         assert float(positive.get_attribute("value")) == pytest.approx(start + 1.0)
-        assert page.find_element(By.CSS_SELECTOR, "label[for=arm-positive] output").text == f"{start + 1.0:.1f}"
+        assert page.find_element(By.CSS_SELECTOR, "label[for=arm-positive] output").text == f"{start + 1.0:.2f}"
         _, guided = send("And what will you do next weekend?", 2)
         assert f"positive {start + 1.0:g}" in guided.find_element(By.CLASS_NAME, "label").text
         time.sleep(0.3)  # let the final tokens/s paint

@@ -36,12 +36,13 @@ function buildSliders(arms) {
     const label = document.createElement("label");
     const output = document.createElement("output");
     const input = document.createElement("input");
-    Object.assign(input, { type: "range", min: -3, max: 3, step: 0.1, value: alpha, id: `arm-${name}` });
+    // step 0.01: an ARM's recommended α (e.g. 0.62) is shown and sent as it is, not rounded to a coarser step
+    Object.assign(input, { type: "range", min: -3, max: 3, step: 0.01, value: alpha, id: `arm-${name}` });
     input.dataset.arm = name;
     label.htmlFor = input.id;
     label.append(name, output);
-    output.textContent = Number(alpha).toFixed(1);
-    input.addEventListener("input", () => { output.textContent = Number(input.value).toFixed(1); });
+    output.textContent = Number(input.value).toFixed(2);
+    input.addEventListener("input", () => { output.textContent = Number(input.value).toFixed(2); });
     wrap.append(label, input);
     box.append(wrap);
   }
