@@ -82,6 +82,7 @@ async function streamReply(box, arms, seed, showSpeed) {
   };
   const text = box.querySelector(".text");
   const started = performance.now();
+  let reply = "";  // as generated, for the history; shown without the space a model often starts a reply with
   let tokens = 0;
   let painted = 0;
   try {
@@ -104,7 +105,8 @@ async function streamReply(box, arms, seed, showSpeed) {
         if (chunk.error) throw new Error(chunk.error.message);
         const delta = chunk.choices[0]?.delta?.content;
         if (delta) {
-          text.textContent += delta;
+          reply += delta;
+          text.textContent = reply.trimStart();
           tokens += 1;
           if (showSpeed) $("speed").textContent = `${(tokens / ((performance.now() - started) / 1000)).toFixed(1)} tok/s`;
         }
@@ -123,7 +125,7 @@ async function streamReply(box, arms, seed, showSpeed) {
     box.classList.remove("streaming");
     box.dataset.done = "true";
   }
-  return text.textContent;
+  return reply;
 }
 
 async function send(event) {
