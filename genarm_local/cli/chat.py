@@ -189,10 +189,12 @@ class ChatSession:
         streamed = not (self.compare and self.layout == "side")
         if streamed and label:
             self.out.write(f"[{label}] ")
+        shown = False  # shown without the whitespace a model often starts a reply with; the history keeps it
         for piece in pieces:
-            if streamed:
-                self.out.write(piece)
+            if streamed and (shown or piece.strip()):
+                self.out.write(piece if shown else piece.lstrip())
                 self.out.flush()
+                shown = True
         result = self.model.last_result
         if streamed:
             self.out.write(" [interrupted]\n" if result.finish_reason == "cancelled" else "\n")
@@ -207,7 +209,7 @@ class ChatSession:
         for label, result in (("base", base_reply), ("guided", reply)):
             mark = " [interrupted]" if result.finish_reason == "cancelled" else ""
             lines = [f"[{label}]"]
-            for paragraph in (result.text + mark).splitlines() or [""]:
+            for paragraph in (result.text.lstrip() + mark).splitlines() or [""]:
                 lines += textwrap.wrap(paragraph, width) or [""]
             columns.append(lines)
         for left, right in zip(*(c + [""] * (max(map(len, columns)) - len(c)) for c in columns), strict=True):

@@ -70,7 +70,8 @@ def test_compare_shows_the_base_reply(files, tmp_path):
     result = run_cli(*args, cwd=tmp_path, input=f"{QUESTION}\n/save t.json\n")
     assert result.returncode == 0, result.stderr
     message = json.loads((tmp_path / "t.json").read_text())["messages"][1]
-    assert result.stdout == f"[base] {message['base_reply']}\n[guided] {message['content']}\n"
+    # shown without the reply's leading whitespace, stored as generated
+    assert result.stdout == f"[base] {message['base_reply'].lstrip()}\n[guided] {message['content'].lstrip()}\n"
     assert message["base_reply"] != message["content"]
     side = run_cli(*args, "--compare-layout", "side", cwd=tmp_path, input=f"{QUESTION}\n")
     assert side.returncode == 0 and "[base]" in side.stdout and " | [guided]" in side.stdout
@@ -138,7 +139,7 @@ def test_sigint_stops_the_reply_and_the_session_goes_on(files, tmp_path):
         proc.stdin.flush()
         reply = saved_reply(tmp_path / "t.json", proc)
         assert reply["interrupted"] is True and 0 < len(reply["content"]) < 400
-        assert out.text == reply["content"] + " [interrupted]\n"
+        assert out.text == reply["content"].lstrip() + " [interrupted]\n"
         # The session goes on after the interrupted reply: a command works; then Ctrl-C at the prompt leaves cleanly.
         proc.stdin.write("/weights\n")
         proc.stdin.flush()
