@@ -11,11 +11,12 @@ from streamed completions read by a plain HTTP client, the in-process model and 
   request (same model, weights, threads, prompt and seed, so the same tokens: "same_text" counts the rounds where
   they were), in alternating rounds so that both see the same machine (this one is shared: its speed drifts by
   15% over minutes) — the server's overhead, the median of the rounds' ratios;
-- concurrency: aggregate tokens/s of --clients clients streaming at once (-np = clients) against one client alone,
-  in alternating rounds, and beside each the ceiling this machine sets for that work, measured with llama.cpp
-  alone (no mixing, no sampling, no HTTP): for base requests, one context decoding --clients sequences per batch
-  against one; for guided ones, the base's context and the ARM's each decoding them, side by side on half the
-  threads or one after the other on all, whichever is faster (bench_engine.raw_guided_decode_tok_s);
+- concurrency: aggregate tokens/s of --clients clients streaming at once (-np = clients), and of --few-clients,
+  against one client alone, in alternating rounds, and beside the first the ceiling this machine sets for that
+  work, measured with llama.cpp alone (no mixing, no sampling, no HTTP): for base requests, one context decoding
+  --clients sequences per batch against one; for guided ones, the base's context and the ARM's each decoding them,
+  side by side on half the threads or one after the other on all, whichever is faster
+  (bench_engine.raw_guided_decode_tok_s);
 - a bounded load test: --load-clients clients × --load-requests requests each, with mixed ARM weights, plain and
   streamed, some clients disconnecting mid-stream and some requests malformed. Every well-formed request must be
   answered correctly (200, a finish reason, the weights it asked for, no more tokens than asked), every bad one
@@ -219,19 +220,20 @@ def concurrent(port: int, clients: int, tokens: int, seed: int, model: str | Non
     return {"clients": clients, "tokens": total, "seconds": round(wall, 3), "tok_s": round(total / wall, 2)}
 
 
-def concurrency(port: int, kinds: dict, clients: int, tokens: int, repeats: int) -> dict:
-    """Per kind of request, alternating rounds of one client and of ``clients`` at once; medians."""
-    runs = {kind: {"one": [], "many": []} for kind in kinds}
+def concurrency(port: int, kinds: dict, clients: int, few: int, tokens: int, repeats: int) -> dict:
+    """Per kind of request, alternating rounds of one client, ``few`` and ``clients`` at once; medians."""
+    runs = {kind: {"one": [], "few": [], "many": []} for kind in kinds}
     for repeat in range(repeats):
         for kind, (_, model_name) in kinds.items():
             runs[kind]["one"].append(concurrent(port, 1, tokens, 1000 * repeat, model_name))
+            runs[kind]["few"].append(concurrent(port, few, tokens, 1000 * repeat + 50, model_name))
             runs[kind]["many"].append(concurrent(port, clients, tokens, 1000 * repeat + 100, model_name))
     report = {}
     for kind, run in runs.items():
-        one = statistics.median(r["tok_s"] for r in run["one"])
-        many = statistics.median(r["tok_s"] for r in run["many"])
+        one, few_tok_s, many = (statistics.median(r["tok_s"] for r in run[key]) for key in ("one", "few", "many"))
         report[kind] = {"clients": clients, "one_client_tok_s": round(one, 2), "clients_tok_s": round(many, 2),
-                        "ratio": round(many / one, 2), "rounds": run}  # fmt: skip
+                        "ratio": round(many / one, 2), "few_clients": few, "few_clients_tok_s": round(few_tok_s, 2),
+                        "few_ratio": round(few_tok_s / one, 2), "rounds": run}  # fmt: skip
     return report
 
 
@@ -305,6 +307,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of the speed measurements")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--few-clients", type=int, default=2, help="a small concurrency too (the web page's compare)")
     parser.add_argument("--repeats", type=int, default=7, help="rounds of the single-stream comparison")
     parser.add_argument("--concurrency-repeats", type=int, default=3, help="rounds of the concurrency comparison")
     parser.add_argument("--load-clients", type=int, default=32)
@@ -330,7 +333,7 @@ def main() -> None:
             model.generate(PROMPT, max_tokens=4, seed=0)  # warm-up, both sides
             post(port, completion(4, 0, True), True)
             record("single_stream", single_streams(model, port, kinds, args.tokens, args.repeats))
-        many = concurrency(port, kinds, args.clients, args.tokens, args.concurrency_repeats)
+        many = concurrency(port, kinds, args.clients, args.few_clients, args.tokens, args.concurrency_repeats)
         limits = ceilings(args.threads, args.clients, args.tokens)
         for kind in kinds:
             many[kind]["llama_cpp_alone"] = limits[kind]

@@ -318,8 +318,11 @@ def serve_section(serve: dict) -> list[str]:
             f"**{kind['server_vs_in_process']:.3f}×** (same text: {kind['same_text']})"
         )
 
-    def clients(kind: dict) -> str:
-        return f"{kind['clients_tok_s']:.1f} ÷ {kind['one_client_tok_s']:.1f} tok/s: **{kind['ratio']:.2f}×**"
+    def clients(kind: dict, which: str = "") -> str:
+        return (
+            f"{kind[which + 'clients_tok_s']:.1f} ÷ {kind['one_client_tok_s']:.1f} tok/s: "
+            f"**{kind[which + 'ratio']:.2f}×**"
+        )
 
     kept = guided["ratio"] / guided["llama_cpp_alone"]["ratio"]
     return stamped("The OpenAI-compatible server", serve, "python bench/bench_serve.py") + [
@@ -331,6 +334,8 @@ def serve_section(serve: dict) -> list[str]:
         "|---|---|---|",
         f"| one stream: server ÷ in-process API, median of {rounds} alternating rounds | "
         f"{one_stream(single['guided'])} | {one_stream(single['base'])} |",
+        f"| {guided['few_clients']} concurrent clients ÷ one client, aggregate | {clients(guided, 'few_')} | "
+        f"{clients(base, 'few_')} |",
         f"| {guided['clients']} concurrent clients ÷ one client, aggregate | {clients(guided)} | {clients(base)} |",
         f"| the same for llama.cpp alone, decoding only (the ceiling) | {guided['llama_cpp_alone']['ratio']:.2f}× | "
         f"{base['llama_cpp_alone']['ratio']:.2f}× |",

@@ -11,7 +11,9 @@ each. Every step:
     together in as few batches as fit;
  3. one batch per context holds the newest token of every running sequence that uses the context: the base
     decodes every row, an ARM only the rows whose α for it is ≠ 0 (an ARM that no running row uses is not decoded
-    at all, and a row with α = 0 never needs that ARM's cache);
+    at all, and a row with α = 0 never needs that ARM's cache) -- or, where the scheduler has measured that this
+    many rows go faster one at a time (DecodeTimes: small batches on the CPU), each row is decoded and sampled on
+    its own;
  4. each row's ARM log-probs are mixed into its base row (Engine.mix: the fused kernel, in place) and the row's own
     sampler chain picks its token;
  5. a sequence that reached end of generation or max_tokens leaves; its tokens stay cached in the slot, so the next
@@ -87,11 +89,56 @@ def common_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:
     return n
 
 
+class DecodeTimes:
+    """Measured decode times of steps, by (rows, contexts decoded), and whether a step's rows go faster one at a time.
+
+    llama.cpp's CPU output layer costs far more per row in a small batch than for a row alone: on Gemma-3-270M
+    Q4_K_M (262k-token tied Q8_0 output matrix), one thread, a step of 1 sequence takes 11 ms, 2 sequences in one
+    batch 38 ms (2 rows with only the last's logits: 16 ms), 4 sequences 56 ms, 8 sequences 70 ms. So 2-4 concurrent
+    requests decode faster one row after the other, more of them in one batch, and where the crossover lies depends
+    on the model, the threads and the hardware (a GPU batches everything better). The scheduler therefore times its
+    own steps and decodes a step row by row only where the sum of the rows' measured single-row times is clearly
+    below the measured time of a batch of that size (``margin``); until both are known, it batches (llama.cpp's
+    way), and it re-times the batch now and then (``refresh``) in case the machine's load changed.
+
+    A row's logits are not bit-identical whether it is decoded alone or in a batch (quantized matmuls round
+    differently), so under concurrent load the mode is one more way a sequence's tokens depend on the others; a
+    request alone always decodes its one row the same way."""
+
+    def __init__(self, margin: float = 0.85, refresh: int = 64, smoothing: float = 0.25):
+        self.margin, self.refresh, self.smoothing = margin, refresh, smoothing
+        self._seconds: dict[tuple[int, tuple[int, ...]], float] = {}
+        self._since_batched: dict[tuple[int, tuple[int, ...]], int] = {}
+
+    def record(self, key: tuple[int, tuple[int, ...]], seconds: float) -> None:
+        old = self._seconds.get(key)
+        self._seconds[key] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def seconds(self, key: tuple[int, tuple[int, ...]]) -> float | None:
+        return self._seconds.get(key)
+
+    def faster_one_at_a_time(
+        self, singles: list[tuple[int, tuple[int, ...]]], batched: tuple[int, tuple[int, ...]]
+    ) -> bool:
+        times = [self._seconds.get(key) for key in singles]
+        batch = self._seconds.get(batched)
+        if batch is None or None in times:
+            return False
+        if sum(times) >= self.margin * batch:
+            return False
+        waited = self._since_batched.get(batched, 0) + 1
+        if waited >= self.refresh:  # every refresh-th such step is batched again, to re-time the batch
+            self._since_batched[batched] = 0
+            return False
+        self._since_batched[batched] = waited
+        return True
+
+
 class Scheduler:
     """``n_slots`` sequences of up to ``n_ctx`` tokens each (default: the Engine's context size), stepped together.
     Not thread-safe: one thread submits and steps; other threads may only set a job's ``cancel``."""
 
-    def __init__(self, engine: Engine, n_slots: int, n_ctx: int | None = None):
+    def __init__(self, engine: Engine, n_slots: int, n_ctx: int | None = None, row_by_row: bool | None = None):
         if n_slots < 1:
             raise InvalidOptionError(f"the scheduler needs at least one slot, got {n_slots}")
         self.engine = engine
@@ -107,6 +154,9 @@ class Scheduler:
         self._last_used = [0] * n_slots
         self._clock = 0
         self.waiting: deque[Job] = deque()
+        # How a step's rows are decoded: None decides by measured times, True/False forces one row at a time/batches.
+        self.row_by_row = row_by_row
+        self.decode_times = DecodeTimes()
         try:
             self._context(0)  # a base context that cannot be created fails here, not in the first request
         except BaseException:
@@ -154,36 +204,60 @@ class Scheduler:
         running = [(slot, state) for slot, state in enumerate(self._slots) if state is not None]
         if not running:
             return events
-        # 3. One batch per context with the newest token of each row that uses it.
+        # One batch per context, or one row at a time where that is faster (DecodeTimes).
+        groups = [[entry] for entry in running] if self._one_row_at_a_time(running) else [running]
+        for group in groups:
+            rows = self._decode_group(group, events)
+            if rows is None:  # a decode failed: every running job has failed
+                return events
+            # 4. Mix and sample each row (before the next group's decode overwrites the logits); finished rows leave.
+            for slot, state in group:
+                try:
+                    step = self._sample(slot, state, rows)
+                except GenArmError as exc:
+                    state.job.error = exc
+                    step = Step(None, finish_reason="error")
+                events.append((state.job, step))
+                if step.finish_reason:
+                    self._free(slot)
+        return events
+
+    def _one_row_at_a_time(self, running: list[tuple[int, _Running]]) -> bool:
+        if len(running) < 2 or self.row_by_row is False:
+            return False
+        if self.row_by_row:
+            return True
+        singles = [(1, tuple(state.contexts)) for _, state in running]
+        return self.decode_times.faster_one_at_a_time(singles, self._group_key(running))
+
+    @staticmethod
+    def _group_key(group: list[tuple[int, _Running]]) -> tuple[int, tuple[int, ...]]:
+        return len(group), tuple(sorted({index for _, state in group for index in state.contexts}))
+
+    def _decode_group(self, group: list[tuple[int, _Running]], events: list) -> list[dict[int, int]] | None:
+        """3. One batch per context with the newest token of each row of ``group`` that uses it; returns, per
+        context, slot → logits row (None if the decode failed and every running job with it)."""
         rows: list[dict[int, int]] = [{} for _ in self._contexts]
         for batch in self._batches:
             if batch is not None:
                 batch.clear()
-        for slot, state in running:
+        for slot, state in group:
             for index in state.contexts:
                 batch = self._batches[index]
                 rows[index][slot] = batch.batch.n_tokens
                 batch.add(state.next_token, len(self._cached[index][slot]), slot, True)
         decoding = [index for index, row in enumerate(rows) if row]
+        start = time.perf_counter()
         try:
             self._decode({index: self._batches[index] for index in decoding})
         except GenArmError as exc:
             self._fail_all(exc, events)
-            return events
-        for slot, state in running:
+            return None
+        self.decode_times.record(self._group_key(group), time.perf_counter() - start)
+        for slot, state in group:
             for index in state.contexts:
                 self._cached[index][slot].append(state.next_token)
-        # 4. Mix and sample each row; finished rows leave.
-        for slot, state in running:
-            try:
-                step = self._sample(slot, state, rows)
-            except GenArmError as exc:
-                state.job.error = exc
-                step = Step(None, finish_reason="error")
-            events.append((state.job, step))
-            if step.finish_reason:
-                self._free(slot)
-        return events
+        return rows
 
     # ---- the steps -------------------------------------------------------------------------------------------------
 

@@ -55,7 +55,8 @@ def run(scheduler, jobs_by_step: dict[int, list]) -> dict:
     return tokens
 
 
-def test_staggered_mixed_weights_equal_alone(model, files):
+@pytest.mark.parametrize("row_by_row", [False, True, None], ids=["batched", "one-row-at-a-time", "measured"])
+def test_staggered_mixed_weights_equal_alone(model, files, row_by_row):
     from genarm_local.core.scheduler import Scheduler
 
     lora, big = files["lora"].stem, files["big"].stem
@@ -63,10 +64,36 @@ def test_staggered_mixed_weights_equal_alone(model, files):
     options = [{}, {}, {"guard_min_p": 0.05}, {"repeat_penalty": 1.3}, {"top_k": 5}]
     specs = [(p, 100 + i, w, o) for i, (p, w, o) in enumerate(zip(PROMPTS, weights, options, strict=True))]
     alone = [model.generate(p, max_tokens=12, seed=s, weights=w, **{**SAMPLED, **o}).tokens for p, s, w, o in specs]
-    with Scheduler(model.engine, n_slots=4) as scheduler:
+    with Scheduler(model.engine, n_slots=4, row_by_row=row_by_row) as scheduler:
         jobs = [job(model, p, s, w, **o) for p, s, w, o in specs]
         tokens = run(scheduler, {0: jobs[:2], 3: jobs[2:4], 5: jobs[4:]})
     assert [tokens[id(j)] for j in jobs] == alone
+
+
+def test_rows_go_one_at_a_time_only_where_measured_faster():
+    from genarm_local.core.scheduler import DecodeTimes
+
+    times = DecodeTimes(margin=0.85, refresh=4, smoothing=0.5)
+    guided, base = (0, 1), (0,)
+    singles = [(1, guided), (1, guided)]
+    assert not times.faster_one_at_a_time(singles, (2, guided))  # nothing measured: batch, as llama.cpp does
+    times.record((1, guided), 0.011)
+    assert not times.faster_one_at_a_time(singles, (2, guided))  # the batch of 2 not measured yet
+    times.record((2, guided), 0.038)
+    assert times.faster_one_at_a_time(singles, (2, guided))  # 22 ms < 0.85 × 38 ms
+    # a base-only row costs what it was measured to cost, not a guided row's time
+    assert not times.faster_one_at_a_time([(1, base), (1, guided)], (2, guided))
+    times.record((1, base), 0.010)
+    assert times.faster_one_at_a_time([(1, base), (1, guided)], (2, guided))
+    # not clearly faster (within the margin): stay batched
+    times.record((8, guided), 0.080)
+    assert not times.faster_one_at_a_time([(1, guided)] * 8, (8, guided))  # 88 ms vs 80
+    # every refresh-th step that would go row by row is batched again, to re-time the batch
+    decisions = [times.faster_one_at_a_time(singles, (2, guided)) for _ in range(8)]
+    assert [index for index, one_at_a_time in enumerate(decisions) if not one_at_a_time] == [1, 5]
+    # smoothing: a slower batch later moves the estimate part of the way
+    times.record((2, guided), 0.018)
+    assert times.seconds((2, guided)) == pytest.approx(0.028)
 
 
 def test_arm_contexts_decode_only_rows_that_use_them(model, files):
