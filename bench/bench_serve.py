@@ -20,8 +20,9 @@ from streamed completions read by a plain HTTP client, the in-process model and 
 - a bounded load test: --load-clients clients × --load-requests requests each, with mixed ARM weights, plain and
   streamed, some clients disconnecting mid-stream and some requests malformed. Every well-formed request must be
   answered correctly (200, a finish reason, the weights it asked for, no more tokens than asked), every bad one
-  with a 4xx, nothing with a 5xx; afterwards the server must be alive with nothing in flight, and its RSS (after a
-  warm-up round of the same load) flat.
+  with a 4xx, nothing with a 5xx; afterwards the server must be alive with nothing in flight, and its RSS, read
+  after a warm-up round and after each of --load-rounds rounds of that load, must level off (a leak grows with
+  every round).
 """
 
 from __future__ import annotations
@@ -312,6 +313,7 @@ def main() -> None:
     parser.add_argument("--concurrency-repeats", type=int, default=3, help="rounds of the concurrency comparison")
     parser.add_argument("--load-clients", type=int, default=32)
     parser.add_argument("--load-requests", type=int, default=4)
+    parser.add_argument("--load-rounds", type=int, default=3, help="rounds of the load test, RSS read after each")
     parser.add_argument("--load-tokens", type=int, default=24)
     parser.add_argument("--ctx", type=int, default=512, help="context per slot (-c)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "serve.json")
@@ -339,15 +341,26 @@ def main() -> None:
             many[kind]["llama_cpp_alone"] = limits[kind]
         record("concurrency", many)
         load_test(port, args.load_clients, 1, args.load_tokens)  # warm-up: every kind of request once per client
-        before = rss_mib(process.pid)
-        load = load_test(port, args.load_clients, args.load_requests, args.load_tokens)
-        deadline = time.monotonic() + 60
-        while (state := health(port))[1].get("in_flight") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        after = rss_mib(process.pid)
+        rss, rounds = [rss_mib(process.pid)], []
+        for _ in range(args.load_rounds):
+            rounds.append(load_test(port, args.load_clients, args.load_requests, args.load_tokens))
+            deadline = time.monotonic() + 60
+            while (state := health(port))[1].get("in_flight") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            rss.append(rss_mib(process.pid))
+        load = {
+            key: sum(outcome[key] for outcome in rounds)
+            for key in ("ok", "rejected_4xx", "disconnected", "requests", "server_5xx", "seconds")
+        }
+        load["status"] = {}
+        for outcome in rounds:
+            for status, n in outcome["status"].items():
+                load["status"][status] = load["status"].get(status, 0) + n
         load.update(
+            rounds=len(rounds), failures=[f for outcome in rounds for f in outcome["failures"]],
             alive=state[0] == 200 and process.poll() is None, in_flight_after=state[1].get("in_flight"),
-            rss_mib_before=round(before, 1), rss_mib_after=round(after, 1), rss_growth_mib=round(after - before, 1),
+            rss_mib=[round(value, 1) for value in rss], rss_mib_before=round(rss[0], 1),
+            rss_mib_after=round(rss[-1], 1), rss_growth_mib=round(rss[-1] - rss[0], 1),
         )  # fmt: skip
         record("load_test", load)
     finally:

@@ -325,6 +325,7 @@ def serve_section(serve: dict) -> list[str]:
         )
 
     kept = guided["ratio"] / guided["llama_cpp_alone"]["ratio"]
+    keeps = f"the server's {guided['ratio']:.2f}× is {kept:.0%} of that"
     return stamped("The OpenAI-compatible server", serve, "python bench/bench_serve.py") + [
         f'{serve["threads"]} threads, {serve["tokens"]} tokens per streamed completion; "guided": the server\'s '
         'default model (the shipped default ARMs at their recommended α), "base": the base\'s own model name '
@@ -337,17 +338,18 @@ def serve_section(serve: dict) -> list[str]:
         f"| {guided['few_clients']} concurrent clients ÷ one client, aggregate | {clients(guided, 'few_')} | "
         f"{clients(base, 'few_')} |",
         f"| {guided['clients']} concurrent clients ÷ one client, aggregate | {clients(guided)} | {clients(base)} |",
-        f"| the same for llama.cpp alone, decoding only (the ceiling) | {guided['llama_cpp_alone']['ratio']:.2f}× | "
+        f"| the same for llama.cpp alone, decoding only | {guided['llama_cpp_alone']['ratio']:.2f}× | "
         f"{base['llama_cpp_alone']['ratio']:.2f}× |",
-        f"| load test: {load['requests']} requests (mixed weights, {load['disconnected']} disconnecting mid-stream, "
-        f"{load['rejected_4xx']} malformed) | status {status}; 5xx: {load['server_5xx']}; "
-        f"{'alive' if load['alive'] else 'DEAD'} after; RSS {load['rss_mib_before']:.0f} → "
-        f"{load['rss_mib_after']:.0f} MiB | |",
+        f"| load test: {load['rounds']} rounds of {load['requests'] // load['rounds']} requests (mixed weights, "
+        f"{load['disconnected']} disconnecting mid-stream, {load['rejected_4xx']} malformed in all) | status "
+        f"{status}; 5xx: {load['server_5xx']}; wrong answers: {len(load['failures'])}; "
+        f"{'alive' if load['alive'] else 'DEAD'} after; RSS after the warm-up and each round: "
+        f"{' → '.join(f'{value:.0f}' for value in load['rss_mib'])} MiB | |",
         "",
-        f"Guided requests cannot reach 2× on this machine, and the ceiling row says why: one guided stream already "
+        f"Guided requests cannot reach 2× on this machine, and the llama.cpp row says why: one guided stream already "
         f"keeps both cores busy (the base's decode and the ARM's side by side, one core each), and so placed, "
         f"llama.cpp alone decodes {guided['clients']} sequences of this small model only "
-        f"{guided['llama_cpp_alone']['ratio']:.2f}× faster than one; the server keeps {kept:.0%} of that. Base "
+        f"{guided['llama_cpp_alone']['ratio']:.2f}× faster than one; {keeps}. Base "
         "requests (one decode per step, on every core) batch as llama.cpp does. Guided batching with more cores "
         "or on a GPU is not measured here.",
         "",
