@@ -71,7 +71,7 @@ def test_staggered_mixed_weights_equal_alone(model, files, row_by_row):
 
 
 def test_rows_go_one_at_a_time_only_where_measured_faster():
-    from genarm_local.core.scheduler import DecodeTimes
+    from genarm_local.core.decode_times import DecodeTimes
 
     times = DecodeTimes(margin=0.85, refresh=4, smoothing=0.5)
     guided, base = (0, 1), (0,)
