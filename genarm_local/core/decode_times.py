@@ -12,8 +12,10 @@ class DecodeTimes:
     requests decode faster one row after the other, more of them in one batch, and where the crossover lies depends
     on the model, the threads and the hardware (a GPU batches everything better). The scheduler therefore times its
     own steps and decodes a step row by row only where the sum of the rows' measured single-row times is clearly
-    below the measured time of a batch of that size (``margin``); until both are known, it batches (llama.cpp's
-    way), and it re-times the batch now and then (``refresh``) in case the machine's load changed.
+    below the measured time of a batch of that size (``margin``): it batches first (llama.cpp's way), tries one step
+    row by row if the rows' single times are not known yet, then keeps to the faster, and re-times the batch now and
+    then (``refresh``) in case the machine's load changed. One instance per Engine (``Engine.decode_times``), so
+    every scheduler over it (the server's, each generate_batch call's) starts from what the others measured.
 
     A row's logits are not bit-identical whether it is decoded alone or in a batch (quantized matmuls round
     differently), so under concurrent load the mode is one more way a sequence's tokens depend on the others; a
@@ -36,8 +38,10 @@ class DecodeTimes:
     ) -> bool:
         times = [self._seconds.get(key) for key in singles]
         batch = self._seconds.get(batched)
-        if batch is None or None in times:
+        if batch is None:  # batch first, as llama.cpp does
             return False
+        if None in times:  # then one step row by row, to time the rows alone
+            return True
         if sum(times) >= self.margin * batch:
             return False
         waited = self._since_batched.get(batched, 0) + 1

@@ -26,6 +26,7 @@ import numpy as np
 from .arm_metadata import Calibration, read_calibration
 from .config import ArmSpec, LoadConfig, SamplingConfig, find_arm
 from .context import Context
+from .decode_times import DecodeTimes
 from .errors import (
     AdapterMismatchError,
     ContextOverflowError,
@@ -125,6 +126,7 @@ class Engine:
         # faster than one after the other on all (1.05x on 2 cores; bench/bench_engine.py measures it).
         self.concurrent = config.concurrent
         self._pool: ThreadPoolExecutor | None = None
+        self.decode_times = DecodeTimes()  # step times measured by the schedulers over this engine (decode_times.py)
         base = config.base_path()
         # Everything loaded so far is freed, in reverse order, if a later step fails: nothing half-loaded remains.
         with contextlib.ExitStack() as stack:

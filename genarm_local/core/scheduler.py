@@ -41,7 +41,6 @@ import numpy as np
 
 from .config import SamplingConfig
 from .context import Batch, Context
-from .decode_times import DecodeTimes
 from .engine import Arm, Engine, Step, Timings
 from .errors import ContextOverflowError, GenArmError, InvalidOptionError
 from .sampling import SamplerChain
@@ -112,7 +111,7 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         # How a step's rows are decoded: None decides by measured times, True/False forces one row at a time/batches.
         self.row_by_row = row_by_row
-        self.decode_times = DecodeTimes()
+        self.decode_times = engine.decode_times
         try:
             self._context(0)  # a base context that cannot be created fails here, not in the first request
         except BaseException:

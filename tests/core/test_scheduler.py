@@ -81,8 +81,12 @@ def test_rows_go_one_at_a_time_only_where_measured_faster():
     assert not times.faster_one_at_a_time(singles, (2, guided))  # the batch of 2 not measured yet
     times.record((2, guided), 0.038)
     assert times.faster_one_at_a_time(singles, (2, guided))  # 22 ms < 0.85 × 38 ms
-    # a base-only row costs what it was measured to cost, not a guided row's time
-    assert not times.faster_one_at_a_time([(1, base), (1, guided)], (2, guided))
+    # a base-only row costs what it was measured to cost, not a guided row's time: one step row by row times it
+    assert times.faster_one_at_a_time([(1, base), (1, guided)], (2, guided))
+    times.record((1, base), 0.030)
+    assert not times.faster_one_at_a_time([(1, base), (1, guided)], (2, guided))  # 41 ms vs 38
+    times.record((1, base), 0.010)
+    times.record((1, base), 0.010)
     times.record((1, base), 0.010)
     assert times.faster_one_at_a_time([(1, base), (1, guided)], (2, guided))
     # not clearly faster (within the margin): stay batched
