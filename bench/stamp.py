@@ -37,11 +37,14 @@ def machine() -> str:
 
 
 def commit(allow_dirty: bool) -> str:
-    """HEAD's short id; a tree with tracked changes is refused unless ``allow_dirty``, which says "uncommitted"."""
+    """HEAD's short id; a tree with tracked changes is refused unless ``allow_dirty``, which says "uncommitted".
+
+    Results are not what is measured: changes under docs/ and to README.md (what the bench scripts and report.py
+    write) do not count, so `report.py --measure a b` can run b after a has written its JSON."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    changes = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
+    status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs"]
+    status.append(":(exclude)README.md")
+    changes = subprocess.run(status, cwd=REPO, capture_output=True, text=True).stdout.strip()
     if not changes:
         return head.stdout.strip()
     if not allow_dirty:
