@@ -151,17 +151,28 @@ def raw_decode_tok_s(model, n_seq: int, tokens: int, threads: int) -> float:
     prompt = model.tokenize(PROMPT)
     with Context(model, LoadConfig(n_threads=threads), n_ctx=(len(prompt) + tokens) * n_seq, n_seq_max=n_seq) as ctx:
         with Batch(max(512, n_seq * len(prompt))) as batch:
-            for seq in range(n_seq):
-                for pos, token in enumerate(prompt):
-                    batch.add(token, pos, seq, pos == len(prompt) - 1)
-            ctx.decode_batch(batch)
+            ctx.decode_batch(prompt_batch(batch, prompt, n_seq))
             start = time.perf_counter()
             for step in range(tokens):
-                batch.clear()
-                for seq in range(n_seq):
-                    batch.add(prompt[step % len(prompt)], len(prompt) + step, seq, True)
-                ctx.decode_batch(batch)
+                ctx.decode_batch(step_batch(batch, prompt, n_seq, step))
             return n_seq * tokens / (time.perf_counter() - start)
+
+
+def prompt_batch(batch, prompt: list[int], n_seq: int):
+    """``batch`` refilled with the prompt for each of n_seq sequences, the last token's logits requested."""
+    batch.clear()
+    for seq in range(n_seq):
+        for pos, token in enumerate(prompt):
+            batch.add(token, pos, seq, pos == len(prompt) - 1)
+    return batch
+
+
+def step_batch(batch, prompt: list[int], n_seq: int, step: int):
+    """``batch`` refilled with decode step ``step``: one token for each of n_seq sequences, all logits requested."""
+    batch.clear()
+    for seq in range(n_seq):
+        batch.add(prompt[step % len(prompt)], len(prompt) + step, seq, True)
+    return batch
 
 
 def raw_guided_decode_tok_s(base: Path, arm: Path, n_seq: int, tokens: int, threads: int) -> dict:
@@ -197,17 +208,11 @@ def raw_guided_decode_tok_s(base: Path, arm: Path, n_seq: int, tokens: int, thre
                 for context, batch in pairs:
                     context.clear()
                     context.set_threads(share, share)
-                    batch.clear()
-                    for seq in range(n_seq):
-                        for pos, token in enumerate(prompt):
-                            batch.add(token, pos, seq, pos == len(prompt) - 1)
-                    context.decode_batch(batch)
+                    context.decode_batch(prompt_batch(batch, prompt, n_seq))
                 start = time.perf_counter()
                 for step in range(tokens):
                     for _, batch in pairs:
-                        batch.clear()
-                        for seq in range(n_seq):
-                            batch.add(prompt[step % len(prompt)], len(prompt) + step, seq, True)
+                        step_batch(batch, prompt, n_seq, step)
                     if schedule == "side_by_side":
                         other = pool.submit(arm_context.decode_batch, arm_batch)
                         base_context.decode_batch(base_batch)
