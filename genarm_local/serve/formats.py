@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from ..core.scheduler import Job
 from . import schemas
 from .state import ServerState
 from .worker import Finished, Piece
@@ -24,13 +25,14 @@ def usage(done: Finished) -> schemas.Usage:
 def ending(state: ServerState, done: Finished) -> dict:
     """What the last chunk (or the whole response) adds: usage, timings and the ARM weights actually used."""
     arms = dict(zip((arm.name for arm in state.model.arms), done.job.alphas, strict=True))
-    return {"usage": usage(done), "timings": timings(done), "arms": arms}
+    return {"usage": usage(done), "timings": timings(done.job), "arms": arms}
 
 
-def timings(done: Finished) -> schemas.Timings:
-    t = done.job.timings
+def timings(job: Job) -> schemas.Timings:
+    """llama-server's timings of ``job``: final once it finished, so far while it runs (timings_per_token)."""
+    t = job.timings
     return schemas.Timings(
-        cache_n=done.job.cached_tokens,
+        cache_n=job.cached_tokens,
         prompt_n=t.prompt_decoded,
         prompt_ms=round(t.prompt_s * 1000, 3),
         prompt_per_second=round(t.prompt_tokens_per_s, 2),
@@ -67,11 +69,11 @@ class ChatFormat(_Format):
                 content.append(schemas.TokenLogprob(token=text, logprob=logprob, bytes=raw, top_logprobs=alternatives))
         return schemas.ChatLogprobs(content=content)
 
-    def chunk(self, piece: Piece) -> schemas.ChatCompletionChunk:
+    def chunk(self, piece: Piece, so_far: schemas.Timings | None = None) -> schemas.ChatCompletionChunk:
         delta = schemas.Delta(role="assistant" if self._first else None, content=piece.text)
         self._first = False
         choice = schemas.ChatChunkChoice(delta=delta, logprobs=self.logprobs([piece]))
-        return schemas.ChatCompletionChunk(**self._head(), choices=[choice])
+        return schemas.ChatCompletionChunk(**self._head(), choices=[choice], timings=so_far)
 
     def last_chunk(self, done: Finished) -> schemas.ChatCompletionChunk:
         choice = schemas.ChatChunkChoice(delta=schemas.Delta(), finish_reason=done.reason)
@@ -105,9 +107,9 @@ class CompletionFormat(_Format):
                 self._offset += len(text)
         return out
 
-    def chunk(self, piece: Piece) -> schemas.Completion:
+    def chunk(self, piece: Piece, so_far: schemas.Timings | None = None) -> schemas.Completion:
         choice = schemas.CompletionChoice(text=piece.text, logprobs=self.logprobs([piece]))
-        return schemas.Completion(**self._head(), choices=[choice])
+        return schemas.Completion(**self._head(), choices=[choice], timings=so_far)
 
     def last_chunk(self, done: Finished) -> schemas.Completion:
         choice = schemas.CompletionChoice(text="", finish_reason=done.reason)

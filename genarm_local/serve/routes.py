@@ -21,7 +21,7 @@ from ..core.requests import prepare
 from ..core.sampling import json_grammar
 from . import schemas
 from .errors import error_body
-from .formats import ChatFormat, CompletionFormat
+from .formats import ChatFormat, CompletionFormat, timings
 from .state import ServerState
 from .worker import Failed, Finished, Piece, Task
 
@@ -95,7 +95,12 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def respond(request: Request, state: ServerState, prepared, stream: bool, form: ChatFormat | CompletionFormat):
+async def respond(
+    request: Request, state: ServerState, prepared, body: schemas._Generation, form: ChatFormat | CompletionFormat
+):
+    """Submit the request and answer it: one JSON body, or a stream (with llama-server's timings in every chunk
+    when the body asks for "timings_per_token")."""
+    stream, per_token = body.stream, body.timings_per_token
     task = state.worker.submit(prepared, asyncio.get_running_loop())
     stream_events = events(task, request)
     if not stream:
@@ -118,7 +123,8 @@ async def respond(request: Request, state: ServerState, prepared, stream: bool, 
     def render(event: Piece | Finished) -> list[str]:
         if isinstance(event, Finished):
             return [sse(form.last_chunk(event).model_dump(exclude_none=True)), sse("[DONE]")]
-        return [sse(form.chunk(event).model_dump(exclude_none=True))]
+        so_far = timings(task.job) if per_token else None
+        return [sse(form.chunk(event, so_far).model_dump(exclude_none=True))]
 
     async def body() -> AsyncIterator[str]:
         finished = isinstance(first, Finished)
@@ -149,7 +155,7 @@ async def chat_completions(body: schemas.ChatCompletionRequest, request: Request
     messages = [{"role": message.role, "content": message.text()} for message in body.messages]
     prepared = await run_in_threadpool(prepare, state.model, messages=messages, weights=weights, options=options)
     form = ChatFormat(state, body.model or state.default_model)
-    return await respond(request, state, prepared, body.stream, form)
+    return await respond(request, state, prepared, body, form)
 
 
 @router.post("/v1/completions")
@@ -160,7 +166,7 @@ async def completions(body: schemas.CompletionRequest, request: Request):
     prompt = body.prompt_input()
     prepared = await run_in_threadpool(prepare, state.model, prompt=prompt, weights=weights, options=options)
     form = CompletionFormat(state, body.model or state.default_model)
-    return await respond(request, state, prepared, body.stream, form)
+    return await respond(request, state, prepared, body, form)
 
 
 @router.get("/v1/models")

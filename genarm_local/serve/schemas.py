@@ -48,6 +48,7 @@ class _Generation(BaseModel):
         default=None, description="per-request ARM weights {name: α}, over the chosen model's (preset's) weights"
     )
     user: str | None = None
+    timings_per_token: bool = Field(default=False, description="llama-server's: timings so far in every chunk")
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
 

@@ -78,6 +78,17 @@ def test_completion_equals_in_process_generation(server, local, base_id):
     chunks = list(streamed)
     assert "".join(chunk.choices[0].text for chunk in chunks) == expected.text
     assert chunks[-1].usage.completion_tokens == len(expected.tokens)
+    assert all("timings" not in chunk.model_extra for chunk in chunks[:-1])  # only the last, unless asked
+    # llama-server's "timings_per_token": every chunk carries the timings so far
+    streamed = client.completions.create(
+        model=f"{base_id}+kind+big", prompt=PROMPT, max_tokens=16, stream=True,
+        **sampled(7, extra_body={"timings_per_token": True}),
+    )  # fmt: skip
+    chunks = list(streamed)
+    assert "".join(chunk.choices[0].text for chunk in chunks) == expected.text
+    counts = [chunk.model_extra["timings"]["predicted_n"] for chunk in chunks]
+    assert counts == sorted(counts) and 0 < counts[0] and counts[-1] >= len(expected.tokens)
+    assert all(chunk.model_extra["timings"]["prompt_n"] >= 1 for chunk in chunks)
 
 
 def test_chat_stream_and_not(server, local):

@@ -77,7 +77,7 @@ async function streamReply(box, arms, seed, showSpeed) {
   const controller = new AbortController();
   chat.controllers.push(controller);
   const body = {
-    messages: chat.messages, stream: true, arms, seed,
+    messages: chat.messages, stream: true, timings_per_token: true, arms, seed,
     temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
   };
   const text = box.querySelector(".text");
