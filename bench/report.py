@@ -338,7 +338,8 @@ def serve_section(serve: dict) -> list[str]:
         f"| {guided['few_clients']} concurrent clients ÷ one client, aggregate | {clients(guided, 'few_')} | "
         f"{clients(base, 'few_')} |",
         f"| {guided['clients']} concurrent clients ÷ one client, aggregate | {clients(guided)} | {clients(base)} |",
-        f"| the same for llama.cpp alone, decoding only | {guided['llama_cpp_alone']['ratio']:.2f}× | "
+        f"| {guided['clients']} sequences ÷ one for llama.cpp alone, decoding the same rows only | "
+        f"{guided['llama_cpp_alone']['ratio']:.2f}× | "
         f"{base['llama_cpp_alone']['ratio']:.2f}× |",
         f"| load test: {load['rounds']} rounds of {load['requests'] // load['rounds']} requests (mixed weights, "
         f"{load['disconnected']} disconnecting mid-stream, {load['rejected_4xx']} malformed in all) | status "
