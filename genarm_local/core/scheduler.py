@@ -111,7 +111,6 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         # How a step's rows are decoded: None decides by measured times, True/False forces one row at a time/batches.
         self.row_by_row = row_by_row
-        self.decode_times = engine.decode_times
         try:
             self._context(0)  # a base context that cannot be created fails here, not in the first request
         except BaseException:
@@ -183,7 +182,7 @@ class Scheduler:
         if self.row_by_row:
             return True
         singles = [(1, tuple(state.contexts)) for _, state in running]
-        return self.decode_times.faster_one_at_a_time(singles, self._group_key(running))
+        return self.engine.decode_times.faster_one_at_a_time(singles, self._group_key(running))
 
     @staticmethod
     def _group_key(group: list[tuple[int, _Running]]) -> tuple[int, tuple[int, ...]]:
@@ -208,7 +207,7 @@ class Scheduler:
         except GenArmError as exc:
             self._fail_all(exc, events)
             return None
-        self.decode_times.record(self._group_key(group), time.perf_counter() - start)
+        self.engine.decode_times.record(self._group_key(group), time.perf_counter() - start)
         for slot, state in group:
             for index in state.contexts:
                 self._cached[index][slot].append(state.next_token)

@@ -81,9 +81,7 @@ async function streamReply(box, arms, seed, showSpeed) {
     temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
   };
   const text = box.querySelector(".text");
-  const started = performance.now();
   let reply = "";  // as generated, for the history; shown without the space a model often starts a reply with
-  let tokens = 0;
   let painted = 0;
   try {
     const response = await api("/v1/chat/completions", { method: "POST", body: JSON.stringify(body), signal: controller.signal });
@@ -107,9 +105,8 @@ async function streamReply(box, arms, seed, showSpeed) {
         if (delta) {
           reply += delta;
           text.textContent = reply.trimStart();
-          tokens += 1;
-          if (showSpeed) $("speed").textContent = `${(tokens / ((performance.now() - started) / 1000)).toFixed(1)} tok/s`;
         }
+        // timings_per_token: the server's own count and clock in every chunk (a chunk may carry several tokens)
         if (chunk.timings && showSpeed) $("speed").textContent = `${chunk.timings.predicted_per_second.toFixed(1)} tok/s`;
         if (chunk.arms && box.classList.contains("guided")) {
           box.querySelector(".label").textContent = `guided: ${describe(chunk.arms)}`;  // as the server applied them
