@@ -26,8 +26,8 @@ setup(
     ext_modules=[
         Extension(
             "genarm_local.core._fused",
-            ["kernels/fused.c", "kernels/mix.c", "kernels/threads.c"],
-            depends=["kernels/mix.h", "kernels/mix_block.h", "kernels/threads.h"],
+            ["kernels/fused.c", "kernels/mix.c"],
+            depends=["kernels/mix.h"],
         )
     ],
     cmdclass={"build_ext": BuildExt},

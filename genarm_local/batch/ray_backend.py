@@ -1,18 +1,18 @@
 """`genarm-local batch --ray`: the batch runner's rows spread over a pool of Ray actors, each owning one GuidedModel.
 
 The driver plans the run exactly as the local backend does (runner.plan: the same row parsing, error rows, duplicate
-check and resume from OUT), cuts the rows still to do into chunks — rows of equal settings, --batch-size at a time,
-the chunks GuidedModel.generate_batch would get locally — and hands them to Ray Data as a dataset of one chunk per
-row. ``map_batches`` with the Replica class runs them on a fixed pool of actors; each actor loads one GuidedModel once
-and runs a chunk through runner.run_rows, the local backend's own code, so every row samples with the same seed
-(its "seed", else --seed + its line) in the same generate_batch call, and the text is the local backend's.
+check, resume from OUT, and the same groups: --batch-size rows at a time by their position in the input) and hands
+the groups still to do to Ray Data as a dataset of one group per row. ``map_batches`` with the Replica class runs
+them on a fixed pool of actors; each actor loads one GuidedModel once (with the local backend's slots and threads)
+and runs a group through runner.run_group, the local backend's own code, so every row shares its steps with the same
+rows and samples with the same seed as locally, and the text is the local backend's, with any number of replicas.
 
-Results stream back to the driver, which appends each row to OUT as it arrives (flushed and fsynced, as locally)
-and shows the same progress bar. When every row is in, OUT is rewritten in input order, atomically.
+Results stream back to the driver, which appends each group's missing rows to OUT as they arrive (flushed and
+fsynced, as locally) and shows the same progress bar. When every row is in, OUT is rewritten in input order.
 
-Failures: Ray Data restarts a killed actor and retries the chunks it had in flight (one at a time per actor, so a
-kill loses at most one chunk of work); the driver writes each id once even if a retried chunk comes back twice. A
-killed driver leaves OUT as a killed local run does: rerunning the command skips every row already there.
+Failures: Ray Data restarts a killed actor and retries the groups it had in flight (one at a time per actor, so a
+kill loses at most one group of work); the driver writes each id once even if a retried group comes back twice. A
+killed driver leaves OUT as a killed local run does: rerunning the command redoes only the groups with rows missing.
 
 Why the driver reads IN rather than ``ray.data.read_json``: pyarrow's JSON reader turns the rows into one table,
 so it fails the whole file on one malformed line, on ids that are strings in some rows and integers in others, or
@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.api import GuidedModel
-from ..core.config import ARMS_DIR, ArmSpec, LoadConfig, SamplingConfig, option
+from ..core.config import ARMS_DIR, ArmSpec, LoadConfig, option
 from ..core.errors import GenArmError, InputNotFoundError, InvalidOptionError, require
-from .runner import MemorySink, Plan, Row, Sink, run_rows
+from .rows import Row, read_result_rows
+from .runner import Plan, Sink, missing, run_group
 
 LOCAL = "local"  # --ray without an address: start a Ray instance on this machine
 STARTUP_TIMEOUT_S = 1800  # for every replica to load its model (a large one, from shared storage)
@@ -57,7 +58,10 @@ class RayConfig:
         None, "with --ray: Ray actors, one model each (default: as many as the cluster's CPUs fit)", metavar="N"
     )
     threads_per_replica: int | None = option(
-        None, "with --ray: CPUs each actor reserves, and its llama.cpp threads (default: -t, else 1)", metavar="T"
+        None,
+        "with --ray: CPUs each actor reserves, and its llama.cpp threads (default: -t, else all of this machine's "
+        "cores, as the local backend uses)",
+        metavar="T",
     )
 
     def __post_init__(self) -> None:
@@ -109,52 +113,31 @@ def _check_exists(path: Path, what: str) -> None:
 
 
 class Replica:
-    """One Ray actor: a GuidedModel loaded once, then chunk after chunk of rows through the local runner."""
+    """One Ray actor: a GuidedModel loaded once, then group after group of rows through the local runner."""
 
-    def __init__(self, spec: ReplicaSpec, defaults: dict, batch_size: int):
-        from tqdm import tqdm
-
+    def __init__(self, spec: ReplicaSpec, defaults: dict):
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.defaults, self.batch_size = defaults, batch_size
-        self.progress = tqdm(disable=True)  # run_rows reports progress; the driver shows it
+        self.defaults = defaults
         self.model, self.failure = None, None
         try:
             self.model = GuidedModel(config=spec.load_config())
         except GenArmError as exc:
-            # Returned with the first chunk rather than raised: Ray would restart the actor again and again, and
+            # Returned with the first group rather than raised: Ray would restart the actor again and again, and
             # the driver could only show the error inside a remote traceback.
             self.failure = str(exc)
 
     def __call__(self, batch: dict) -> dict:
         results = []
-        for chunk in batch["chunk"]:
+        for group in batch["group"]:
             if self.failure is not None:
                 results.append(json.dumps({"failure": self.failure}))
                 continue
-            sink = MemorySink()
-            run_rows([Row(**row) for row in json.loads(chunk)], self.model, self.defaults, sink, self.batch_size,
-                     self.progress)  # fmt: skip
-            results.append(json.dumps({"rows": sink.rows}, ensure_ascii=False))
+            rows = run_group([Row(**row) for row in json.loads(group)], self.model, self.defaults)
+            results.append(json.dumps({"rows": rows}, ensure_ascii=False))
         return {"result": results, "replica": [self.name] * len(results)}
 
 
 # ---- the driver ----------------------------------------------------------------------------------------------
-
-
-def chunks(rows: list[Row], defaults: dict, batch_size: int) -> list[list[Row]]:
-    """Rows of equal settings, ``batch_size`` at a time, in the local runner's order (run_jobs). Settings are
-    compared before the model loads (defaults filled in, seed left out); rows that the model would still tell
-    apart (ARM names that mean the same ARM, chat template stops) are split again by run_rows on the actor."""
-    groups: dict[str, list[Row]] = {}
-    for row in rows:
-        try:
-            options = dataclasses.asdict(SamplingConfig.from_options(dict(defaults, **row.options)))
-            del options["seed"]
-        except GenArmError:  # the actor turns it into the row's error
-            options = row.options
-        key = json.dumps([options, row.weights, row.messages is not None], sort_keys=True)
-        groups.setdefault(key, []).append(row)
-    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
 @dataclass
@@ -202,34 +185,26 @@ def connect(address: str):
     return ray, True
 
 
-def run_on_ray(
-    work: Plan, load: LoadConfig, defaults: dict, batch_size: int, ray_config: RayConfig, progress
-) -> RayRun:
-    """Generate every row of ``work`` on a pool of Ray actors (module docstring). The caller puts OUT in input
+def run_on_ray(work: Plan, load: LoadConfig, defaults: dict, ray_config: RayConfig, progress) -> RayRun:
+    """Generate every group of ``work`` on a pool of Ray actors (module docstring). The caller puts OUT in input
     order afterwards (sources.finish)."""
-    if batch_size < 1:
-        raise InvalidOptionError(f"--batch-size must be at least 1, got {batch_size}")
-    threads = ray_config.threads_per_replica or load.n_threads or 1
+    threads = ray_config.threads_per_replica or load.threads
     spec = ReplicaSpec.of(load, threads)
-    parts = chunks([row for row in work.todo if row.error is None], defaults, batch_size)
+    groups = work.groups
     run = RayRun(work.output, 0, threads)
-    ray, started = connect(ray_config.address or LOCAL) if parts else (None, False)
+    ray, started = connect(ray_config.address or LOCAL) if groups else (None, False)
     try:
-        if parts:
-            run.replicas = min(pool_size(ray, ray_config.replicas, threads, load.n_gpu_layers != 0), len(parts))
-            _stream(ray, parts, spec, defaults, batch_size, run, progress)
-        for row in work.todo:
-            if row.error is not None:  # a row that did not parse: its error row, as the local backend writes it
-                run.open().error(row, row.error)
-                progress.update(1)
+        if groups:
+            run.replicas = min(pool_size(ray, ray_config.replicas, threads, load.n_gpu_layers != 0), len(groups))
+            _stream(ray, groups, spec, defaults, set(work.done), run, progress)
     finally:
         if run.sink:
             run.sink.close()
         if started:
             ray.shutdown()
-    missing = {row.key for row in work.todo} - _keys(work.output)
-    if missing:
-        raise GenArmError(f"{len(missing)} rows came back from no replica (e.g. id {json.loads(min(missing))!r})")
+    lost = {row.key for row in work.rows} - _keys(work.output)
+    if lost:
+        raise GenArmError(f"{len(lost)} rows came back from no replica (e.g. id {json.loads(min(lost))!r})")
     return run
 
 
@@ -251,26 +226,25 @@ def pool_size(ray, replicas: int | None, threads: int, gpus: bool) -> int:
     return wanted
 
 
-def _stream(ray, parts: list[list[Row]], spec: ReplicaSpec, defaults: dict, batch_size: int, run: RayRun, progress):
-    """The dataset of chunks through the actor pool; every result row appended to OUT once, as it arrives."""
+def _stream(ray, groups: list[list[Row]], spec: ReplicaSpec, defaults: dict, written: set[str], run: RayRun, progress):
+    """The dataset of groups through the actor pool; every result row that OUT lacks appended once, as it arrives."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours is the local backend's
-    # Chunks go out once every replica has loaded its model: the pool shares the rows from the first chunk on, and
+    # Groups go out once every replica has loaded its model: the pool shares the rows from the first group on, and
     # a pool the cluster cannot place fails with Ray's "Timed out while starting actors" instead of waiting forever.
     context.wait_for_min_actors_s = STARTUP_TIMEOUT_S
-    items = [{"chunk": json.dumps([dataclasses.asdict(row) for row in part], ensure_ascii=False)} for part in parts]
+    items = [{"group": json.dumps([dataclasses.asdict(row) for row in group], ensure_ascii=False)} for group in groups]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     results = dataset.map_batches(
         Replica,
-        fn_constructor_args=(spec, defaults, batch_size),
+        fn_constructor_args=(spec, defaults),
         batch_size=1,
         batch_format="numpy",
-        # one chunk in flight per actor: a killed actor loses one chunk, and the last chunks spread evenly
+        # one group in flight per actor: a killed actor loses one group, and the last groups spread evenly
         compute=ray.data.ActorPoolStrategy(size=run.replicas, max_tasks_in_flight_per_actor=1),
         num_cpus=run.threads,
         num_gpus=1 if spec.config.n_gpu_layers != 0 else None,
     )
-    written: set[str] = set()
     generated, start = 0, time.perf_counter()
     items = iter(results.iter_rows())
     try:
@@ -278,8 +252,8 @@ def _stream(ray, parts: list[list[Row]], spec: ReplicaSpec, defaults: dict, batc
             result = json.loads(item["result"])
             if "failure" in result:
                 raise GenArmError(f"replica {item['replica']}: {result['failure']}")
-            rows = [row for row in result["rows"] if json.dumps(row["id"]) not in written]
-            run.open().write_all(rows)  # one fsync per chunk: the driver's cost per row is what limits the pool
+            rows = missing(result["rows"], written)
+            run.open().write_all(rows)  # one fsync per group: the driver's cost per row is what limits the pool
             written.update(json.dumps(row["id"]) for row in rows)
             generated += sum(len(row.get("tokens", ())) for row in rows)
             run.rows_per_replica[str(item["replica"])] += len(rows)
@@ -301,6 +275,4 @@ def _starting(ray, items):
 
 
 def _keys(path: Path) -> set[str]:
-    if not path.exists():
-        return set()
-    return {json.dumps(json.loads(line)["id"]) for line in path.read_text(encoding="utf-8").splitlines() if line}
+    return {json.dumps(row["id"]) for row in read_result_rows(path)} if path.exists() else set()

@@ -1,14 +1,17 @@
 """The batch runner: a JSONL file of prompts → guided completions, crash-safe and resumable (`genarm-local batch`).
 
-Input rows: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]}, optionally "weights" ({ARM name: α})
-and any sampling option ("max_tokens", "temperature", "seed", "stop", ...). A row without an id is known by its
-line number. Output rows: id, line, text, finish_reason, tokens and the settings used; or id, line and error.
+Input rows are rows.py's. Output rows: id, line, text, finish_reason, tokens and the settings used; or id, line
+and error. OUT ends in input order.
 
-Crash safety: each finished row is appended, flushed and fsynced, so OUT only ever loses the row being written;
-a torn last line is cut off on the next run and that row redone. Rerunning the same command skips every id
-already in OUT. Rows with equal settings share GuidedModel.generate_batch calls (several sequences per llama.cpp
-batch); every row has its own seed — its "seed", or --seed + its line number — so a resumed run writes the
-same text as an uninterrupted one.
+Same input, same text. The rows are cut into groups by their position in the input: rows 1..B, B+1..2B, ... (B =
+--batch-size), each group generated together (GuidedModel.generate_many: the group's rows join the decode loop
+in one step and share its steps until each ends), every row with its own seed — its "seed", or --seed + its line
+number. So which rows share a step is a function of the input alone, and a run writes the same text under load,
+after a kill and a rerun, and on Ray with any number of replicas (ray_backend.py runs the same groups).
+
+Crash safety: each group's rows are appended, flushed and fsynced, so OUT only ever loses the group being written;
+a torn last line is cut off on the next run. Rerunning the same command redoes every group with a row missing from
+OUT, whole, and writes only its missing rows.
 """
 
 from __future__ import annotations
@@ -16,92 +19,20 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.api import GuidedModel
 from ..core.atomic import atomic_output
 from ..core.errors import BatchInputError, GenArmError, InvalidOptionError
-from ..core.requests import Prepared, check_option_types, check_weights, prepare
-
-# Sampling options a row may set; the rest of SamplingConfig comes from the command line only.
-ROW_KEYS = {"id", "prompt", "messages", "weights"}
-NOT_PER_ROW = {"logprobs"}
-
-
-@dataclass
-class Row:
-    line: int
-    id: object
-    prompt: str | None = None
-    messages: list | None = None
-    weights: dict = field(default_factory=dict)
-    options: dict = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def key(self) -> str:
-        return json.dumps(self.id)
-
-
-def parse_row(line: int, text: str, sampling_keys: set[str]) -> Row:
-    """One input line → Row; anything wrong with it becomes the row's error, not an exception."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return Row(line, line, error=f"line {line}: not JSON ({exc.msg} at column {exc.colno})")
-    return parse_object(line, data, sampling_keys)
-
-
-def parse_object(line: int, data: object, sampling_keys: set[str]) -> Row:
-    """One decoded input record (a JSON line, a Parquet row) → Row, checked as parse_row says."""
-    if not isinstance(data, dict):
-        return Row(line, line, error=f"line {line}: expected a JSON object, got {type(data).__name__}")
-    row = Row(line, data.get("id", line))
-    if isinstance(row.id, bool) or not isinstance(row.id, (str, int)):
-        row.id, row.error = line, f"line {line}: id must be a string or an integer, got {data['id']!r}"
-        return row
-    unknown = sorted(set(data) - ROW_KEYS - sampling_keys)
-    has_prompt, has_messages = isinstance(data.get("prompt"), str), isinstance(data.get("messages"), list)
-    if unknown:
-        row.error = f"unknown key(s) {', '.join(unknown)}; a row may have {', '.join(sorted(ROW_KEYS | sampling_keys))}"
-    elif has_prompt == has_messages:
-        row.error = 'a row needs either "prompt" (a string) or "messages" (a list of {"role", "content"})'
-    else:
-        row.prompt, row.messages = data.get("prompt"), data.get("messages")
-        row.options = {key: data[key] for key in sampling_keys if key in data}
-        try:
-            row.weights = check_weights(data.get("weights"))
-            check_option_types(row.options)
-        except InvalidOptionError as exc:
-            row.error = str(exc)
-    if row.error and not row.error.startswith("line"):
-        row.error = f"line {line}: {row.error}"
-    return row
-
-
-def read_jsonl(path: Path, sampling_keys: set[str], first_line: int = 1) -> tuple[list[Row], int]:
-    """The rows of one JSONL file, numbered from ``first_line``, and how many lines it has."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise BatchInputError(f"{path} is not UTF-8 text (byte {exc.start}); give a JSONL file") from None
-    except OSError as exc:
-        raise BatchInputError(f"cannot read {path}: {exc.strerror}") from None
-    # split on "\n" only: str.splitlines would also cut at U+2028 and friends, which JSON strings may hold raw
-    lines = text.split("\n")
-    rows = [parse_row(n, line, sampling_keys) for n, line in enumerate(lines, first_line) if line.strip()]
-    if rows and all(row.error and "not JSON" in row.error for row in rows):
-        raise BatchInputError(f"{path}: no line is JSON; give a JSONL file (one JSON object per line)")
-    return rows, len(lines) - (lines[-1] == "")
+from ..core.requests import prepare
+from .rows import Row
+from .sources import journal_for, read_rows
 
 
 def read_input(path: Path, sampling_keys: set[str]) -> list[Row]:
     """Every row of IN (a JSONL file, a Parquet file, or a directory of them read as one file: see sources.py);
     refuses an unreadable file or duplicate ids before any work is done."""
-    from .sources import read_rows
-
     rows = read_rows(path, sampling_keys)
     first: dict[str, int] = {}
     for row in rows:
@@ -154,181 +85,132 @@ def recover_output(path: Path, retry_failed: bool) -> dict[str, dict]:
     return rows
 
 
-class RowSink:
-    """Where finished result rows go, counted as done or failed."""
+class Sink:
+    """OUT opened for appending, counting the rows written as done or failed. Rows written together (a group) share
+    one flush and fsync: they are on disk before the next group starts; a kill mid-write leaves a torn last line,
+    which recover_output cuts off."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path):
         self.done = self.failed = 0
-
-    def write(self, row: dict) -> None:
-        self.write_all([row])
+        self._file = open(path, "a", encoding="utf-8")  # closed by close()
 
     def write_all(self, rows: list[dict]) -> None:
-        self.put(rows)
+        self._file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        self._file.flush()
+        os.fsync(self._file.fileno())
         for row in rows:
             if "error" in row:
                 self.failed += 1
             else:
                 self.done += 1
 
-    def error(self, row: Row, message: str) -> None:
-        self.write({"id": row.id, "line": row.line, "error": message})
-
-    def put(self, rows: list[dict]) -> None:
-        raise NotImplementedError
-
-
-class Sink(RowSink):
-    """OUT opened for appending; rows are on disk (flushed and fsynced) before the next ones start. Rows written
-    together (a chunk back from a Ray replica) share one fsync; a kill mid-write leaves a torn last line, which
-    recover_output cuts off."""
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self._file = open(path, "a", encoding="utf-8")  # closed by close()
-
-    def put(self, rows: list[dict]) -> None:
-        self._file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
     def close(self) -> None:
         self._file.close()
 
 
-class MemorySink(RowSink):
-    """Result rows kept in a list (a Ray replica hands them back to the driver, which writes OUT)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[dict] = []
-
-    def put(self, rows: list[dict]) -> None:
-        self.rows += rows
-
-
-@dataclass
-class Job:
-    """A row ready to run: its validated request and its seed."""
-
-    row: Row
-    request: Prepared
-
-    @property
-    def seed(self) -> int:
-        return self.request.config.seed
+def result_row(row: Row, request, result) -> dict:
+    """The output row of a generated input row (or its error row)."""
+    if result.error is not None:
+        return {"id": row.id, "line": row.line, "error": f"line {row.line}: {result.error}"}
+    settings = dict(request.options, seed=request.config.seed, weights=request.weights)
+    return {
+        "id": row.id,
+        "line": row.line,
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "tokens": result.tokens,
+        "settings": settings,
+    }
 
 
-def prepare_row(row: Row, model: GuidedModel, defaults: dict) -> Job:
-    """Validate a row against the loaded model. Its seed: the row's own "seed", else the default + line number."""
-    options = dict(defaults, **row.options)
-    if "seed" not in row.options:
-        options["seed"] = defaults["seed"] + row.line
-    request = prepare(model, prompt=row.prompt, messages=row.messages, weights=row.weights, options=options)
-    return Job(row, request)
-
-
-def run_jobs(jobs: list[Job], model: GuidedModel, sink: RowSink, batch_size: int, progress) -> None:
-    """Rows with equal settings go through generate_batch together, batch_size at a time."""
-    groups: dict[str, list[Job]] = {}
-    for job in jobs:
-        groups.setdefault(job.request.group, []).append(job)
-    generated, start = 0, time.perf_counter()
-    for group in groups.values():
-        for first in range(0, len(group), batch_size):
-            chunk = group[first : first + batch_size]
-            for job, result in zip(chunk, generate_chunk(chunk, model), strict=True):
-                if isinstance(result, str):
-                    sink.error(job.row, result)
-                    continue
-                generated += len(result.tokens)
-                settings = dict(job.request.options, seed=job.seed, weights=job.request.weights)
-                sink.write(
-                    {
-                        "id": job.row.id,
-                        "line": job.row.line,
-                        "text": result.text,
-                        "finish_reason": result.finish_reason,
-                        "tokens": result.tokens,
-                        "settings": settings,
-                    }
-                )
-            progress.update(len(chunk))
-            progress.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tok/s", refresh=False)
-
-
-def generate_chunk(chunk: list[Job], model: GuidedModel) -> list:
-    """GenerationResults for a chunk; if the batch fails, each row alone, so one bad row fails only itself."""
-    first = chunk[0].request
-    run = lambda jobs: model.generate_batch(  # noqa: E731
-        [job.request.tokens for job in jobs], weights=first.weights, seeds=[job.seed for job in jobs], **first.options
-    )
-    try:
-        return run(chunk)
-    except GenArmError as exc:
-        if len(chunk) == 1:
-            return [str(exc)]
-    results = []
-    for job in chunk:
-        try:
-            results += run([job])
-        except GenArmError as exc:
-            results.append(str(exc))
-    return results
+def run_group(rows: list[Row], model: GuidedModel, defaults: dict) -> list[dict]:
+    """The output rows of one group, in input order: a row that did not parse or validate is its error row, the
+    others are generated together (GuidedModel.generate_many). Each row's seed: its "seed", else the default + its
+    line number."""
+    out: dict[int, dict] = {}
+    requests = []
+    for row in rows:
+        if row.error is None:
+            options = dict(defaults, **row.options)
+            if "seed" not in row.options:
+                options["seed"] = defaults["seed"] + row.line
+            try:
+                requests.append((row, prepare(model, prompt=row.prompt, messages=row.messages, weights=row.weights,
+                                              options=options)))  # fmt: skip
+                continue
+            except GenArmError as exc:
+                row.error = f"line {row.line}: {exc}"
+        out[row.line] = {"id": row.id, "line": row.line, "error": row.error}
+    results = model.generate_many([request for _, request in requests]) if requests else []
+    for (row, request), result in zip(requests, results, strict=True):
+        out[row.line] = result_row(row, request, result)
+    return [out[row.line] for row in rows]
 
 
 @dataclass
 class Plan:
-    """What a run has to do, known before any model loads: the rows still missing from OUT."""
+    """What a run has to do, known before any model loads: the input's groups, and which rows OUT already has."""
 
     output: Path  # where result rows are appended: OUT, or the journal beside a Parquet OUT (sources.py)
-    todo: list[Row]
-    skipped: int  # rows already in OUT
+    rows: list[Row]  # every input row, in input order
+    done: set[str]  # the id keys of the rows OUT already holds
+    batch_size: int
     earlier_failures: int  # error rows OUT keeps (not redone without retry_failed)
-    order: list[str] = field(default_factory=list)  # every input row's id key, in input order
     target: Path | None = None  # the file -o named, when it is not ``output`` (Parquet, written at the end)
 
+    @property
+    def groups(self) -> list[list[Row]]:
+        """The groups with a row still missing from OUT (each is redone whole)."""
+        size = self.batch_size
+        groups = [self.rows[first : first + size] for first in range(0, len(self.rows), size)]
+        return [group for group in groups if any(row.key not in self.done for row in group)]
 
-def plan(input: Path, output: Path, sampling_keys: set[str], retry_failed: bool = False) -> Plan:
-    from .sources import journal_for
+    @property
+    def todo(self) -> int:
+        return sum(1 for row in self.rows if row.key not in self.done)
 
+    @property
+    def skipped(self) -> int:
+        return len(self.rows) - self.todo
+
+    @property
+    def order(self) -> list[str]:
+        return [row.key for row in self.rows]
+
+
+def plan(input: Path, output: Path, sampling_keys: set[str], batch_size: int, retry_failed: bool = False) -> Plan:
+    if batch_size < 1:
+        raise InvalidOptionError(f"--batch-size must be at least 1, got {batch_size}")
     rows = read_input(input, sampling_keys)
     if output.is_dir() or not output.parent.is_dir():
         raise InvalidOptionError(f"-o {output}: give a file in an existing directory")
     journal = journal_for(output, rows)
     finished = recover_output(journal, retry_failed)
-    todo = [row for row in rows if row.key not in finished]
+    done = {row.key for row in rows if row.key in finished}
     earlier_failures = sum(1 for row in rows if "error" in finished.get(row.key, {}))
     target = output if journal != output else None
-    return Plan(journal, todo, len(rows) - len(todo), earlier_failures, [row.key for row in rows], target)
+    return Plan(journal, rows, done, batch_size, earlier_failures, target)
 
 
-def run(model: GuidedModel, plan: Plan, defaults: dict, batch_size: int = 8, progress=None) -> Sink:
-    """Generate every row of ``plan`` into its OUT (appended row by row); returns the sink with its counts."""
-    if batch_size < 1:
-        raise InvalidOptionError(f"--batch-size must be at least 1, got {batch_size}")
+def missing(rows: list[dict], written: set[str]) -> list[dict]:
+    """The rows of a group's output that OUT does not hold yet (a group redone after a kill writes only those)."""
+    return [row for row in rows if json.dumps(row["id"]) not in written]
+
+
+def run(model: GuidedModel, plan: Plan, defaults: dict, progress=None) -> Sink:
+    """Generate every group of ``plan`` into its OUT (appended group by group); returns the sink with its counts."""
     progress = progress if progress is not None else progress_bar(0, plan.output, False)
+    written = set(plan.done)
     sink = Sink(plan.output)
     try:
-        run_rows(plan.todo, model, defaults, sink, batch_size, progress)
+        for group in plan.groups:
+            rows = missing(run_group(group, model, defaults), written)
+            sink.write_all(rows)
+            written.update(json.dumps(row["id"]) for row in rows)
+            progress.update(len(rows))
     finally:
         sink.close()
     return sink
-
-
-def run_rows(rows: list[Row], model: GuidedModel, defaults: dict, sink: RowSink, batch_size: int, progress) -> None:
-    """Every row into ``sink``: a row that fails to parse or validate is an error row, the rest are generated."""
-    jobs = []
-    for row in rows:
-        if row.error is None:
-            try:
-                jobs.append(prepare_row(row, model, defaults))
-                continue
-            except GenArmError as exc:
-                row.error = f"line {row.line}: {exc}"
-        sink.error(row, row.error)
-        progress.update(1)
-    run_jobs(jobs, model, sink, batch_size, progress)
 
 
 def progress_bar(total: int, output: Path, enabled: bool):

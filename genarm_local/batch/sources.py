@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..core.atomic import atomic_output
 from ..core.errors import BatchInputError, InputNotFoundError, require
-from .runner import Row, parse_object, read_jsonl
+from .rows import Row, parse_object, read_jsonl, read_result_rows
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 PARQUET_INSTALL = "ray"  # the extra that brings pyarrow (Ray Data reads and writes Parquet with it)
@@ -105,12 +105,12 @@ def read_results(path: Path) -> list[dict]:
     return rows
 
 
-def finish(output: Path, order: list[str], target: Path | None, in_input_order: bool) -> None:
+def finish(output: Path, order: list[str], target: Path | None) -> None:
     """The end of a run: OUT rewritten in input order (atomically), or the Parquet OUT written from its journal and
     the journal removed. Rows of OUT that the input does not have (an earlier run over other rows) go last."""
-    if not output.exists() or target is None and not in_input_order:
+    if not output.exists():
         return
-    rows = {json.dumps(row["id"]): row for row in map(json.loads, output.read_text(encoding="utf-8").splitlines())}
+    rows = {json.dumps(row["id"]): row for row in read_result_rows(output)}
     position = {key: index for index, key in enumerate(order)}
     ordered = sorted(rows.values(), key=lambda row: position.get(json.dumps(row["id"]), len(order)))
     if target is None:

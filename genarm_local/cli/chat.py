@@ -152,11 +152,11 @@ class ChatSession:
 
     def turn(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
-        cancel = threading.Event()
-        previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+        cancels: list[threading.Event] = []  # one per reply: Ctrl-C stops the reply being written, not the next
+        previous = signal.signal(signal.SIGINT, lambda *_: cancels[-1].set() if cancels else None)
         try:
-            base_reply = self.compare_reply(cancel) if self.compare else None
-            reply = self.reply(self.weights, cancel, "guided" if self.compare else None)
+            base_reply = self.compare_reply(cancels) if self.compare else None
+            reply = self.reply(self.weights, cancels, "guided" if self.compare else None)
         except GenArmError:
             self.messages.pop()  # the turn never happened: e.g. the history outgrew the context
             raise
@@ -171,21 +171,15 @@ class ChatSession:
         if self.compare and self.layout == "side":
             self.side_by_side(base_reply, reply)
 
-    def compare_reply(self, cancel: threading.Event):
+    def compare_reply(self, cancels: list[threading.Event]):
         """The unguided reply first, so the contexts' caches end on the guided history the next turn extends."""
-        return self.reply({name: 0.0 for name in self.weights}, cancel, "base")
+        return self.reply({name: 0.0 for name in self.weights}, cancels, "base")
 
-    def reply(self, weights: dict, cancel: threading.Event, label: str | None):
-        # As GuidedModel.chat, but a reply may use whatever room the conversation leaves (llama-cli does the same).
+    def reply(self, weights: dict, cancels: list[threading.Event], label: str | None):
+        # As GuidedModel.chat; a reply ends at max_tokens or where the conversation fills the context (-c).
         prompt = self.model.chat_prompt(self.history())
-        n_ctx = self.model.engine.n_ctx
-        room = n_ctx - len(prompt.tokens)
-        if room < 1:
-            raise ContextOverflowError(
-                f"the conversation ({len(prompt.tokens)} tokens) fills the context of {n_ctx} (-c)"
-            )
-        options = prompt.sampling(dict(self.sampling, max_tokens=min(self.sampling["max_tokens"], room)))
-        pieces = self.model.stream(prompt.tokens, weights=weights, cancel=cancel, **options)
+        cancels.append(threading.Event())
+        pieces = self.model.stream(prompt.tokens, weights=weights, cancel=cancels[-1], **prompt.sampling(self.sampling))
         streamed = not (self.compare and self.layout == "side")
         if streamed and label:
             self.out.write(f"[{label}] ")
@@ -195,7 +189,7 @@ class ChatSession:
                 self.out.write(piece if shown else piece.lstrip())
                 self.out.flush()
                 shown = True
-        result = self.model.last_result
+        result = pieces.result
         if streamed:
             self.out.write(" [interrupted]\n" if result.finish_reason == "cancelled" else "\n")
             self.out.flush()
@@ -263,7 +257,7 @@ def main(args: argparse.Namespace) -> None:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    with load_model(args, use_default_arms=True) as model:
+    with load_model(args) as model:
         if args.compare and not model.arms:
             raise InvalidOptionError("--compare needs at least one --arm: without ARMs both replies are the base's")
         if model.chat_template.kind == "plain" and args.chat_template is None:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..core.config import ArmSpec, LoadConfig, SamplingConfig, arm_specs, default_arms
+from ..core.config import ArmSpec, LoadConfig, SamplingConfig, arm_specs
 from ..core.errors import InputNotFoundError, InvalidOptionError
 
 _SCALARS = {"int": int, "float": float, "str": str}
@@ -141,23 +141,26 @@ def parse_arms(items: Sequence[tuple[str, str]]) -> tuple[ArmSpec, ...]:
     return arm_specs(arms)
 
 
-def load_config(args: argparse.Namespace, use_default_arms: bool = False) -> LoadConfig:
-    """The LoadConfig the flags describe. ``use_default_arms``: with the embedded base and no --arm, add the
-    shipped default ARMs (arms/defaults.json; chat and serve do)."""
-    arms = () if args.no_arm else parse_arms(args.arms)
-    if use_default_arms and args.base is None and not args.arms and not args.no_arm:
-        arms = tuple(ArmSpec.of(name, alpha) for name, alpha in default_arms().items())
+def load_config(args: argparse.Namespace) -> LoadConfig:
+    """The LoadConfig the flags describe: without -m and --arm the embedded base with the shipped default ARMs
+    (LoadConfig's one default, as the API, chat, generate, batch and serve all load it); --no-arm: none."""
+    arms = () if args.no_arm else parse_arms(args.arms) if args.arms else None
     options = config_options(LoadConfig, args)
     return LoadConfig(**dict(options, arms=arms))
 
 
-def load_model(args: argparse.Namespace, use_default_arms: bool = False):
-    """The GuidedModel the flags describe (the embedded base is announced on stderr)."""
-    config = load_config(args, use_default_arms)
+def load_model(args: argparse.Namespace | LoadConfig):
+    """The GuidedModel the flags (or a LoadConfig) describe; the embedded base, and the ARMs loaded by default with
+    it, are announced on stderr."""
+    config = args if isinstance(args, LoadConfig) else load_config(args)
     config.base_path(announce=config.base is None)
     from ..core.api import GuidedModel
 
-    return GuidedModel(config=config)
+    model = GuidedModel(config=config)
+    if config.base is None and config.arms:
+        arms = ", ".join(f"{name} α={alpha:.3g}" for name, alpha in model.arm_weights().items())
+        note(f"genarm-local: ARMs: {arms} (weights: --arm NAME:ALPHA; none: --no-arm)")
+    return model
 
 
 # ---- output ----------------------------------------------------------------------------------------------------

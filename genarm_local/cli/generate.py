@@ -64,10 +64,11 @@ def main(args: argparse.Namespace) -> None:
             else:
                 if index:
                     print("\n" + "-" * 40)
-                for piece in model.stream(prompt, seed=sample_seed, **sampling):
+                stream = model.stream(prompt, seed=sample_seed, **sampling)
+                for piece in stream:
                     print(piece, end="", flush=True)
                 print()
-                result = model.last_result
+                result = stream.result
             sys.stdout.flush()
             if args.verbose:
                 print(timings_line(result), file=sys.stderr)

@@ -23,14 +23,16 @@ from .flags import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser.add_argument_group("server"), ServeConfig)
     add_model_arguments(parser)
-    add_sampling_arguments(parser, exclude=("logprobs",))  # the server's defaults; logprobs are per request
+    # the server's defaults; logprobs are per request; a request without max_tokens runs until EOS, a stop string or
+    # the end of its context, as OpenAI's API and llama-server do
+    add_sampling_arguments(parser, defaults={"max_tokens": None}, exclude=("logprobs",))
 
 
 def main(args: argparse.Namespace) -> None:
     settings = ServeConfig(**config_options(ServeConfig, args))
     settings.key()  # a missing key file fails now
     sampling = sampling_options(args)
-    load = load_config(args, use_default_arms=True)
+    load = load_config(args)
     for weights in settings.presets().values():
         for arm in weights:
             find_arm(load.arms, arm)  # a preset naming an ARM that is not loaded fails before the model loads

@@ -1,35 +1,38 @@
-"""GuidedModel: the Python API desktop apps embed. Every method is a thin layer over engine.Engine.steps.
+"""GuidedModel: the Python API desktop apps embed. Every method submits jobs to the model's one decode loop
+(engine.Engine, scheduler.Scheduler) and reads their events: generate, stream, chat, generate_batch and
+next_token_logprobs are thin layers over it, like the batch runner and the server.
 
-Thread safety: one GuidedModel may be shared by several threads; calls are serialized by a lock (a ``stream``
-holds it from its first piece until it is exhausted or closed). A thread that starts another call while its own
-stream is still open gets an error instead of a deadlock.
+Threads: one GuidedModel may be shared by any number of threads; their generations share the loop's steps (one
+multi-sequence batch, up to ``n_parallel`` at once; more wait for a free slot). ``close()`` never waits for more than
+the step in progress: it ends every generation (their finish_reason is "cancelled"), from any thread, also with a
+stream still open in the calling thread. A model dropped without ``close()`` is closed when it is garbage-collected.
 
 Hyperparameters from the paper's reference code: it mixes (base + α·arm)/(1+α) and samples at temperature
-T/(1+α). Dividing the mixed logits by 1+α and the temperature by the same 1+α cancel, so sampling is the same as
-ours, log p ∝ (log p_base + α·log p_arm)/T, with the *same* α and T: published settings carry over unchanged.
-Only the distribution before temperature differs (it is tempered by 1/(1+α)); pass ``normalized=True`` to get the
-paper's form in ``next_token_logprobs`` and in reported logprobs.
+T/(1+α), which is sampling base·arm^α at T with the same α and T: pass ``scale_temperature=False`` for published
+settings (our default samples at T·max(1, 1+Σα), see SamplingConfig) and ``normalized=True`` to get the paper's
+form of the log-probs in ``next_token_logprobs`` and in reported logprobs.
 """
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import os
-import re
+import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .batching import batch_steps
 from .chat_template import Message, resolve_template
 from .config import ArmSpec, LoadConfig, SamplingConfig, arm_specs
-from .engine import Cancel, Engine, Timings
-from .errors import InvalidOptionError
+from .engine import Engine
+from .errors import GenArmError, InvalidOptionError, ModelClosedError
+from .scheduler import Event, Job, Timings
 
 Prompt = str | Sequence[int]
+Cancel = Callable[[], bool] | threading.Event | None
 
 
 @dataclass(frozen=True)
@@ -46,62 +49,101 @@ class ChatPrompt:
 class GenerationResult:
     text: str = ""
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "eos" or "cancelled"
+    finish_reason: str | None = None  # "eos", "stop" (a stop string), "length" or "cancelled"
     timings: Timings = field(default_factory=Timings)
-    logprobs: list[float] | None = None  # per generated token, under the mixed distribution (on request)
+    logprobs: list[float] | None = None  # per generated token, under the guided distribution (on request)
     top_logprobs: list[dict[int, float]] | None = None
+    error: GenArmError | None = None  # generate_many only: why this request failed (finish_reason "error")
 
 
-# A new line that opens with a speaker's label ("User:", "Assistant:", "Student:", "Dr Smith:"): in a plain
-# transcript the reply is over, whoever the model lets speak next. A tail that may still become one is held back.
-TURN_LABEL = re.compile(r"\n[ \t]*[A-Z][\w'-]{0,24}(?: [A-Z][\w'-]{0,24})?:")
-MAYBE_TURN_LABEL = re.compile(r"\n[ \t]*(?:[A-Z][\w'-]{0,24}(?: (?:[A-Z][\w'-]{0,24})?)?)?$")
+class Stream(Iterator[str]):
+    """A generation in progress: iterating yields its text as it is generated (whole UTF-8 characters, stop strings
+    left out); ``result`` fills in as it goes and is complete when iteration ends; ``close()`` (or leaving a ``with``
+    block, or dropping the stream) cancels what is left. An error in the generation is raised by the iteration."""
 
+    def __init__(self, model: GuidedModel, job: Job, poll: Callable[[], bool] | None = None):
+        self._model = model  # the model lives as long as its streams
+        self.job = job
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        job.on_event = self._events.put
+        self._poll = poll
+        self._done = False
+        self.result = GenerationResult(timings=job.timings)
+        if job.config.logprobs is not None:
+            self.result.logprobs, self.result.top_logprobs = [], []
 
-class StopText:
-    """Turns tokens into text pieces: holds back bytes of a split UTF-8 character and any tail that could be the
-    start of a stop string (or, with ``turn_labels``, of a speaker's label on a new line), so a stop spanning
-    several tokens is caught and never emitted."""
+    def __next__(self) -> str:
+        while not self._done:
+            event = self._next_event()
+            text = self._take(event)
+            if text:
+                return text
+        raise StopIteration
 
-    def __init__(self, token_bytes, stops: Sequence[str], turn_labels: bool = False):
-        self._token_bytes = token_bytes
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._stops = stops
-        self._turn_labels = turn_labels
-        self._pending = ""
+    def _next_event(self) -> Event:
+        try:
+            if self._poll is None:
+                return self._events.get()
+            while True:
+                if self._poll():
+                    self.job.cancel.set()
+                try:
+                    return self._events.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+        except BaseException:  # Ctrl-C while waiting: nobody reads the rest
+            self.close()
+            raise
 
-    def push(self, token: int) -> tuple[str, bool]:
-        """Add a token; returns (text safe to emit now, whether a stop string was reached)."""
-        self._pending += self._decoder.decode(self._token_bytes(token))
-        hits = [i for i in (self._pending.find(stop) for stop in self._stops) if i >= 0]
-        if self._turn_labels and (label := TURN_LABEL.search(self._pending)):
-            hits.append(label.start())
-        if hits:
-            piece, self._pending = self._pending[: min(hits)], ""
-            return piece, True
-        hold = max(
-            (k for stop in self._stops for k in range(1, len(stop)) if self._pending.endswith(stop[:k])), default=0
-        )
-        if self._turn_labels and (label := MAYBE_TURN_LABEL.search(self._pending)):
-            hold = max(hold, len(self._pending) - label.start())
-        cut = len(self._pending) - hold
-        piece, self._pending = self._pending[:cut], self._pending[cut:]
-        return piece, False
+    def _take(self, event: Event) -> str:
+        result = self.result
+        if event.finish_reason is not None:
+            self._done = True
+            result.finish_reason = event.finish_reason
+            if event.error is not None:
+                result.error = event.error
+                raise event.error
+        if event.token is not None:
+            result.tokens.append(event.token)
+            if result.logprobs is not None:
+                result.logprobs.append(event.logprob)
+                result.top_logprobs.append(event.top_logprobs)
+        result.text += event.text
+        return event.text
 
-    def flush(self) -> str:
-        piece, self._pending = self._pending + self._decoder.decode(b"", final=True), ""
-        return piece
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self.job.cancel.set()
+            self.result.finish_reason = "cancelled"
+
+    def drain(self) -> GenerationResult:
+        """Read to the end; the complete result."""
+        for _ in self:
+            pass
+        return self.result
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_done", True):
+            self.job.cancel.set()
 
 
 class GuidedModel:
     """A base GGUF model guided by ARMs: ``GuidedModel(base, arms={path_or_name: alpha, ...}, n_ctx=...)``.
 
-    ``base`` None is the embedded Gemma-3-270M. ARMs are full GGUF models sharing the base's vocabulary or GGUF
-    LoRA adapters of the base, given as {path or shipped name: α} (α None: the ARM's recommended weight) or as
-    ArmSpecs. Keyword options are LoadConfig's fields (n_ctx, n_gpu_layers, n_threads, kv_cache_type, flash_attn,
-    concurrent, chat_template); or pass a whole ``config``. ``weights`` in any call overrides α per ARM (by name,
-    path or file stem) without reloading; α = 0 skips that ARM's decode entirely. ``seed`` is the default for calls
-    that pass none.
+    ``base`` None is the embedded Gemma-3-270M, and with it (``arms`` None) the shipped default ARMs
+    (arms/defaults.json), as chat, batch and serve load them. ARMs are full GGUF models sharing the base's vocabulary
+    or GGUF LoRA adapters of the base, given as {path or shipped name: α} (α None: the ARM's recommended weight) or
+    as ArmSpecs; ``arms={}`` loads none. Keyword options are LoadConfig's fields (n_ctx, n_parallel, n_gpu_layers,
+    n_threads, kv_cache_type, flash_attn, concurrent, chat_template); or pass a whole ``config``. ``weights`` in any
+    call overrides α per ARM (by name, path or file stem) without reloading; α = 0 skips that ARM's decode entirely.
+    ``seed`` is the default for calls that pass none.
     """
 
     def __init__(
@@ -120,26 +162,27 @@ class GuidedModel:
                 raise InvalidOptionError(
                     f"unknown load option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
                 )
-            config = LoadConfig(base=None if base is None else str(base), arms=arm_specs(arms), **load_options)
+            specs = None if arms is None else arm_specs(arms)
+            config = LoadConfig(base=None if base is None else str(base), arms=specs, **load_options)
         elif base is not None or arms is not None or load_options:
             raise InvalidOptionError("give either config=LoadConfig(...) or base, arms and load options, not both")
         self.config = config
         self._engine = Engine(config)
+        # Dropped without close(): the finalizer stops the engine thread and frees the native memory. It holds the
+        # engine, which holds nothing of this object.
+        self._finalizer = weakref.finalize(self, self._engine.close)
         try:
             self.chat_template = resolve_template(config.chat_template, self._engine.base_model)
         except BaseException:
-            self._engine.close()
+            self.close()
             raise
         self.seed = seed
-        self.last_result: GenerationResult | None = None
-        self._lock = threading.Lock()
-        self._owner: int | None = None
 
     @property
     def arms(self) -> list[ArmSpec]:
         return [arm.spec for arm in self.engine.arms]
 
-    def arm_weights(self, weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    def arm_weights(self, weights: Mapping[str, float | None] | None = None) -> dict[str, float]:
         """Every ARM's α by name for a call with ``weights``: its default, overridden (unknown names refused)."""
         return dict(zip((arm.name for arm in self.engine.arms), self.engine.alphas(weights), strict=True))
 
@@ -147,19 +190,9 @@ class GuidedModel:
 
     @property
     def engine(self) -> Engine:
-        if self._engine is None:
-            raise InvalidOptionError("this GuidedModel is closed")
+        if self._engine.closed:
+            raise ModelClosedError("this GuidedModel is closed")
         return self._engine
-
-    def _acquire(self) -> None:
-        if self._owner == threading.get_ident():
-            raise InvalidOptionError("this thread still has an open stream on the model; exhaust or close it first")
-        self._lock.acquire()
-        self._owner = threading.get_ident()
-
-    def _release(self) -> None:
-        self._owner = None
-        self._lock.release()
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self.engine.base_model.tokenize(text, add_special=add_special)
@@ -170,59 +203,28 @@ class GuidedModel:
     def _prompt_tokens(self, prompt: Prompt) -> list[int]:
         return self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
 
+    def _job(self, tokens: list[int], config: SamplingConfig, weights, cancel: Cancel) -> tuple[Job, Callable | None]:
+        job = Job(tokens, config, self.engine.alphas(weights))
+        if isinstance(cancel, threading.Event):
+            job.cancel = cancel
+            return job, None
+        return job, cancel
+
     # ---- generation ----------------------------------------------------------------------------------------------
 
-    def _pieces(
-        self, prompt: Prompt, weights, cancel: Cancel, options: dict, result: GenerationResult
-    ) -> Iterator[str]:
-        """The one text loop: engine steps → text pieces, filling ``result`` as it goes."""
-        self._acquire()
-        try:
-            engine = self.engine
-            config = SamplingConfig.from_options(options, seed=self.seed)
-            if config.logprobs is not None:
-                result.logprobs, result.top_logprobs = [], []
-            text = StopText(engine.base_model.token_bytes, config.stop, config.stop_at_turns)
-            steps = engine.steps(self._prompt_tokens(prompt), config, weights, cancel, result.timings)
-            stopped = False
-            try:
-                for step in steps:
-                    result.finish_reason = step.finish_reason
-                    if step.token is None or step.finish_reason == "eos":
-                        break
-                    result.tokens.append(step.token)
-                    if result.logprobs is not None:
-                        result.logprobs.append(step.logprob)
-                        result.top_logprobs.append(step.top_logprobs)
-                    piece, stopped = text.push(step.token)
-                    if piece:
-                        result.text += piece
-                        yield piece
-                    if stopped:
-                        result.finish_reason = "stop"
-                        break
-            finally:
-                steps.close()
-            if not stopped:
-                tail = text.flush()
-                if tail:
-                    result.text += tail
-                    yield tail
-            self.last_result = result
-        finally:
-            self._release()
+    def stream(self, prompt: Prompt, *, weights=None, cancel: Cancel = None, **sampling) -> Stream:
+        """Start generating a completion of ``prompt`` (text, or token ids) with the sampling options of
+        SamplingConfig; iterate the Stream for its text, read ``stream.result`` for tokens, finish reason, timings
+        and logprobs. ``cancel``: a threading.Event, or a function polled while waiting."""
+        config = SamplingConfig.from_options(sampling, seed=self.seed)
+        job, poll = self._job(self._prompt_tokens(prompt), config, weights, cancel)
+        stream = Stream(self, job, poll)
+        self.engine.submit([job])
+        return stream
 
     def generate(self, prompt: Prompt, *, weights=None, cancel: Cancel = None, **sampling) -> GenerationResult:
         """Generate a completion of ``prompt`` (text, or token ids) with the sampling options of SamplingConfig."""
-        result = GenerationResult()
-        for _ in self._pieces(prompt, weights, cancel, sampling, result):
-            pass
-        return result
-
-    def stream(self, prompt: Prompt, *, weights=None, cancel: Cancel = None, **sampling) -> Iterator[str]:
-        """Yield the completion as text pieces (whole UTF-8 characters, stop strings left out); afterwards
-        ``last_result`` holds the full result."""
-        return self._pieces(prompt, weights, cancel, sampling, GenerationResult())
+        return self.stream(prompt, weights=weights, cancel=cancel, **sampling).drain()
 
     def generate_batch(
         self,
@@ -233,45 +235,55 @@ class GuidedModel:
         seeds: Sequence[int | None] | None = None,
         **sampling,
     ) -> list[GenerationResult]:
-        """Generate completions of several prompts at once (one multi-sequence batch per step; sequence i samples
-        with ``seeds[i]``, by default seed + i). For the batch runner: much higher throughput than one prompt after
-        another. Logprobs are not reported here."""
-        self._acquire()
+        """Generate completions of several prompts at once: they join the decode loop together and share its steps
+        (sequence i samples with ``seeds[i]``, by default seed + i). An error in any sequence is raised."""
+        if not prompts:
+            raise InvalidOptionError("generate_batch needs at least one prompt")
+        config = SamplingConfig.from_options(sampling, seed=self.seed)
+        if seeds is None:
+            seeds = [None if config.seed is None else config.seed + index for index in range(len(prompts))]
+        elif len(seeds) != len(prompts):
+            raise InvalidOptionError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+        requests = [
+            (self._prompt_tokens(prompt), dataclasses.replace(config, seed=seed), weights)
+            for prompt, seed in zip(prompts, seeds, strict=True)
+        ]
+        streams = self._start(requests, cancel)
         try:
-            engine = self.engine
-            config = SamplingConfig.from_options(sampling, seed=self.seed)
-            results = [GenerationResult() for _ in prompts]
-            texts = [StopText(engine.base_model.token_bytes, config.stop, config.stop_at_turns) for _ in prompts]
-            finished: set[int] = set()
-            prompt_tokens = [self._prompt_tokens(p) for p in prompts]
-            steps = batch_steps(engine, prompt_tokens, config, weights, cancel, finished, seeds)
-            try:
-                for seq, step in steps:
-                    result = results[seq]
-                    result.finish_reason = step.finish_reason
-                    if step.token is None or step.finish_reason == "eos":
-                        continue
-                    result.tokens.append(step.token)
-                    piece, stopped = texts[seq].push(step.token)
-                    result.text += piece
-                    if stopped:
-                        result.finish_reason = "stop"
-                        finished.add(seq)
-            finally:
-                steps.close()
-            for result, text in zip(results, texts, strict=True):
-                if result.finish_reason != "stop":
-                    result.text += text.flush()
-            return results
+            return [stream.drain() for stream in streams]
         finally:
-            self._release()
+            for stream in streams:
+                stream.close()
+
+    def generate_many(self, requests: Sequence) -> list[GenerationResult]:
+        """Requests with their own settings (each with ``tokens``, a SamplingConfig ``config`` and ``weights``, as
+        core.requests.prepare makes them) generated together, as generate_batch does; a request that fails has
+        finish_reason "error" and ``error`` set, the others are unaffected."""
+        streams = self._start([(request.tokens, request.config, request.weights) for request in requests], None)
+        results = []
+        for stream in streams:
+            try:
+                stream.drain()
+            except GenArmError:
+                pass  # stream.result.error holds it
+            results.append(stream.result)
+        return results
+
+    def _start(self, requests: Sequence[tuple], cancel: Cancel) -> list[Stream]:
+        """Streams for (tokens, SamplingConfig, weights) requests, submitted together: they join the same step."""
+        streams = []
+        for tokens, config, weights in requests:
+            job, poll = self._job(list(tokens), config, weights, cancel)
+            streams.append(Stream(self, job, poll))
+        self.engine.submit([stream.job for stream in streams])
+        return streams
 
     def chat(
         self, messages: Sequence[Message], *, weights=None, cancel: Cancel = None, stream: bool = False, **sampling
-    ) -> GenerationResult | Iterator[str]:
+    ) -> GenerationResult | Stream:
         """Reply to ``messages`` ([{"role": ..., "content": ...}, ...]) rendered with the chat template (see
-        chat_template.py). Each context keeps its KV cache between turns, so a new turn decodes only the tokens
-        after the common prefix with the previous one, not the whole history."""
+        chat_template.py). The slot's KV cache is reused for the history, in whole chunks (scheduler.py), so a new
+        turn decodes little more than what is new."""
         prompt = self.chat_prompt(messages)
         run = self.stream if stream else self.generate
         return run(prompt.tokens, weights=weights, cancel=cancel, **prompt.sampling(sampling))
@@ -297,22 +309,24 @@ class GuidedModel:
         normalized: bool = False,
         guard_min_p: float = 0.0,
     ) -> np.ndarray:
-        """log p(next token | tokens) under the guided mixture, before temperature (float32, n_vocab); masked
-        tokens (``guard_min_p``, see SamplingConfig) are -inf."""
-        self._acquire()
-        try:
-            return self.engine.mixed_logprobs(self._prompt_tokens(tokens), weights, normalized, guard_min_p)
-        finally:
-            self._release()
+        """log p(next token | tokens) under the guided distribution, before penalties and temperature (float32,
+        n_vocab); masked tokens (``guard_min_p``, see SamplingConfig) are -inf."""
+        config = SamplingConfig.from_options(dict(normalized=normalized, guard_min_p=guard_min_p, max_tokens=1))
+        job, _ = self._job(self._prompt_tokens(tokens), config, weights, None)
+        job.logprobs_into = np.empty(self.engine.n_vocab, dtype=np.float32)
+        stream = Stream(self, job)
+        self.engine.submit([job])
+        stream.drain()
+        if stream.result.finish_reason != "logprobs":
+            raise ModelClosedError("the model was closed before the log-probabilities were computed")
+        return job.logprobs_into
 
     # ---- lifetime ------------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free contexts, adapters and models (in reverse order of loading)."""
-        with self._lock:
-            if self._engine is not None:
-                self._engine.close()
-                self._engine = None
+        """End every generation (cancelled), then free contexts, adapters and models (in reverse order of loading).
+        Waits at most for the decode step in progress; safe from any thread, and twice."""
+        self._finalizer()
 
     def __enter__(self) -> GuidedModel:
         return self

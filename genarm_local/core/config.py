@@ -41,10 +41,23 @@ class SamplingConfig:
     top_k: int = option(40, "keep the k most likely tokens; 0: off")
     top_p: float = option(0.95, "nucleus: smallest set with this much mass; 1: off")
     min_p: float = option(0.05, "drop tokens below min_p × the top probability; 0: off")
-    repeat_penalty: float = option(1.0, "llama.cpp repeat penalty on recent tokens; 1: off")
-    repeat_last_n: int = option(64, "how many recent tokens the penalty looks at")
+    repeat_penalty: float = option(
+        1.0,
+        "penalise tokens among the last repeat_last_n: a positive logit is divided by it, a negative one "
+        "multiplied (llama.cpp's rule, on the guided logits); 1: off",
+    )
+    repeat_last_n: int = option(64, "how many recent tokens the penalties look at (0: none, -1: the whole context)")
+    frequency_penalty: float = option(0.0, "subtract this × a token's count among the last repeat_last_n; 0: off")
+    presence_penalty: float = option(0.0, "subtract this from every token among the last repeat_last_n; 0: off")
+    logit_bias: dict[int, float] | None = option(
+        None, "token id → bias added to its logit (-100 bans it in practice)", cli=False
+    )
     seed: int | None = option(None, "RNG seed; None: random", flags=("-s", "--seed"))
-    max_tokens: int = option(256, "stop after this many generated tokens", flags=("-n", "--max-tokens", "--n-predict"))
+    max_tokens: int | None = option(
+        256,
+        "stop after this many generated tokens; -1 or None: at end of generation, a stop, or the end of the context",
+        flags=("-n", "--max-tokens", "--n-predict"),
+    )
     stop: tuple[str, ...] = option((), "strings that end generation (never emitted)")
     stop_at_turns: bool = option(
         False, 'end at a new line that opens with a speaker\'s label ("User:", "Student:"); plain chat turns it on'
@@ -88,6 +101,13 @@ class SamplingConfig:
             values.pop("stop", None)
         if values.get("seed") is None and seed is not None:
             values["seed"] = seed
+        if values.get("max_tokens") == -1:  # llama.cpp's -n -1: no limit but the context
+            values["max_tokens"] = None
+        if isinstance(values.get("logit_bias"), Mapping):
+            try:
+                values["logit_bias"] = {int(token): float(bias) for token, bias in values["logit_bias"].items()}
+            except (TypeError, ValueError):
+                raise InvalidOptionError('logit_bias must map token ids to numbers, e.g. {"15043": -100}') from None
         config = cls(**values)
         config.validate()
         return config
@@ -101,7 +121,10 @@ class SamplingConfig:
             "guard_min_p": 0.0 <= self.guard_min_p <= 1.0,
             "repeat_penalty": self.repeat_penalty > 0.0,
             "repeat_last_n": self.repeat_last_n >= -1,
-            "max_tokens": self.max_tokens >= 1,
+            "max_tokens": self.max_tokens is None or self.max_tokens >= 1,
+            "frequency_penalty": math.isfinite(self.frequency_penalty),
+            "presence_penalty": math.isfinite(self.presence_penalty),
+            "logit_bias": self.logit_bias is None or all(math.isfinite(b) for b in self.logit_bias.values()),
             "logprobs": self.logprobs is None or self.logprobs >= 0,
             "stop": all(isinstance(s, str) and s for s in self.stop),
         }
@@ -119,8 +142,8 @@ def shipped_arms() -> dict[str, Path]:
 
 
 def default_arms() -> dict[str, float | None]:
-    """The ARMs `chat` adds to the embedded base when none is given: arms/defaults.json ({name: alpha}; null: the
-    ARM's recommended α)."""
+    """The ARMs loaded with the embedded base when none are given (LoadConfig.arms None): arms/defaults.json
+    ({name: alpha}; null: the ARM's recommended α)."""
     defaults = ARMS_DIR / "defaults.json"
     if not defaults.is_file():
         return {}
@@ -255,8 +278,16 @@ class LoadConfig:
         flags=("-m", "--base", "--model"),
         metavar="GGUF",
     )
-    arms: tuple[ArmSpec, ...] = option((), "the ARMs and their weights (see --arm)", cli=False)
-    n_ctx: int = option(2048, "context size in tokens", flags=("-c", "--ctx-size"))
+    arms: tuple[ArmSpec, ...] | None = option(
+        None,
+        "the ARMs and their weights (see --arm); None: with the embedded base, the shipped defaults "
+        "(arms/defaults.json), with any other base none",
+        cli=False,
+    )
+    n_ctx: int = option(2048, "context size in tokens, of each sequence", flags=("-c", "--ctx-size"))
+    n_parallel: int = option(
+        4, "sequences decoded together (slots): concurrent requests, or a batch's rows", flags=("-np", "--parallel")
+    )
     n_gpu_layers: int = option(
         0,
         "layers to offload to the GPU (llama.cpp built with CUDA or Metal)",
@@ -281,9 +312,13 @@ class LoadConfig:
     )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "arms", arm_specs(self.arms))
+        arms = self.arms
+        if arms is None:  # the one default everywhere (API, chat, generate, batch, serve, Ray)
+            arms = [ArmSpec.of(name, alpha) for name, alpha in default_arms().items()] if self.base is None else ()
+        object.__setattr__(self, "arms", arm_specs(arms))
         checks = {
             "n_ctx": self.n_ctx >= 1,
+            "n_parallel": self.n_parallel >= 1,
             "n_gpu_layers": self.n_gpu_layers >= -1,
             "n_threads": self.n_threads is None or self.n_threads >= 1,
         }

@@ -1,7 +1,8 @@
 """Owners of llama.cpp's per-sequence state: a context (KV cache, compute buffers, logits) and a batch.
 
-Split from native.py (models and adapters) by concern: contexts are what the engine steps. Each object owns one
-native handle and frees it in ``close()`` (also on ``with`` exit).
+Split from native.py (models and adapters) by concern: contexts are what the scheduler steps (decode_batch, several
+sequences), and what scoring reads (decode_outputs, logits_all: one sequence). Each object owns one native handle and
+frees it in ``close()`` (also on ``with`` exit).
 """
 
 from __future__ import annotations
@@ -62,12 +63,11 @@ class Context:
                 self.close()
                 raise CorruptModelError(f"llama.cpp refused the adapters for {model.path}: {last_native_error()}")
 
-        # The tokens whose keys and values sit in the cache (sequence 0), in order: what prefix reuse compares.
+        # Single-sequence use (decode, decode_outputs, logits_all): the tokens whose keys and values sit in the cache
+        # of sequence 0, in order, which decode_outputs' prefix reuse compares.
         self.tokens: list[int] = []
-        # Tokens pushed through llama_decode since creation: how tests see that a prefix was reused.
+        # Tokens pushed through llama_decode since creation: how tests see what was decoded.
         self.n_decoded = 0
-        self._one = (lc.llama_token * 1)()
-        self._one_batch = lc.llama_batch_get_one(self._one, 1)
 
     @property
     def ptr(self):
@@ -93,34 +93,6 @@ class Context:
             self._check(lc.llama_decode(self._ptr, lc.llama_batch_get_one(chunk, count)))
             self.tokens.extend(tokens[start : start + count])
             self.n_decoded += count
-
-    def decode_one(self, token: int) -> None:
-        """Append one token, reusing a preallocated one-token batch (the per-step path of generation)."""
-        if len(self.tokens) >= self.n_ctx:
-            raise InvalidOptionError(f"the context of {self.n_ctx} tokens is full")
-        self._one[0] = token
-        self._check(lc.llama_decode(self._ptr, self._one_batch))
-        self.tokens.append(token)
-        self.n_decoded += 1
-
-    def sync(self, tokens: Sequence[int]) -> int:
-        """Make the cache hold exactly ``tokens`` with the last one's logits fresh; returns how many were decoded.
-
-        Only the tokens after the common prefix with the cache are decoded (llama_memory_seq_rm drops the rest).
-        The last token is always decoded again, and on its own: its logits row may have been overwritten (mixing
-        works in place), and llama.cpp's quantized matmuls round a row differently in a batch than alone (measured
-        on Gemma-3-270M Q4_K_M: up to 0.9 in a logit), so decoding it alone every time makes the same prompt give the
-        same logits whether its prefix was cached or not -- the same seed the same text, here and in the server's
-        scheduler, which decodes a prompt's last token with its first step.
-        """
-        if not tokens:
-            raise InvalidOptionError("empty prompt: give at least one token")
-        keep = self._keep_prefix(tokens[:-1])
-        before = self.n_decoded
-        if keep < len(tokens) - 1:
-            self.decode(tokens[keep:-1])
-        self.decode(tokens[-1:])
-        return self.n_decoded - before
 
     def _keep_prefix(self, tokens: Sequence[int]) -> int:
         """Drop the cached tokens after their common prefix with ``tokens``; returns how many stay cached."""

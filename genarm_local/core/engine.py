@@ -1,56 +1,55 @@
-"""The guided stepping loop: a base model and its ARMs decoded together, one token at a time.
+"""A loaded base and its ARMs, and the thread that runs their one decode loop.
 
-One story, in the order of llama.cpp's examples/simple: load the base and every ARM → check vocabularies →
-contexts → (per call) prefill → sampler chain → loop { mix ARM log-probs into the base's logits row; sample;
-decode the token in every context } → free in reverse order. generate, stream, chat and next_token_logprobs in
-api.py are thin layers over ``Engine.steps`` and ``Engine.mixed_logprobs``. Only native.py talks to llama.cpp.
+One story, in the order of llama.cpp's examples/simple: load the base and every ARM → check vocabularies → (on the
+engine thread) contexts, prefill, sampler chains, and the loop of scheduler.Scheduler.step → free in reverse order.
+Every caller — GuidedModel's methods, the batch runner, the server's handlers — submits Jobs and reads their events;
+none touches a llama.cpp context. Two threads generating on one model share the loop's steps.
 
 An ARM is a full GGUF model (any size, same vocabulary: weak-to-strong guidance) or a GGUF LoRA adapter
-(general.type = "adapter"), which becomes a second context over the base's own loaded model with the adapter set on
-that context only, so the weights are in memory once.
+(general.type = "adapter"), whose contexts are over the base's own loaded model with the adapter set on them, so the
+weights are in memory once.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import queue
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-
-import numpy as np
 
 from .arm_metadata import Calibration, read_calibration
 from .config import ArmSpec, LoadConfig, SamplingConfig, find_arm
 from .context import Context
-from .decode_times import DecodeTimes
 from .errors import (
     AdapterMismatchError,
     ContextOverflowError,
     CorruptModelError,
+    GenArmError,
     InvalidOptionError,
+    ModelClosedError,
     NotACheckpointError,
     VocabularyMismatchError,
 )
-from .mixing import mix_logprobs
 from .native import Adapter, Model, block_signals, gguf_header
-from .sampling import SamplerChain
+from .scheduler import Job, Scheduler
 
-Cancel = Callable[[], bool] | threading.Event | None
 T = TypeVar("T")
 
 
 @dataclass
 class Arm:
-    """One loaded ARM: what was asked for, its default weight α, and the context it decodes in."""
+    """One loaded ARM: what was asked for, its default weight α, the model its contexts run (the base's own for a
+    LoRA ARM) and its adapter."""
 
     spec: ArmSpec
     alpha: float  # None when constructed: the recommended α
-    context: Context
-    adapter: Adapter | None  # a LoRA ARM: its context is over the base's model with this adapter set
+    model: Model
+    adapter: Adapter | None  # a LoRA ARM: its contexts are over the base's model with this adapter set
     calibration: Calibration | None = None  # the ARM file's own (genarm.calibration.* metadata)
 
     def __post_init__(self) -> None:
@@ -67,35 +66,6 @@ class Arm:
         return self.spec.name
 
 
-@dataclass
-class Step:
-    """One sampled token; ``finish_reason`` is set on the last step ("eos", "length", "cancelled", or "error" when
-    the scheduler failed that sequence)."""
-
-    token: int | None
-    logprob: float | None = None
-    top_logprobs: dict[int, float] | None = None
-    finish_reason: str | None = None
-
-
-@dataclass
-class Timings:
-    prompt_tokens: int = 0
-    prompt_decoded: int = 0  # tokens actually decoded in the base context (the rest came from the KV cache)
-    prompt_s: float = 0.0
-    generated_tokens: int = 0
-    generation_s: float = 0.0
-    per_context_decoded: list[int] = field(default_factory=list)
-
-    @property
-    def prompt_tokens_per_s(self) -> float:
-        return self.prompt_decoded / self.prompt_s if self.prompt_s > 0 else 0.0
-
-    @property
-    def generated_tokens_per_s(self) -> float:
-        return self.generated_tokens / self.generation_s if self.generation_s > 0 else 0.0
-
-
 def check_same_vocabulary(base: Model, arm: Model) -> None:
     """Refuse an ARM whose token table differs from the base's on the base's ids (extra ARM padding is fine)."""
     for token in range(base.n_vocab):
@@ -108,49 +78,50 @@ def check_same_vocabulary(base: Model, arm: Model) -> None:
             )
 
 
-def is_set(cancel: Cancel) -> bool:
-    if cancel is None:
-        return False
-    return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
-
-
 class Engine:
-    """Loaded base + ARMs with one context each. Not thread-safe by itself: GuidedModel serializes calls."""
+    """Loaded base + ARMs and the one Scheduler over them, stepped by one engine thread (started on the first job).
+
+    ``submit`` may be called from any thread; each job's events reach its ``on_event`` on the engine thread, and
+    ``after_step`` callbacks run there after every step's events. ``close`` ends every job (cancelled), waits for the
+    step in progress, stops the thread and frees everything."""
 
     def __init__(self, config: LoadConfig):
         self.config = config
         self.n_threads = config.threads
         # Concurrent: each active context decodes on its own thread with its share of the cores (llama_decode
-        # releases the GIL). None decides per call: on the CPU, when every context gets at least one core -- a
+        # releases the GIL). None decides per step: on the CPU, when every context gets at least one core -- a
         # small model's decode scales sublinearly across threads, so side by side on a share each is a little
-        # faster than one after the other on all (1.05x on 2 cores; bench/bench_engine.py measures it).
+        # faster than one after the other on all (bench/bench_engine.py measures it).
         self.concurrent = config.concurrent
         self._pool: ThreadPoolExecutor | None = None
-        self.decode_times = DecodeTimes()  # step times measured by the schedulers over this engine (decode_times.py)
         base = config.base_path()
         # Everything loaded so far is freed, in reverse order, if a later step fails: nothing half-loaded remains.
         with contextlib.ExitStack() as stack:
             if gguf_header(base)["type"] == "adapter":
                 raise NotACheckpointError(f"{base} is a LoRA adapter, not a model: give it as an ARM of its base")
             self.base_model = stack.enter_context(Model(base, config))
-            self.base = stack.enter_context(Context(self.base_model, config))
             self.n_vocab = self.base_model.n_vocab
             self.arms: list[Arm] = []
             for spec in config.arms:
                 header = gguf_header(spec.path)
                 if header["type"] == "adapter":
+                    model = self.base_model
                     adapter = stack.enter_context(self._load_adapter(spec.path, header["architecture"]))
-                    context = stack.enter_context(Context(self.base_model, config, adapters=[(adapter, 1.0)]))
                 else:
                     adapter = None
                     model = stack.enter_context(Model(spec.path, config))
                     check_same_vocabulary(self.base_model, model)
-                    context = stack.enter_context(Context(model, config))
-                # An ARM given without a weight runs at the α its calibration recommends: the same strength (KL
-                # budget) for every ARM, whatever scale its training left it at; uncalibrated, the paper's α = 1.
-                self.arms.append(Arm(spec, spec.alpha, context, adapter, read_calibration(spec.path)))
+                # An ARM given without a weight runs at the α its calibration recommends; uncalibrated, the paper's 1.
+                self.arms.append(Arm(spec, spec.alpha, model, adapter, read_calibration(spec.path)))
+            self.scheduler = stack.enter_context(Scheduler(self, config.n_parallel, config.n_ctx))
             self._resources = stack.pop_all()
-        self.n_ctx = self.base.n_ctx
+        self.n_ctx = config.n_ctx
+        self.after_step: list[Callable[[], None]] = []
+        self._inbox: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._free_on_exit = False  # close() was called on the engine thread: the loop frees everything as it ends
 
     def _load_adapter(self, path: Path, architecture: str) -> Adapter:
         base_architecture = self.base_model.meta("general.architecture")
@@ -164,6 +135,16 @@ class Engine:
         except CorruptModelError as exc:
             raise AdapterMismatchError(f"{exc}; was the adapter trained on this base?") from exc
 
+    def new_context(self, index: int, n_ctx: int, n_seq_max: int = 1) -> Context:
+        """A new context of model ``index`` (0: the base, i: ARM i - 1), the caller's to close."""
+        if index == 0:
+            return Context(self.base_model, self.config, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=max(512, n_seq_max))
+        arm = self.arms[index - 1]
+        adapters = [(arm.adapter, 1.0)] if arm.adapter is not None else []
+        return Context(
+            arm.model, self.config, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=max(512, n_seq_max), adapters=adapters
+        )
+
     # ---- weights -------------------------------------------------------------------------------------------------
 
     def alphas(self, weights: Mapping[str, float | None] | None = None) -> list[float]:
@@ -176,141 +157,83 @@ class Engine:
             alphas[index] = self.arms[index].recommended_alpha if alpha is None else float(alpha)
         return alphas
 
-    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        """Refuse a request whose prompt plus max_tokens exceeds the context window."""
-        if n_prompt + max_tokens > self.n_ctx:
+    def check_prompt(self, n_tokens: int) -> None:
+        """Refuse a prompt that leaves no room in a sequence's context for a single generated token."""
+        if n_tokens >= self.n_ctx:
             raise ContextOverflowError(
-                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceed the context of {self.n_ctx} tokens; "
-                "shorten the prompt, lower max_tokens or load with a larger n_ctx (-c)"
+                f"the prompt has {n_tokens} tokens but a sequence's context holds {self.n_ctx}, with room for the "
+                "reply; shorten the prompt or load with a larger n_ctx (-c)"
             )
 
     def active_arms(self, alphas: Sequence[float]) -> list[tuple[Arm, float]]:
         """ARMs with α ≠ 0; the others are not decoded at all."""
         return [(arm, alpha) for arm, alpha in zip(self.arms, alphas, strict=True) if alpha != 0.0]
 
-    # ---- the mixing ----------------------------------------------------------------------------------------------
-
-    def mix(
-        self,
-        active: Sequence[tuple[Arm, float]],
-        normalized: bool,
-        dst: np.ndarray | None = None,
-        contexts: Sequence[Context] | None = None,
-        rows: Sequence[int] | None = None,
-        guard_min_p: float = 0.0,
-    ) -> None:
-        """Write log p = w0·log_softmax(base) + Σ α_i·log_softmax(arm_i) − log Z (mixing.py) into ``dst``, by
-        default the base's own logits row (in place, where the sampler chain reads it).
-
-        ``contexts`` (base first, then one per active ARM) default to the loaded ones; ``rows`` (one per context,
-        default the last) pick a sequence's row in each after a multi-sequence decode. ``normalized`` is the paper
-        code's form (base + Σα_i·arm_i)/(1 + Σα_i): every weight divided by 1 + Σα_i. ``guard_min_p`` τ > 0 first
-        masks the tokens the base finds implausible (p_base < τ · max p_base).
-        """
-        base, *arms = contexts or [self.base, *(arm.context for arm, _ in active)]
-        base_row, *arm_rows = rows or [-1] * (1 + len(arms))
-        scale = 1.0 / self.normalizer([alpha for _, alpha in active]) if normalized else 1.0
-        base_address = base.logits_address(base_row)
-        mix_logprobs(
-            base_address if dst is None else dst,
-            base_address,
-            [arm.logits_address(row) for arm, row in zip(arms, arm_rows, strict=True)],
-            [alpha * scale for _, alpha in active],
-            base_weight=scale,
-            n_vocab=self.n_vocab,
-            n_threads=self.n_threads,
-            guard_min_p=guard_min_p,
-        )
-
-    def temperature_scale(self, config: SamplingConfig, active: Sequence[tuple[Arm, float]]) -> float:
-        """What the sampler chain divides T by for a row mixed as ``mix(active, config.normalized)`` writes it: the
-        normalised row (its log-probs divided by 1 + Σα) needs T/(1+Σα) to sample the same distribution, and
-        ``scale_temperature`` samples that distribution at T·max(1, 1+Σα) (SamplingConfig)."""
+    @staticmethod
+    def temperature_factor(config: SamplingConfig, active: Sequence[tuple[Arm, float]]) -> float:
+        """What the sampler chain multiplies T by: ``scale_temperature`` samples the guided distribution at
+        T·max(1, 1+Σα) (SamplingConfig)."""
         alphas = [alpha for _, alpha in active]
-        divisor = self.normalizer(alphas) if config.normalized else 1.0
-        sharpness = max(1.0, 1.0 + sum(alphas)) if config.scale_temperature and active else 1.0
-        return divisor / sharpness
+        return max(1.0, 1.0 + sum(alphas)) if config.scale_temperature and active else 1.0
 
     @staticmethod
     def normalizer(alphas: Sequence[float]) -> float:
+        """1 + Σα: the paper's form divides the guided log-probs by it (``normalized``)."""
         total = 1.0 + sum(alphas)
         if total <= 0.0:
             raise InvalidOptionError(f"normalized mixing needs 1 + Σα > 0, got {total:g}")
         return total
 
-    def _prefill(self, tokens: Sequence[int], contexts: Sequence[Context]) -> list[int]:
-        if len(tokens) > self.n_ctx:
-            raise ContextOverflowError(f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}")
-        return self.each(contexts, lambda context: context.sync(tokens))
+    # ---- jobs ----------------------------------------------------------------------------------------------------
 
-    def mixed_logprobs(
-        self, tokens: Sequence[int], weights=None, normalized: bool = False, guard_min_p: float = 0.0
-    ) -> np.ndarray:
-        """The guided next-token log-probabilities after ``tokens`` (before temperature), as a new array."""
-        active = self.active_arms(self.alphas(weights))
-        contexts = [self.base] + [arm.context for arm, _ in active]
-        with self.thread_shares(contexts):
-            self._prefill(tokens, contexts)
-        out = np.empty(self.n_vocab, dtype=np.float32)
-        self.mix(active, normalized, dst=out, guard_min_p=guard_min_p if active else 0.0)
-        return out
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue ``jobs`` (any thread); they join the loop together, in this order, at its next step."""
+        for job in jobs:
+            self.scheduler.check(job)
+        with self._lock:
+            if self._closed:
+                raise ModelClosedError("this model is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="genarm-engine", daemon=True)
+                self._thread.start()
+            self._inbox.put(list(jobs))
 
-    # ---- the stepping loop ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        """The engine thread: take new jobs, step, hand each job its events; until close()."""
+        block_signals()  # Ctrl-C belongs to the main thread, which cancels what it waits for
+        scheduler = self.scheduler
+        while True:
+            try:
+                batches = [self._inbox.get(block=not scheduler.busy)]
+            except queue.Empty:
+                batches = []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    batches.append(self._inbox.get_nowait())
+            for jobs in batches:
+                for job in jobs or ():
+                    scheduler.submit(job)
+            if None in batches:
+                break
+            try:
+                events = scheduler.step()
+            except Exception as exc:  # a bug, not a bad request: fail what runs, start over, keep serving
+                failure = exc if isinstance(exc, GenArmError) else GenArmError(f"internal error: {exc!r}")
+                events = scheduler.cancel_all(failure)
+                scheduler.reset()
+            self._deliver(events)
+        self._deliver(scheduler.cancel_all())
+        if self._free_on_exit:
+            self._free()
 
-    def steps(
-        self,
-        prompt: Sequence[int],
-        config: SamplingConfig,
-        weights: Mapping[str, float] | None = None,
-        cancel: Cancel = None,
-        timings: Timings | None = None,
-    ) -> Iterator[Step]:
-        """Generate from ``prompt`` token by token; the last Step carries the finish reason (a stop string is the
-        caller's business: it closes this generator)."""
-        timings = timings if timings is not None else Timings()
-        alphas = self.alphas(weights)
-        self.check_fits(len(prompt), config.max_tokens)
-        active = self.active_arms(alphas)
-        contexts = [self.base] + [arm.context for arm, _ in active]
-        # With no ARM active the row is left as llama.cpp produced it: plain llama.cpp sampling, bit for bit (the
-        # guard, too, belongs to the guided distribution: α = 0 everywhere is the base's own output).
-        guided = bool(active) or config.normalized
-        guard = config.guard_min_p if active else 0.0
-        temperature_scale = self.temperature_scale(config, active)
-        scratch = np.empty(self.n_vocab, dtype=np.float32) if not guided and config.logprobs is not None else None
+    def _deliver(self, events) -> None:
+        for job, event in events:
+            job.on_event(event)
+        if events:
+            for callback in self.after_step:
+                callback()
 
-        with SamplerChain(config, self.base_model, temperature_scale) as chain, self.thread_shares(contexts):
-            # 1. Prefill every active context; only tokens after the cached common prefix are decoded.
-            start = time.perf_counter()
-            timings.per_context_decoded = self._prefill(prompt, contexts)
-            timings.prompt_tokens, timings.prompt_decoded = len(prompt), timings.per_context_decoded[0]
-            timings.prompt_s = time.perf_counter() - start
-            start = time.perf_counter()
-            for index in range(config.max_tokens):
-                if is_set(cancel):
-                    yield Step(None, finish_reason="cancelled")
-                    return
-                # 2. Mix the ARMs' log-probs into the base's logits row, in place.
-                if guided:
-                    self.mix(active, config.normalized, contexts=contexts, guard_min_p=guard)
-                # 3. Sample from that row with llama.cpp's chain (which also accepts the token).
-                token = chain.sample(self.base)
-                step = Step(token)
-                if config.logprobs is not None:
-                    step.logprob, step.top_logprobs = self.read_logprobs(token, config.logprobs, scratch)
-                timings.generated_tokens = index + 1
-                timings.generation_s = time.perf_counter() - start
-                if self.base_model.is_eog(token):
-                    step.finish_reason = "eos"
-                    yield step
-                    return
-                if index + 1 == config.max_tokens:
-                    step.finish_reason = "length"
-                    yield step
-                    return
-                yield step
-                # 4. Feed the token to every active context.
-                self.each(contexts, lambda context, token=token: context.decode_one(token))
+    # ---- decoding contexts side by side ----------------------------------------------------------------------------
 
     def _concurrent(self, contexts: Sequence[Context]) -> bool:
         if len(contexts) < 2:
@@ -320,7 +243,8 @@ class Engine:
         return self.config.n_gpu_layers == 0 and len(contexts) <= self.n_threads
 
     def each(self, contexts: Sequence[Context], work: Callable[[Context], T]) -> list[T]:
-        """``work(context)`` for every context: one after the other, or concurrently on the pool's threads."""
+        """``work(context)`` for every context: one after the other, or concurrently on the pool's threads. Returns
+        (or raises the first error) only once every call has returned, so nothing touches a context still decoding."""
         if not self._concurrent(contexts):
             return [work(context) for context in contexts]
         if self._pool is None:
@@ -328,7 +252,10 @@ class Engine:
                 max_workers=max(1, len(self.arms)), thread_name_prefix="genarm-decode", initializer=block_signals
             )
         others = [self._pool.submit(work, context) for context in contexts[1:]]
-        first = work(contexts[0])
+        try:
+            first = work(contexts[0])
+        finally:
+            concurrent.futures.wait(others)
         return [first, *(future.result() for future in others)]
 
     @contextlib.contextmanager
@@ -346,30 +273,34 @@ class Engine:
             for context in contexts:
                 context.set_threads(self.n_threads, self.n_threads)
 
-    def read_logprobs(
-        self, token: int, top_n: int, scratch: np.ndarray | None, context: Context | None = None, row: int = -1
-    ) -> tuple[float, dict[int, float]]:
-        """The sampled token's mixed log-prob and the top-n alternatives, read from the mixed row (``row`` of
-        ``context``, by default the base's last). ``scratch`` is given when the row was not mixed (unguided)."""
-        context = context or self.base
-        if scratch is not None:  # unguided: the row holds raw logits, normalise a copy
-            self.mix([], False, dst=scratch, contexts=[context], rows=[row])
-            values = scratch
-        else:
-            values = context.logits_row(row)
-        top: dict[int, float] = {}
-        if top_n:
-            best = np.argpartition(values, -top_n)[-top_n:]
-            top = {int(t): float(values[t]) for t in best[np.argsort(values[best])[::-1]]}
-        return float(values[token]), top
+    # ---- lifetime --------------------------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
-        if getattr(self, "_pool", None) is not None:
+        """End every job (cancelled), wait for the step in progress, stop the engine thread, free contexts, adapters
+        and models in reverse order. From the engine thread itself (a job's on_event) it only asks the loop to stop."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+        self.scheduler.stopping.set()
+        if thread is not None:
+            self._inbox.put(None)
+            if thread is threading.current_thread():
+                self._free_on_exit = True  # the loop ends after this step and frees everything then
+                return
+            thread.join()
+        self._free()
+
+    def _free(self) -> None:
+        if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        resources, self._resources = getattr(self, "_resources", None), None
-        if resources is not None:
-            resources.close()
+        self._resources.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -86,5 +86,9 @@ class UnknownModelError(InvalidOptionError):
     """A request names a model (or preset) that the server does not serve."""
 
 
+class ModelClosedError(GenArmError):
+    """The model was closed: it takes no more work."""
+
+
 class ServerBusyError(GenArmError):
     """Every slot is taken and the waiting queue is full: try again later."""

@@ -1,16 +1,20 @@
-"""The GenARM guidance step: base and ARM logits in, one row of log-probabilities out.
+"""The GenARM guidance step on one row of float32 logits: the guided logits, and their log-probabilities.
 
-The arithmetic runs in the C extension genarm_local.core._fused (kernels/mix.c, with its Python face kernels/fused.c);
-this module documents the formula, fills in defaults and turns the kernel's errors into genarm_local.core.errors
-classes. The float64 numpy reference it is tested against lives in tests/core/test_kernel.py.
+The arithmetic runs in the C extension genarm_local.core._fused (kernels/mix.c, with its Python face kernels/fused.c)
+with the GIL released; this module documents the formulas, resolves rows to addresses, checks the arguments and turns
+the kernel's errors into genarm_local.core.errors classes. The float64 numpy reference it is tested against lives in
+tests/core/test_kernel.py.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
+import operator
 from collections.abc import Sequence
-from numbers import Real
 from typing import Any
+
+import numpy as np
 
 from . import _fused
 from .errors import InvalidOptionError, NumericalError
@@ -19,106 +23,141 @@ from .errors import InvalidOptionError, NumericalError
 # np.ndarray.ctypes.data gives), or a ctypes pointer (what llama_cpp.llama_get_logits_ith returns).
 Row = Any
 
+_FLOAT32_FORMATS = {"f", "=f", "@f", "<f" if np.little_endian else ">f"}
 
-def mix_logprobs(
+
+def guide(
     dst: Row,
     base: Row,
     arms: Sequence[Row] = (),
     alphas: Sequence[float] = (),
     *,
-    base_weight: float = 1.0,
     n_vocab: int | None = None,
-    n_rows: int | None = None,
-    base_stride: int | None = None,
-    arm_strides: Sequence[int] | None = None,
-    n_threads: int = 1,
     guard_min_p: float = 0.0,
 ) -> None:
-    """Write the GenARM decoding distribution's log-probabilities into ``dst``.
+    """Guided logits of GenARM (Xu et al., ICLR 2025, sec. 4) on the base's logit scale:
+        dst[t] = base[t] + sum_i alpha_i * (arm_i[t] - logsumexp(arm_i))
+    i.e. log p_base + sum_i alpha_i log p_arm_i up to a constant per row: sampling softmax(dst / T) is sampling
+    p_base * prod p_arm_i^alpha_i at temperature T, and at alpha = 0 dst is the base's raw logits, bit for bit, so
+    llama.cpp's samplers (repeat penalty divides a positive logit, multiplies a negative one; biases; top-k...)
+    act on it exactly as on the base alone.
+    guard_min_p tau in (0, 1]: tokens whose raw base logit is below max(base) + ln(tau) are -inf (base-plausibility
+    guard, Li et al. 2023 contrastive decoding); tau = 0: off, and nothing of it runs.
+    A token that is -inf in the base or in any ARM row with alpha != 0 is -inf in dst, whatever the sign of alpha.
+    ARM rows with alpha == 0 are not read (may be None). ARM rows may be longer than n_vocab (padded vocabulary): only
+    their first n_vocab entries are used, logsumexp included.
+    NaN or +inf in any row read -> NumericalError naming which input (base or ARM index); an ARM row that is -inf
+    everywhere -> NumericalError; a result with no finite token left -> NumericalError. dst may be base itself (in
+    place, the normal use on llama.cpp's logits buffer) but must not otherwise overlap an input.
 
-    For each of ``n_rows`` sequences, the guided decoding distribution of GenARM (Xu et al., ICLR 2025, section 4):
-
-        dst = w0 * log_softmax(base) + sum_i alpha_i * log_softmax(arms[i])  -  logsumexp(same)
-
-    i.e. log p with p proportional to p_base^w0 * prod_i p_arm_i^alpha_i, where w0 is ``base_weight`` (1 in the
-    paper) and alpha_i = 1/beta_i. Several ARMs give multi-objective alignment, a negative alpha steers away, and an
-    ARM with alpha 0 is not read at all (it may be None). Temperature is left to the sampler: sampling this row at
-    temperature T is the paper's T.
-
-    The base-plausibility guard (``guard_min_p`` = tau > 0) first masks every token whose base probability is below
-    tau times that of the base's most likely token, i.e. whose raw base logit is below max(base) + ln tau; the
-    tokens left are mixed and renormalised as above:
-
-        dst = log p_guarded,   p_guarded ∝ p * [p_base >= tau * max_v p_base(v)]
-
-    So the ARMs re-rank what the base finds plausible and can never promote what it finds absurd: the adaptive
-    plausibility constraint of contrastive decoding (Li et al., "Contrastive Decoding: Open-ended Text Generation
-    as Optimization", ACL 2023). The guard reads the base row raw whatever ``base_weight`` is (even 0). The base's
-    most likely token always passes, so the guard alone never empties a row. tau = 0 (the default) is no guard, bit
-    for bit; tau = 1 keeps only the base's most likely token(s).
-
-    A token that is -inf in any row with nonzero weight (a masked token) is -inf in dst, whatever the sign of the
-    weight. NaN or +inf in a row, or a row with nothing left to sample, raises NumericalError naming the row and
-    the sequence; dst's contents are then unspecified.
-
-    Args:
-        dst: where the result goes; normally the base row itself (in place). Uses the base's stride.
-        base: the base model's logits.
-        arms: each ARM's logits; a vocabulary longer than n_vocab (padding) is cut to its first n_vocab entries.
-        alphas: one weight per ARM.
-        base_weight: w0.
-        n_vocab: tokens per row; default: dst's last dimension (required when dst is an address).
-        n_rows: sequences laid out one after another; default: the product of dst's other dimensions (1 for a
-            1-D row or an address).
-        base_stride: floats from one base (and dst) row to the next; default n_vocab.
-        arm_strides: the same for each ARM; default n_vocab each (an ARM with a padded vocabulary needs its own).
-        n_threads: threads to share the work: a batch by rows, a single row by blocks. Worth it between decode steps,
-            when llama.cpp's own threads are idle; the kernel uses fewer where a thread would have under 65,536
-            tokens to do. The result does not depend on it, bit for bit. The helper threads are a pool started on
-            first use; a call made while another thread's call holds the pool runs on its own thread.
-        guard_min_p: tau of the base-plausibility guard, in [0, 1]; 0 turns it off.
-
-    Rows are float32 buffers, addresses (int) or ctypes pointers, never copied. The GIL is released while the
-    kernel runs.
+    n_vocab defaults to dst's length (required when dst is an address). After a NumericalError about an ARM row dst
+    is as it was; after any other, its contents are unspecified.
     """
     if len(arms) != len(alphas):
         raise InvalidOptionError(f"got {len(arms)} ARM rows but {len(alphas)} alphas; give one alpha per ARM")
-    if isinstance(guard_min_p, bool) or not isinstance(guard_min_p, Real) or not 0.0 <= guard_min_p <= 1.0:
+    alphas = [_finite(alpha, f"alpha of ARM row {i}") for i, alpha in enumerate(alphas)]
+    if not 0.0 <= _real(guard_min_p) <= 1.0:
         raise InvalidOptionError(
             f"guard_min_p must be a number between 0 and 1 (a fraction of the base's top probability), "
             f"got {guard_min_p!r}"
         )
-    dst, base, arms = _address_or_buffer(dst), _address_or_buffer(base), [_address_or_buffer(arm) for arm in arms]
-    if isinstance(dst, int):
-        if n_vocab is None:
-            raise InvalidOptionError("n_vocab is required when dst is an address rather than a buffer")
-        n_rows = 1 if n_rows is None else n_rows
-    elif n_vocab is None or n_rows is None:
-        vocab_from_dst, rows_from_dst = _row_shape(dst)
-        n_vocab = vocab_from_dst if n_vocab is None else n_vocab
-        n_rows = rows_from_dst if n_rows is None else n_rows
-    if base_stride is None:
-        base_stride = n_vocab
-    if arm_strides is None:
-        arm_strides = [n_vocab] * len(arms)
+    n_vocab = _n_vocab(dst, n_vocab)
+    held: list[memoryview] = []  # buffers stay exported (not resizable) until the kernel returns
+    dst_at = _address(dst, "dst", n_vocab, held, writable=True)
+    base_at = _address(base, "base row", n_vocab, held)
+    _check_overlap(dst_at, base_at, "base row", n_vocab, may_be_it=True)
+    arm_ats = []
+    for i, (arm, alpha) in enumerate(zip(arms, alphas, strict=True)):
+        arm_ats.append(_address(arm, f"ARM row {i}", n_vocab, held) if alpha != 0 else 0)
+        _check_overlap(dst_at, arm_ats[-1], f"ARM row {i}", n_vocab, may_be_it=False)
+    _run(_fused.guide, dst_at, base_at, tuple(arm_ats), tuple(alphas), n_vocab, _real(guard_min_p))
+
+
+def log_softmax(dst: Row, src: Row, *, n_vocab: int | None = None, scale: float = 1.0) -> None:
+    """dst = log_softmax(scale * src) over n_vocab tokens; -inf stays -inf; in place allowed. For reported
+    log-probs (the row after guide(), normalised) and the paper's normalised form (scale = 1/(1+sum alpha)).
+    NaN/+inf -> NumericalError; nothing finite -> NumericalError; scale must be finite and > 0 (InvalidOptionError;
+    in practice between 1e-30 and 1e30, so that scale * log2(e) is a positive float32).
+    """
+    if not 1e-30 <= _real(scale) <= 1e30:  # so that scale * log2(e) is a positive float32
+        raise InvalidOptionError(f"scale must be a finite number > 0 (between 1e-30 and 1e30), got {scale!r}")
+    n_vocab = _n_vocab(dst, n_vocab)
+    held: list[memoryview] = []
+    dst_at = _address(dst, "dst", n_vocab, held, writable=True)
+    src_at = _address(src, "src", n_vocab, held)
+    _check_overlap(dst_at, src_at, "src", n_vocab, may_be_it=True)
+    _run(_fused.log_softmax, dst_at, src_at, n_vocab, _real(scale))
+
+
+def _run(kernel, *args) -> None:
     try:
-        _fused.mix(
-            dst,
-            base,
-            arms,
-            list(alphas),
-            base_weight,
-            n_vocab,
-            n_rows,
-            base_stride,
-            list(arm_strides),
-            n_threads,
-            float(guard_min_p),
-        )
+        kernel(*args)
     except FloatingPointError as exc:
         raise NumericalError(str(exc)) from exc
     except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidOptionError(f"mix_logprobs: {exc}") from exc
+        raise InvalidOptionError(f"{kernel.__name__}: {exc}") from exc
+
+
+def _real(value: object) -> float:
+    """value as a float; NaN for what is not a real number (a bool, a string, None...)."""
+    if isinstance(value, (bool, str, bytes)):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _finite(value: object, name: str) -> float:
+    if not math.isfinite(_real(value)):
+        raise InvalidOptionError(f"{name} must be a finite number, got {value!r}")
+    return _real(value)
+
+
+def _n_vocab(dst: Row, n_vocab: int | None) -> int:
+    """n_vocab as given, or dst's length when dst is a buffer."""
+    if n_vocab is None:
+        if isinstance(_address_or_buffer(dst), int) and not isinstance(dst, bool):
+            raise InvalidOptionError("n_vocab is required when dst is an address rather than a buffer")
+        n_vocab, n_rows = _row_shape(dst)
+        if n_rows != 1:
+            raise InvalidOptionError(f"dst holds {n_rows} rows of {n_vocab}; the kernel writes one row: pass dst[i]")
+    try:
+        if not isinstance(n_vocab, bool) and operator.index(n_vocab) > 0:
+            return operator.index(n_vocab)
+    except TypeError:
+        pass
+    raise InvalidOptionError(f"n_vocab must be a positive int, got {n_vocab!r}")
+
+
+def _address(row: Row, name: str, n_vocab: int, held: list[memoryview], writable: bool = False) -> int:
+    """The address of a row's first float. A buffer must hold at least n_vocab C-contiguous float32; its view is
+    appended to held."""
+    row = _address_or_buffer(row)
+    if isinstance(row, int) and not isinstance(row, bool):
+        if not 0 <= row < 2**64:
+            raise InvalidOptionError(f"{name} is not an address: {row}")
+        if row == 0:
+            raise InvalidOptionError(f"{name} is a null address")
+        return row
+    view = _view(row, name)
+    if view.format not in _FLOAT32_FORMATS:
+        raise InvalidOptionError(f"{name} must hold float32, got buffer format {view.format!r}")
+    if not view.c_contiguous:
+        raise InvalidOptionError(f"{name} must be a C-contiguous buffer")
+    if writable and view.readonly:
+        raise InvalidOptionError(f"{name} is read-only")
+    if view.nbytes // 4 < n_vocab:
+        raise InvalidOptionError(f"{name} holds {view.nbytes // 4} floats but n_vocab is {n_vocab}")
+    held.append(view)
+    return np.frombuffer(view, np.uint8).ctypes.data
+
+
+def _check_overlap(dst: int, src: int, name: str, n_vocab: int, may_be_it: bool) -> None:
+    """dst must not overlap an input row (src 0: a row not read), unless it is that row and may be."""
+    if src and not (may_be_it and dst == src) and dst < src + 4 * n_vocab and src < dst + 4 * n_vocab:
+        where = f"{name} itself or " if may_be_it else ""
+        raise InvalidOptionError(f"dst overlaps {name}; write into {where}a separate buffer")
 
 
 def _address_or_buffer(row: Row) -> Row:
@@ -130,15 +169,18 @@ def _address_or_buffer(row: Row) -> Row:
     return row
 
 
+def _view(row: Row, name: str) -> memoryview:
+    try:
+        return memoryview(row)
+    except TypeError:
+        raise InvalidOptionError(
+            f"{name} must be a float32 buffer or an address (int), not {type(row).__name__}"
+        ) from None
+
+
 def _row_shape(dst: Row) -> tuple[int, int]:
     """(n_vocab, n_rows) read off dst's buffer shape."""
-    try:
-        shape = memoryview(dst).shape
-    except TypeError:
-        raise InvalidOptionError(f"dst must be a float32 buffer or an address, not {type(dst).__name__}") from None
+    shape = _view(dst, "dst").shape
     if not shape:
         raise InvalidOptionError("dst must be a row of floats, not a scalar buffer")
-    n_rows = 1
-    for size in shape[:-1]:
-        n_rows *= size
-    return shape[-1], n_rows
+    return shape[-1], math.prod(shape[:-1])

@@ -3,13 +3,12 @@
 A request is a prompt (text or token ids) or chat messages, per-ARM weights, sampling options and a seed.
 ``prepare`` validates it against a loaded model — option names and types, ARM names, the chat template, the context
 window, the grammar — and returns what the engine needs: prompt tokens, a SamplingConfig with the template's stop
-rule, every ARM's α. Requests with equal ``group`` keys can share one multi-sequence batch (only their seeds differ).
+rule, every ARM's α. Requests with any settings can share the decode loop's steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ _JSON_KINDS = {
     "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
     "str": lambda v: isinstance(v, str),
     "tuple": lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(s, str) for s in v),
+    "dict": lambda v: isinstance(v, Mapping),
 }
 
 
@@ -66,11 +66,6 @@ class Prepared:
         del options["seed"], options["logprobs"]
         return options
 
-    @property
-    def group(self) -> str:
-        """Requests with the same key differ only in prompt and seed: one batch can run them together."""
-        return json.dumps([self.options, self.weights], sort_keys=True)
-
 
 def prepare(
     model: GuidedModel,
@@ -104,5 +99,5 @@ def prepare(
             raise InvalidOptionError(f"prompt token ids must be in [0, {model.engine.n_vocab})")
     if not tokens:
         raise InvalidOptionError("the prompt is empty")
-    model.engine.check_fits(len(tokens), config.max_tokens)
+    model.engine.check_prompt(len(tokens))
     return Prepared(tokens, config, alphas)

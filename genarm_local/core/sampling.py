@@ -1,14 +1,15 @@
 """The llama.cpp sampler chain built from a SamplingConfig (config.py; settings named as llama.cpp names them).
 
-The guided engine only mixes: it writes the GenARM log-probabilities into the base context's logits row, and
-llama.cpp's own samplers (penalties, grammar, top-k, top-p, min-p, temperature, seeded RNG) pick the token from that
-row, so sampling behaves the way llama.cpp users know.
+The guided engine only mixes: it writes the guided logits (mixing.guide: the base's logits plus α·log p_arm, on the
+base's own scale) into the base context's logits row, and llama.cpp's own samplers (logit bias, penalties, grammar,
+top-k, top-p, min-p, temperature, seeded RNG) pick the token from that row, so every option acts under guidance as it
+acts on the base alone, the way llama.cpp users know.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import llama_cpp as lc
 from llama_cpp import llama_grammar
@@ -20,24 +21,47 @@ from .native import Model, last_native_error
 
 class SamplerChain:
     """Owner of one llama.cpp sampler chain (llama_sampler_chain_init), in llama.cpp's common order:
-    penalties → grammar → top-k → top-p → min-p → temperature → dist(seed), or greedy at temperature ≤ 0.
+    logit bias → penalties → grammar → top-k → top-p → min-p → temperature → dist(seed), or greedy at temperature ≤ 0.
 
-    ``temperature_scale`` divides T (the paper's normalized form samples at T/(1+Σα)).
+    ``temperature_factor`` multiplies T (``scale_temperature`` samples at T·max(1, 1+Σα)). ``history``: the tokens
+    before the first sampled one (the prompt); the penalties count the last ``repeat_last_n`` of them, as llama.cpp's
+    own programs do. ``n_ctx``: what repeat_last_n = -1 means.
     """
 
-    def __init__(self, config: SamplingConfig, model: Model, temperature_scale: float = 1.0):
+    def __init__(
+        self,
+        config: SamplingConfig,
+        model: Model,
+        temperature_factor: float = 1.0,
+        history: Sequence[int] = (),
+        n_ctx: int = 0,
+    ):
         params = lc.llama_sampler_chain_default_params()
         self._ptr = lc.llama_sampler_chain_init(params)
         try:
-            self._build(config, model, temperature_scale)
+            self._build(config, model, temperature_factor, history, n_ctx)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, config: SamplingConfig, model: Model, temperature_scale: float) -> None:
+    def _build(
+        self, config: SamplingConfig, model: Model, temperature_factor: float, history: Sequence[int], n_ctx: int
+    ) -> None:
         add = lambda sampler: lc.llama_sampler_chain_add(self._ptr, sampler)  # noqa: E731
-        if config.repeat_penalty != 1.0:
-            add(lc.llama_sampler_init_penalties(model.n_vocab, config.repeat_last_n, config.repeat_penalty, 0.0, 0.0))
+        if config.logit_bias:
+            bad = sorted(token for token in config.logit_bias if not 0 <= token < model.n_vocab)
+            if bad:
+                raise InvalidOptionError(f"logit_bias: token id {bad[0]} is not in the vocabulary [0, {model.n_vocab})")
+            biases = (lc.llama_logit_bias * len(config.logit_bias))(*config.logit_bias.items())
+            add(lc.llama_sampler_init_logit_bias(model.n_vocab, len(biases), biases))
+        if config.repeat_penalty != 1.0 or config.frequency_penalty != 0.0 or config.presence_penalty != 0.0:
+            last_n = n_ctx if config.repeat_last_n == -1 else config.repeat_last_n
+            penalties = lc.llama_sampler_init_penalties(
+                model.n_vocab, last_n, config.repeat_penalty, config.frequency_penalty, config.presence_penalty
+            )
+            for token in history[-last_n:] if last_n > 0 else ():
+                lc.llama_sampler_accept(penalties, token)
+            add(penalties)
         if config.grammar:
             grammar = lc.llama_sampler_init_grammar(model.vocab, config.grammar.encode("utf-8"), b"root")
             if not grammar:
@@ -52,7 +76,7 @@ class SamplerChain:
             add(lc.llama_sampler_init_top_p(config.top_p, 1))
         if config.min_p > 0.0:
             add(lc.llama_sampler_init_min_p(config.min_p, 1))
-        add(lc.llama_sampler_init_temp(config.temperature / temperature_scale))
+        add(lc.llama_sampler_init_temp(config.temperature * temperature_factor))
         seed = lc.LLAMA_DEFAULT_SEED if config.seed is None else config.seed & 0xFFFFFFFF
         add(lc.llama_sampler_init_dist(seed))
 

@@ -1,31 +1,31 @@
-"""Continuous batching: up to N sequences stepped together, each with its own ARM weights, sampler chain, seed and
-stop conditions. Sequences join at step boundaries after their prefill and leave when done.
+"""The one decode loop: the only place where a step decodes, mixes and samples.
 
-llama-server's slot loop, in Python over the Engine's loaded models: one multi-sequence llama.cpp context per loaded
-model (the base's; an ARM's is created when a sequence first needs it), with n_seq_max = N slots of ``n_ctx`` tokens
-each. Every step:
+Every way of generating — GuidedModel.generate, stream, chat, generate_batch and next_token_logprobs, the batch
+runner, the Ray actors and the server — submits Jobs to the one Scheduler of its loaded model, which the engine thread
+(engine.py) steps. llama-server's slot loop, in Python: one multi-sequence llama.cpp context per loaded model (the
+base's; an ARM's is created when a job first needs it), with one KV stream of ``n_ctx`` cells per slot. Every step:
 
- 1. sequences whose cancel flag is set leave (so a cancel takes effect within one step);
- 2. waiting sequences take free slots — the slot whose cached tokens share the longest prefix with the prompt, as
-    llama-server chooses — and only the prompt tokens after that prefix (but the last) are prefilled, packed
-    together in as few batches as fit;
- 3. one batch per context holds the newest token of every running sequence that uses the context: the base
-    decodes every row, an ARM only the rows whose α for it is ≠ 0 (an ARM that no running row uses is not decoded
-    at all, and a row with α = 0 never needs that ARM's cache) -- or, where the scheduler has measured that this
-    many rows go faster one at a time (DecodeTimes: small batches on the CPU), each row is decoded and sampled on
-    its own;
- 4. each row's ARM log-probs are mixed into its base row (Engine.mix: the fused kernel, in place) and the row's own
-    sampler chain picks its token;
- 5. a sequence that reached end of generation or max_tokens leaves; its tokens stay cached in the slot, so the next
-    turn of a chat decodes only what is new.
+ 1. cancelled jobs leave (a cancel takes effect within one step);
+ 2. waiting jobs take free slots, first come first served, and their prompts are prefilled (below);
+ 3. one batch per context holds the newest token of every running job that uses the context: the base decodes every
+    row, an ARM only the rows whose α for it is ≠ 0 (a row with α = 0 never needs that ARM's cache);
+ 4. each row's guided logits are written into its base row (mixing.guide, in place) and the job's own llama.cpp
+    sampler chain picks its token; the token's text goes through the job's StopText;
+ 5. a job that reached end of generation, a stop string, max_tokens or the end of its context leaves, in this same
+    step; its tokens stay cached in the slot.
 
-A row's numbers depend on the others only through llama.cpp's batching: under exact settings (f32 KV cache, no flash
-attention, one thread) a sequence gets the same tokens alone as among others. That is also why each slot has its own
-KV stream (llama.cpp's default, not kv_unified): a sequence's cells lie the same way whoever else runs, so attention
-sums in the same order. The price: llama.cpp runs a step's batch in one piece only over consecutive slot ids, so rows
-in slots 0, 2 and 5 take three graph runs; on the CPU, where a batched step costs about its rows anyway, that was
-within noise (4 rows in slots 0, 2, 4, 6 against 0-3, Gemma-3-270M, one thread). batching.batch_steps (generate_batch,
-the batch runner) and the server are layers over this one loop.
+Which rows share a step is decided by the work alone — the jobs, in the order they were submitted — never by a
+clock. What a row computes depends on the others only where llama.cpp makes it so: measured on Gemma-3-270M Q4_K_M
+(CPU, default settings), a row's logits are bit-identical alone and among any others, except that llama.cpp's
+flash attention splits a lone row's keys across threads once its cache passes 256 cells, which rounds differently.
+
+Prompts. A prompt's tokens but the last are decoded in chunks that start at multiples of PREFILL_CHUNK, each chunk of
+one sequence alone, and the last token with the job's first step. llama.cpp's numbers depend on how a sequence's
+tokens were grouped into decodes (the same prefix decoded as 8 + 72 or as 10 × 8 tokens differs by up to 1 in a
+logit), so a cached prefix is reused only where a fresh decode would have grouped its tokens the same way: whole
+chunks of an earlier prompt's prefill, or the whole of it when the prompt but its last token is the same. Tokens a
+step decoded (an earlier reply) are never reused for a prompt. So a prompt gives the same numbers whatever the slot
+held before, and a chat turn decodes only its last unfinished chunk and what follows.
 """
 
 from __future__ import annotations
@@ -34,356 +34,434 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .config import SamplingConfig
 from .context import Batch, Context
-from .engine import Arm, Engine, Step, Timings
-from .errors import ContextOverflowError, GenArmError, InvalidOptionError
+from .errors import GenArmError, InvalidOptionError
+from .mixing import guide, log_softmax
 from .sampling import SamplerChain
+from .text import StopText
+
+if TYPE_CHECKING:
+    from .engine import Arm, Engine
+
+# Prompt tokens are decoded in chunks starting at multiples of this, and reused only in whole chunks (module
+# docstring). 128 keeps llama.cpp's prompt speed (measured on 2 cores: 64-token chunks ~15% slower, 128 as fast as
+# 512) while a chat turn re-decodes at most 127 tokens of the history before its new ones.
+PREFILL_CHUNK = 128
 
 
-@dataclass(eq=False)
-class Job:
-    """One sequence to generate: its prompt tokens, sampling settings (seed, max_tokens; stop strings are the
-    caller's, who ``release``s the job when one appears) and every loaded ARM's α, in the Engine's order.
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    prompt_decoded: int = 0  # tokens actually decoded in the base context (the rest came from the KV cache)
+    prompt_s: float = 0.0
+    generated_tokens: int = 0
+    generation_s: float = 0.0
 
-    ``cancel`` may be set from any thread; the scheduler fills in ``timings``, ``cached_tokens`` (prompt tokens
-    whose KV was reused from the slot), ``slot`` and, when it fails the job, ``error``."""
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_decoded / self.prompt_s if self.prompt_s > 0 else 0.0
 
-    tokens: Sequence[int]
-    config: SamplingConfig
-    alphas: Sequence[float]
-    cancel: threading.Event = field(default_factory=threading.Event)
-    timings: Timings = field(default_factory=Timings)
-    cached_tokens: int = 0
-    slot: int | None = None
+    @property
+    def generated_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.generation_s if self.generation_s > 0 else 0.0
+
+
+@dataclass
+class Event:
+    """What one step gave a job: a sampled token and the text that became final with it (whole characters, stop
+    strings left out), or, on the last event, why the job ended: "eos", "stop" (a stop string), "length", "cancelled",
+    "logprobs" (a next_token_logprobs job, done) or "error" (with ``error``)."""
+
+    token: int | None = None
+    text: str = ""
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finish_reason: str | None = None
     error: GenArmError | None = None
 
 
 @dataclass(eq=False)
+class Job:
+    """One sequence to generate: its prompt tokens, sampling settings (seed, max_tokens, stop strings) and every
+    loaded ARM's α, in the Engine's order. ``on_event`` receives the job's events, on the engine thread, in order;
+    it must not block. ``logprobs_into``: instead of sampling, write the guided next-token log-probabilities after
+    the prompt there and end (next_token_logprobs).
+
+    ``cancel`` may be set from any thread; the scheduler fills in ``timings``, ``cached_tokens`` (prompt tokens whose
+    KV was reused from the slot) and ``slot``."""
+
+    tokens: Sequence[int]
+    config: SamplingConfig
+    alphas: Sequence[float]
+    on_event: Callable[[Event], None] = lambda event: None
+    logprobs_into: np.ndarray | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    timings: Timings = field(default_factory=Timings)
+    cached_tokens: int = 0
+    slot: int | None = None
+
+
+@dataclass(eq=False)
 class _Running:
-    """A job in a slot: its sampler chain, the contexts it uses (0: the base, i: ARM i - 1) and its next token."""
+    """A job in a slot: the contexts it uses (0: the base, i: ARM i - 1), its ARMs with α ≠ 0, its sampler chain and
+    text, and the token to decode next."""
 
     job: Job
-    chain: SamplerChain
     contexts: list[int]
     active: list[tuple[Arm, float]]
-    guided: bool
-    guard_min_p: float
-    scratch: np.ndarray | None
+    chain: SamplerChain | None
+    text: StopText
+    logprob_scale: float
     next_token: int = 0
     generated: int = 0
     started: float = 0.0
 
 
-def common_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:
+class Cancelled(Exception):
+    """A job's prefill stopped because the job was cancelled or the engine is closing."""
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
-    for a, b in zip(cached, tokens, strict=False):
-        if a != b:
+    for x, y in zip(a, b, strict=False):
+        if x != y:
             break
         n += 1
     return n
 
 
-class Scheduler:
-    """``n_slots`` sequences of up to ``n_ctx`` tokens each (default: the Engine's context size), stepped together.
-    Not thread-safe: one thread submits and steps; other threads may only set a job's ``cancel``."""
+def reusable(cached: Sequence[int], exact: int, tokens: Sequence[int]) -> int:
+    """How many positions of a prompt's prefill (``tokens`` but the last) a slot can keep from its cache, where the
+    cache's first ``exact`` tokens came from such a prefill: whole chunks that a fresh prefill would decode the same
+    way, or the whole prefill when it is the same (module docstring)."""
+    target = len(tokens) - 1
+    common = common_prefix(cached[:exact], tokens[:target])
+    if common == exact == target:
+        return target
+    return min(common, exact, target) // PREFILL_CHUNK * PREFILL_CHUNK
 
-    def __init__(self, engine: Engine, n_slots: int, n_ctx: int | None = None, row_by_row: bool | None = None):
+
+class Scheduler:
+    """``n_slots`` sequences of up to ``n_ctx`` tokens each, stepped together. Not thread-safe: one thread (the engine
+    thread) submits and steps; other threads may only set a job's ``cancel``."""
+
+    def __init__(self, engine: Engine, n_slots: int, n_ctx: int):
         if n_slots < 1:
             raise InvalidOptionError(f"the scheduler needs at least one slot, got {n_slots}")
         self.engine = engine
         self.n_slots = n_slots
-        self.n_ctx = n_ctx or engine.n_ctx
+        self.n_ctx = n_ctx
         n_models = 1 + len(engine.arms)
         self._stack = contextlib.ExitStack()
         self._contexts: list[Context | None] = [None] * n_models
         self._batches: list[Batch | None] = [None] * n_models
-        # The tokens each context holds in each slot's sequence (what prefix reuse compares), in order.
+        # Per context and slot: the tokens its KV cache holds, in order, and how many of them a prompt's prefill
+        # decoded (what reuse may keep).
         self._cached: list[list[list[int]]] = [[[] for _ in range(n_slots)] for _ in range(n_models)]
+        self._exact: list[list[int]] = [[0] * n_slots for _ in range(n_models)]
         self._slots: list[_Running | None] = [None] * n_slots
         self._last_used = [0] * n_slots
         self._clock = 0
+        self._scratch = np.empty(engine.n_vocab, dtype=np.float32)  # reported log-probs
         self.waiting: deque[Job] = deque()
-        # How a step's rows are decoded: None decides by measured times, True/False forces one row at a time/batches.
-        self.row_by_row = row_by_row
+        self.stopping = threading.Event()  # set by the engine when it closes: a long prefill stops between chunks
         try:
             self._context(0)  # a base context that cannot be created fails here, not in the first request
         except BaseException:
             self._stack.close()
             raise
 
-    # ---- what callers use ------------------------------------------------------------------------------------------
+    # ---- what the engine thread uses -------------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> Job:
-        """Queue ``job``; it takes a slot at the next step that has one free."""
+    def check(self, job: Job) -> None:
+        """Refuse a job that can never run (any thread: reads only settings)."""
         if not job.tokens:
             raise InvalidOptionError("empty prompt: give at least one token")
         if len(job.alphas) != len(self.engine.arms):
             raise InvalidOptionError(f"{len(job.alphas)} weights for {len(self.engine.arms)} loaded ARMs")
-        if len(job.tokens) + job.config.max_tokens > self.n_ctx:
-            raise ContextOverflowError(
-                f"prompt ({len(job.tokens)} tokens) + max_tokens ({job.config.max_tokens}) exceed the context of "
-                f"{self.n_ctx} tokens per sequence; shorten the prompt or lower max_tokens"
-            )
-        self.waiting.append(job)
-        return job
+        self.engine.check_prompt(len(job.tokens))
+        if job.config.normalized:
+            self.engine.normalizer([alpha for alpha in job.alphas if alpha != 0.0])
 
-    def release(self, job: Job) -> None:
-        """Take ``job`` out without a final step (its caller saw a stop string); its tokens stay cached."""
-        if job in self.waiting:
-            self.waiting.remove(job)
-        for slot, state in enumerate(self._slots):
-            if state is not None and state.job is job:
-                self._free(slot)
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; it takes a slot at the next step that has one free."""
+        self.waiting.append(job)
 
     @property
     def running(self) -> list[Job]:
         return [state.job for state in self._slots if state is not None]
 
     @property
+    def contexts(self) -> list[Context | None]:
+        """Each model's context (0: the base, i: ARM i - 1), None where no job has needed it yet."""
+        return list(self._contexts)
+
+    @property
     def busy(self) -> bool:
         return bool(self.waiting) or any(state is not None for state in self._slots)
 
-    def step(self) -> list[tuple[Job, Step]]:
-        """One step for every running sequence (admitting waiting ones first): (job, Step) in slot order, after
-        the final Steps of cancelled or failed jobs."""
-        events: list[tuple[Job, Step]] = []
+    def step(self) -> list[tuple[Job, Event]]:
+        """One step for every running job, admitting waiting ones first: (job, Event) pairs, the final events of
+        cancelled or failed jobs first, then one per running job in slot order."""
+        events: list[tuple[Job, Event]] = []
         self._drop_cancelled(events)
         self._admit(events)
         running = [(slot, state) for slot, state in enumerate(self._slots) if state is not None]
         if not running:
             return events
-        # One batch per context, or one row at a time where that is faster (DecodeTimes).
-        groups = [[entry] for entry in running] if self._one_row_at_a_time(running) else [running]
-        for group in groups:
-            rows = self._decode_group(group, events)
-            if rows is None:  # a decode failed: every running job has failed
-                return events
-            # 4. Mix and sample each row (before the next group's decode overwrites the logits); finished rows leave.
-            for slot, state in group:
-                try:
-                    step = self._sample(slot, state, rows)
-                except GenArmError as exc:
-                    state.job.error = exc
-                    step = Step(None, finish_reason="error")
-                events.append((state.job, step))
-                if step.finish_reason:
-                    self._free(slot)
+        rows = self._decode(running, events)
+        if rows is None:  # a decode failed: every running job has failed
+            return events
+        for slot, state in running:
+            event = self._sample(slot, state, rows)
+            events.append((state.job, event))
+            if event.finish_reason:
+                self._free(slot)
         return events
 
-    def _one_row_at_a_time(self, running: list[tuple[int, _Running]]) -> bool:
-        if len(running) < 2 or self.row_by_row is False:
-            return False
-        if self.row_by_row:
-            return True
-        singles = [(1, tuple(state.contexts)) for _, state in running]
-        return self.engine.decode_times.faster_one_at_a_time(singles, self._group_key(running))
+    def cancel_all(self, reason: GenArmError | None = None) -> list[tuple[Job, Event]]:
+        """End every job, waiting or running: cancelled, or failed with ``reason``."""
+        events: list[tuple[Job, Event]] = []
+        for job in self.waiting:
+            events.append((job, self._final(reason)))
+        self.waiting.clear()
+        for slot, state in enumerate(self._slots):
+            if state is not None:
+                event = self._final(reason)
+                event.text = "" if reason else state.text.flush()
+                events.append((state.job, event))
+                self._free(slot)
+        return events
+
+    def reset(self) -> None:
+        """Forget every cached token: after a failure the caches are in an unknown state."""
+        for index, context in enumerate(self._contexts):
+            if context is not None:
+                context.clear()
+            for slot in range(self.n_slots):
+                self._cached[index][slot].clear()
+                self._exact[index][slot] = 0
 
     @staticmethod
-    def _group_key(group: list[tuple[int, _Running]]) -> tuple[int, tuple[int, ...]]:
-        return len(group), tuple(sorted({index for _, state in group for index in state.contexts}))
+    def _final(reason: GenArmError | None) -> Event:
+        return Event(finish_reason="error", error=reason) if reason else Event(finish_reason="cancelled")
 
-    def _decode_group(self, group: list[tuple[int, _Running]], events: list) -> list[dict[int, int]] | None:
-        """3. One batch per context with the newest token of each row of ``group`` that uses it; returns, per
-        context, slot → logits row (None if the decode failed and every running job with it)."""
-        rows: list[dict[int, int]] = [{} for _ in self._contexts]
-        for batch in self._batches:
-            if batch is not None:
-                batch.clear()
-        for slot, state in group:
-            for index in state.contexts:
-                batch = self._batches[index]
-                rows[index][slot] = batch.batch.n_tokens
-                batch.add(state.next_token, len(self._cached[index][slot]), slot, True)
-        decoding = [index for index, row in enumerate(rows) if row]
-        start = time.perf_counter()
-        try:
-            self._decode({index: self._batches[index] for index in decoding})
-        except GenArmError as exc:
-            self._fail_all(exc, events)
-            return None
-        self.engine.decode_times.record(self._group_key(group), time.perf_counter() - start)
-        for slot, state in group:
-            for index in state.contexts:
-                self._cached[index][slot].append(state.next_token)
-        return rows
+    # ---- 1, 2: cancelled jobs leave, waiting ones come in ---------------------------------------------------------
 
-    # ---- the steps -------------------------------------------------------------------------------------------------
-
-    def _drop_cancelled(self, events: list[tuple[Job, Step]]) -> None:
+    def _drop_cancelled(self, events: list[tuple[Job, Event]]) -> None:
         for job in [job for job in self.waiting if job.cancel.is_set()]:
             self.waiting.remove(job)
-            events.append((job, Step(None, finish_reason="cancelled")))
+            events.append((job, Event(finish_reason="cancelled")))
         for slot, state in enumerate(self._slots):
             if state is not None and state.job.cancel.is_set():
+                events.append((state.job, Event(text=state.text.flush(), finish_reason="cancelled")))
                 self._free(slot)
-                events.append((state.job, Step(None, finish_reason="cancelled")))
 
-    def _admit(self, events: list[tuple[Job, Step]]) -> None:
-        """2. Waiting jobs into free slots, first come first served; their prompts prefilled together."""
-        admitted: list[int] = []
+    def _admit(self, events: list[tuple[Job, Event]]) -> None:
+        """Waiting jobs into free slots, in order, each prefilled on its own (module docstring)."""
         while self.waiting and None in self._slots:
             job = self.waiting.popleft()
             try:
                 state = self._start(job)
             except GenArmError as exc:
-                job.error = exc
-                events.append((job, Step(None, finish_reason="error")))
+                events.append((job, Event(finish_reason="error", error=exc)))
                 continue
             slot = self._pick_slot(job.tokens)
-            self._slots[slot], job.slot = state, slot
-            admitted.append(slot)
-        if not admitted:
-            return
-        start = time.perf_counter()
-        prefill: dict[int, list[tuple[int, int, int]]] = {}
-        for slot in admitted:
-            state = self._slots[slot]
-            prompt = state.job.tokens
-            for index in state.contexts:
-                cached = self._cached[index][slot]
-                keep = common_prefix(cached, prompt[:-1])
-                if keep < len(cached):
-                    if not self._contexts[index].truncate(slot, keep):
-                        keep = 0
-                    del cached[keep:]
-                prefill.setdefault(index, []).extend((prompt[pos], pos, slot) for pos in range(keep, len(prompt) - 1))
-                if index == 0:
-                    state.job.cached_tokens = keep
-                    state.job.timings.prompt_tokens = len(prompt)
-                    state.job.timings.prompt_decoded = len(prompt) - keep
-        try:
-            self._prefill(prefill)
-        except GenArmError as exc:
-            self._fail_all(exc, events)
-            return
-        now = time.perf_counter()
-        for slot in admitted:
-            state = self._slots[slot]
-            for index in state.contexts:
-                cached = self._cached[index][slot]
-                cached.extend(state.job.tokens[len(cached) : -1])
-            state.next_token = state.job.tokens[-1]
-            state.job.timings.prompt_s, state.started = now - start, now
+            job.slot = slot
+            start = time.perf_counter()
+            try:
+                self._prefill(slot, state)
+            except (GenArmError, Cancelled) as exc:
+                self._forget(slot, state.contexts)
+                if state.chain is not None:
+                    state.chain.close()
+                error = exc if isinstance(exc, GenArmError) else None
+                events.append((job, Event(finish_reason="error", error=error) if error else self._final(None)))
+                continue
+            state.started = time.perf_counter()
+            job.timings.prompt_s = state.started - start
+            self._slots[slot] = state
 
     def _start(self, job: Job) -> _Running:
-        """A job's sampler chain and contexts; an error here (a bad grammar, 1 + Σα ≤ 0) fails only this job."""
+        """A job's contexts, sampler chain and text; an error here (a bad grammar or logit bias) fails only this job."""
         engine = self.engine
         active = engine.active_arms(job.alphas)
-        scale = engine.temperature_scale(job.config, active)
         contexts = [0] + [index + 1 for index, alpha in enumerate(job.alphas) if alpha != 0.0]
         for index in contexts:
             self._context(index)
-        # With no ARM active the row is left as llama.cpp produced it: plain llama.cpp sampling, bit for bit (the
-        # guard belongs to the guided distribution too, as in Engine.steps).
-        guided = bool(active) or job.config.normalized
-        guard = job.config.guard_min_p if active else 0.0
-        scratch = np.empty(engine.n_vocab, dtype=np.float32) if not guided and job.config.logprobs is not None else None
-        chain = SamplerChain(job.config, engine.base_model, scale)
-        return _Running(job, chain, contexts, active, guided, guard, scratch)
+        config = job.config
+        chain = None
+        if job.logprobs_into is None:
+            scale = engine.temperature_factor(config, active)
+            chain = SamplerChain(config, engine.base_model, scale, history=job.tokens, n_ctx=self.n_ctx)
+        logprob_scale = 1.0 / engine.normalizer([alpha for _, alpha in active]) if config.normalized else 1.0
+        text = StopText(engine.base_model.token_bytes, config.stop, config.stop_at_turns)
+        return _Running(job, contexts, active, chain, text, logprob_scale)
 
     def _pick_slot(self, tokens: Sequence[int]) -> int:
-        """The free slot with the longest cached common prefix; among equals the least recently used."""
+        """The free slot whose base cache keeps the most of this prompt; among equals the least recently used."""
         free = [slot for slot, state in enumerate(self._slots) if state is None]
-        return max(free, key=lambda slot: (common_prefix(self._cached[0][slot], tokens), -self._last_used[slot]))
+        cached, exact = self._cached[0], self._exact[0]
+        return max(free, key=lambda slot: (reusable(cached[slot], exact[slot], tokens), -self._last_used[slot]))
 
-    def _prefill(self, work: dict[int, list[tuple[int, int, int]]]) -> None:
-        """Decode (token, position, slot) triples per context, in batches as large as the context takes."""
-        work = {index: tokens for index, tokens in work.items() if tokens}
-        if not work:
-            return
+    def _prefill(self, slot: int, state: _Running) -> None:
+        """Decode the prompt but its last token in each of the job's contexts, after what the slot keeps; in chunks
+        that start at multiples of PREFILL_CHUNK, this sequence alone in each decode."""
+        job, tokens = state.job, state.job.tokens
+        target = len(tokens) - 1
+        starts = {}
+        for index in state.contexts:
+            cached = self._cached[index][slot]
+            keep = reusable(cached, self._exact[index][slot], tokens)
+            if keep < len(cached) and not self._contexts[index].truncate(slot, keep):
+                keep = 0  # a cache that cannot cut a sequence there starts it over
+            del cached[keep:]
+            self._exact[index][slot] = keep
+            starts[index] = keep
+        job.cached_tokens = starts[0]
+        job.timings.prompt_tokens = len(tokens)
+        job.timings.prompt_decoded = len(tokens) - starts[0]
 
-        def decode_all(context: Context) -> None:
+        def decode(context: Context) -> None:
             index = self._contexts.index(context)
-            batch, tokens = self._batches[index], work[index]
-            for first in range(0, len(tokens), batch.capacity):
+            batch, position = self._batches[index], starts[index]
+            while position < target:
+                if job.cancel.is_set() or self.stopping.is_set():
+                    raise Cancelled
+                end = min(target, (position // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
                 batch.clear()
-                for token, pos, slot in tokens[first : first + batch.capacity]:
-                    batch.add(token, pos, slot, False)
+                for pos in range(position, end):
+                    batch.add(tokens[pos], pos, slot, False)
                 context.decode_batch(batch)
+                self._cached[index][slot].extend(tokens[position:end])
+                self._exact[index][slot] = position = end
 
-        contexts = [self._contexts[index] for index in work]
-        with self.engine.thread_shares(contexts):
-            self.engine.each(contexts, decode_all)
+        contexts = [self._contexts[index] for index in state.contexts if starts[index] < target]
+        if contexts:
+            with self.engine.thread_shares(contexts):
+                self.engine.each(contexts, decode)
+        state.next_token = tokens[-1]
 
-    def _decode(self, batches: dict[int, Batch]) -> None:
-        contexts = [self._contexts[index] for index in batches]
-        with self.engine.thread_shares(contexts):
-            self.engine.each(contexts, lambda context: context.decode_batch(batches[self._contexts.index(context)]))
+    # ---- 3, 4, 5: decode, mix and sample, finish -------------------------------------------------------------------
 
-    def _sample(self, slot: int, state: _Running, rows: list[dict[int, int]]) -> Step:
+    def _decode(self, running: list[tuple[int, _Running]], events: list) -> list[dict[int, int]] | None:
+        """One batch per context with the newest token of each running job that uses it; returns, per context,
+        slot → logits row (None if the decode failed, and with it every running job)."""
+        rows: list[dict[int, int]] = [{} for _ in self._contexts]
+        for batch in self._batches:
+            if batch is not None:
+                batch.clear()
+        for slot, state in running:
+            for index in state.contexts:
+                batch = self._batches[index]
+                rows[index][slot] = batch.batch.n_tokens
+                batch.add(state.next_token, len(self._cached[index][slot]), slot, True)
+        contexts = [self._contexts[index] for index, used in enumerate(rows) if used]
+        try:
+            with self.engine.thread_shares(contexts):
+                self.engine.each(contexts, lambda context: context.decode_batch(self._batches[self._index(context)]))
+        except GenArmError as exc:  # the caches are in an unknown state: the running jobs fail, the waiting ones wait
+            for slot, state in running:
+                events.append((state.job, Event(finish_reason="error", error=exc)))
+                self._free(slot)
+            self.reset()
+            return None
+        for slot, state in running:
+            for index in state.contexts:
+                self._cached[index][slot].append(state.next_token)
+        return rows
+
+    def _sample(self, slot: int, state: _Running, rows: list[dict[int, int]]) -> Event:
+        """Mix the row's ARMs into its base row, then sample it (or report its log-probs); the job's Event."""
         job, engine = state.job, self.engine
-        contexts = [self._contexts[index] for index in state.contexts]
-        row_indices = [rows[index][slot] for index in state.contexts]
-        if state.guided:
-            engine.mix(
-                state.active, job.config.normalized, contexts=contexts, rows=row_indices, guard_min_p=state.guard_min_p
-            )
-        token = state.chain.sample(contexts[0], row_indices[0])
-        step = Step(token)
-        if job.config.logprobs is not None:
-            step.logprob, step.top_logprobs = engine.read_logprobs(
-                token, job.config.logprobs, state.scratch, contexts[0], row_indices[0]
-            )
+        base = self._contexts[0]
+        row = rows[0][slot]
+        config = job.config
+        try:
+            if state.active or config.guard_min_p > 0.0:
+                arms = [self._contexts[index].logits_address(rows[index][slot]) for index in state.contexts[1:]]
+                address = base.logits_address(row)
+                guide(
+                    address,
+                    address,
+                    arms,
+                    [alpha for _, alpha in state.active],
+                    n_vocab=engine.n_vocab,
+                    guard_min_p=config.guard_min_p,
+                )
+            if job.logprobs_into is not None:
+                log_softmax(
+                    job.logprobs_into, base.logits_address(row), n_vocab=engine.n_vocab, scale=state.logprob_scale
+                )
+                return Event(finish_reason="logprobs")
+            token = state.chain.sample(base, row)
+            event = Event(token)
+            if config.logprobs is not None:
+                event.logprob, event.top_logprobs = self._logprobs(base, row, token, config.logprobs, state)
+        except GenArmError as exc:
+            return Event(finish_reason="error", error=exc)
         state.generated += 1
         job.timings.generated_tokens = state.generated
         job.timings.generation_s = time.perf_counter() - state.started
-        if engine.base_model.is_eog(token):
-            step.finish_reason = "eos"
-        elif state.generated == job.config.max_tokens:
-            step.finish_reason = "length"
         state.next_token = token
-        return step
+        if engine.base_model.is_eog(token):
+            return Event(text=state.text.flush(), finish_reason="eos")
+        event.text, stopped = state.text.push(token)
+        if stopped:
+            event.finish_reason = "stop"
+        elif state.generated == config.max_tokens or len(self._cached[0][slot]) >= self.n_ctx:
+            event.text += state.text.flush()
+            event.finish_reason = "length"
+        return event
+
+    def _logprobs(self, base: Context, row: int, token: int, top_n: int, state: _Running):
+        """The sampled token's log-prob under the guided distribution (before penalties and temperature) and the
+        top_n alternatives."""
+        values = self._scratch
+        log_softmax(values, base.logits_address(row), n_vocab=self.engine.n_vocab, scale=state.logprob_scale)
+        top: dict[int, float] = {}
+        if top_n:
+            best = np.argpartition(values, -top_n)[-top_n:]
+            top = {int(t): float(values[t]) for t in best[np.argsort(values[best])[::-1]]}
+        return float(values[token]), top
 
     # ---- slots and contexts ----------------------------------------------------------------------------------------
 
     def _context(self, index: int) -> Context:
         """The multi-sequence context of model ``index`` (0: the base), created on first use."""
         if self._contexts[index] is None:
-            engine = self.engine
-            options = dict(n_ctx=self.n_ctx * self.n_slots, n_seq_max=self.n_slots, n_batch=max(512, self.n_slots))
-            if index == 0:
-                context = Context(engine.base_model, engine.config, **options)
-            else:
-                arm = engine.arms[index - 1]
-                if arm.adapter is not None:
-                    context = Context(engine.base_model, engine.config, adapters=[(arm.adapter, 1.0)], **options)
-                else:
-                    context = Context(arm.context.model, engine.config, **options)
+            context = self.engine.new_context(index, n_ctx=self.n_ctx * self.n_slots, n_seq_max=self.n_slots)
             self._contexts[index] = self._stack.enter_context(context)
             self._batches[index] = self._stack.enter_context(Batch(context.n_batch))
         return self._contexts[index]
 
+    def _index(self, context: Context) -> int:
+        return next(index for index, c in enumerate(self._contexts) if c is context)
+
+    def _forget(self, slot: int, contexts: Sequence[int]) -> None:
+        """Drop a slot's cache in these contexts (its prefill failed half-way)."""
+        for index in contexts:
+            self._contexts[index].truncate(slot, 0)
+            self._cached[index][slot].clear()
+            self._exact[index][slot] = 0
+
     def _free(self, slot: int) -> None:
         state, self._slots[slot] = self._slots[slot], None
-        if state is not None:
+        if state is not None and state.chain is not None:
             state.chain.close()
         self._clock += 1
         self._last_used[slot] = self._clock
 
-    def _fail_all(self, exc: GenArmError, events: list[tuple[Job, Step]]) -> None:
-        """A decode failed: llama.cpp's caches are in an unknown state, so every running job fails and every
-        context starts empty (the scheduler itself keeps working)."""
-        for slot, state in enumerate(self._slots):
-            if state is not None:
-                state.job.error = exc
-                events.append((state.job, Step(None, finish_reason="error")))
-                self._free(slot)
-        for index, context in enumerate(self._contexts):
-            if context is not None:
-                context.clear()
-            for cached in self._cached[index]:
-                cached.clear()
-
     def close(self) -> None:
         for slot in range(self.n_slots):
-            if self._slots[slot] is not None:
-                self._free(slot)
+            self._free(slot)
         self._stack.close()
 
     def __enter__(self) -> Scheduler:

@@ -146,21 +146,25 @@ class KLCurve:
     samples: list[list[tuple[list[int], bool]]] = field(default_factory=list)
 
 
-def _position_kl(engine, active, rows: int, guided: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """KL(p_α ‖ p_base) at each of the ``rows`` output rows of the last decode, from the engine's own mixing, of the
-    distribution the default sampling draws from at T = 1: with its base-plausibility guard, if any, and its
-    temperature scaling (SamplingConfig.scale_temperature)."""
+def _position_kl(engine, arm: int, alpha: float, rows: int, contexts, guided: np.ndarray, base: np.ndarray):
+    """KL(p_α ‖ p_base) at each of the ``rows`` output rows of the last decode of ``contexts`` (the base's, the
+    ARM's), of the distribution the default sampling draws from at T = 1: the guided logits (mixing.guide, with the
+    default guard) at the temperature SamplingConfig.scale_temperature gives them."""
+    from ..core.mixing import guide, log_softmax
+
     defaults = SamplingConfig()
-    scale = engine.temperature_scale(defaults, active)
+    scale = engine.temperature_factor(defaults, [(engine.arms[arm], alpha)])
+    base_context, arm_context = contexts
     out = np.empty(rows)
     for row in range(rows):
-        engine.mix(active, False, dst=guided, rows=[row] * (1 + len(active)), guard_min_p=defaults.guard_min_p)
-        engine.mix([], False, dst=base, rows=[row])
-        log_q = guided.astype(np.float64) * scale
-        if scale != 1.0:
-            log_q -= np.logaddexp.reduce(log_q[np.isfinite(log_q)])
+        base_row = base_context.logits_address(row)
+        guide(guided, base_row, [arm_context.logits_address(row)], [alpha], n_vocab=engine.n_vocab,
+              guard_min_p=defaults.guard_min_p)  # fmt: skip
+        log_softmax(guided, guided, n_vocab=engine.n_vocab, scale=1.0 / scale)
+        log_softmax(base, base_row, n_vocab=engine.n_vocab)
+        log_q = guided.astype(np.float64)
         q = np.exp(log_q)
-        kept = q > 0  # a token the mix masks (-inf) contributes nothing
+        kept = q > 0  # a token the guard masks (-inf) contributes nothing
         out[row] = float(np.dot(q[kept], log_q[kept] - base[kept]))
     return out
 
@@ -195,20 +199,23 @@ def measure_kl(
     guided = np.empty(engine.n_vocab, dtype=np.float32)
     base = np.empty(engine.n_vocab, dtype=np.float32)
     per_alpha: list[list[np.ndarray]] = [[] for _ in alphas]
-    contexts = [engine.base, engine.arms[index].context]
-    # prompt by prompt, so each context decodes a prompt once and only the continuations after it
-    for p, prompt in enumerate(token_prompts):
-        for a, alpha in enumerate(alphas):
-            continuation, ended = sampled[a][p]
-            # rows after prompt[:-1] + each prefix: one per sampled token, and the end-of-sequence choice
-            tokens = prompt + (continuation if ended else continuation[:-1])
-            first = len(prompt) - 1
-            if len(tokens) == first:
-                continue
-            for context in contexts:
-                rows = context.decode_outputs(tokens, first)
-            active = [(engine.arms[index], alpha)]
-            per_alpha[a].append(_position_kl(engine, active, rows, guided, base))
+    n_ctx = max(len(p) for p in token_prompts) + max_tokens + 1
+    # Two scoring contexts of its own (the base's and the ARM's), beside the engine's loop: scoring reads given text,
+    # it samples nothing.
+    with engine.new_context(0, n_ctx) as base_context, engine.new_context(index + 1, n_ctx) as arm_context:
+        contexts = (base_context, arm_context)
+        # prompt by prompt, so each context decodes a prompt once and only the continuations after it
+        for p, prompt in enumerate(token_prompts):
+            for a, alpha in enumerate(alphas):
+                continuation, ended = sampled[a][p]
+                # rows after prompt[:-1] + each prefix: one per sampled token, and the end-of-sequence choice
+                tokens = prompt + (continuation if ended else continuation[:-1])
+                first = len(prompt) - 1
+                if len(tokens) == first:
+                    continue
+                for context in contexts:
+                    rows = context.decode_outputs(tokens, first)
+                per_alpha[a].append(_position_kl(engine, index, alpha, rows, contexts, guided, base))
     per_token = [np.concatenate(kls) if kls else np.zeros(0) for kls in per_alpha]
     return KLCurve(
         alphas=list(alphas),

@@ -2,7 +2,7 @@
 
 Layers of one request, outside in: CORS (only with --cors-origin) → the API key check (every path but /health and
 the static web page) → the body size limit → FastAPI's routing and pydantic validation → a handler (routes.py) →
-the engine thread (worker.py). The model loads on the engine thread after the server is listening; until then
+the model's decode loop (worker.py). The model loads on a thread of its own after the server is listening; until then
 /health answers 503.
 """
 

@@ -1,7 +1,8 @@
-"""The server's own settings (ServeConfig): where it listens, who may call it, how many sequences it runs at once.
+"""The server's own settings (ServeConfig): where it listens, who may call it, how many requests may wait.
 
-What to load and how to sample are LoadConfig and SamplingConfig (core/config.py); the `serve` verb's flags for all
-three come from cli/flags.py's one generator. Nothing here imports the web stack, so `genarm-local --help` stays fast.
+What to load (slots, -np, included) and how to sample are LoadConfig and SamplingConfig (core/config.py); the
+`serve` verb's flags for all three come from cli/flags.py's one generator. Nothing here imports the web stack, so
+`genarm-local --help` stays fast.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ class ServeConfig:
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every endpoint but /health")
     api_key_file: str | None = option(None, "read the API key from FILE (first line)", metavar="FILE")
     cors_origin: tuple[str, ...] = option((), "allow browser pages from this origin (e.g. http://localhost:3000)")
-    parallel: int = option(4, "sequences decoded together (slots, each of -c tokens)", flags=("-np", "--parallel"))
     preset: tuple[str, ...] = option(
         (),
         "a model name clients can choose and its ARM weights (unlisted ARMs: 0), e.g. kind=positive:1.5,concise:1",
@@ -36,7 +36,6 @@ class ServeConfig:
     def __post_init__(self) -> None:
         checks = {
             "port": 0 <= self.port <= 65535,
-            "parallel": self.parallel >= 1,
             "queue_size": self.queue_size >= 0,
             "max_body_bytes": self.max_body_bytes >= 1024,
         }

@@ -186,7 +186,7 @@ async def props(request: Request) -> dict:
         "default_model": state.default_model,
         "models": list(state.models),
         "arms": model.arm_weights(),
-        "parallel": state.settings.parallel,
+        "parallel": state.worker.parallel,
         "n_ctx": model.engine.n_ctx,
         "sampling": sampling,
     }

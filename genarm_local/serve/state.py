@@ -27,7 +27,7 @@ class ServerState:
         self.settings = settings
         self.key = settings.key()
         self.sampling = {name: value for name, value in (sampling or {}).items()}
-        self.worker = EngineWorker(load, settings.parallel, settings.queue_size)
+        self.worker = EngineWorker(load, settings.queue_size)
         self.created = int(time.time())
         self._models: dict[str, dict[str, float]] | None = None
         self.default_model = ""

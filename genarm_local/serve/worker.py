@@ -1,10 +1,9 @@
-"""The engine thread: the one owner of the model and the scheduler (llama-server's shape, in Python).
+"""The server's side of the model's one decode loop (core/engine.py): requests in, events out to their handlers.
 
 HTTP handlers never touch a llama.cpp context: they validate a request, ``submit`` it, and read their own task's
-mailbox. The thread loads the model, then loops: take new tasks → one scheduler step for every running sequence →
-turn each row's token into text (stop strings included) and post it to that request's mailbox → wake, with one
-call into the event loop per step, every handler that was waiting. A cancelled task (client gone) leaves the batch
-at the next step.
+mailbox. The model's engine thread steps every running request together and hands each job's events to its Task,
+which posts them to the handler's mailbox; after each step one call into the event loop wakes every handler that was
+waiting (``after_step``). A cancelled task (client gone) leaves the batch at the next step.
 
 The mailbox is what keeps the server's cost per token low (bench/bench_serve.py measures it against the in-process
 API): a handler that has not read its last token yet finds the new one next to it, and sends both in one chunk,
@@ -14,18 +13,16 @@ instead of the engine thread waking the event loop once per token per client.
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..core.api import GuidedModel, StopText
+from ..core.api import GuidedModel
 from ..core.config import LoadConfig
-from ..core.engine import Step
-from ..core.errors import GenArmError, ServerBusyError
+from ..core.errors import ServerBusyError
 from ..core.native import block_signals
 from ..core.requests import Prepared
-from ..core.scheduler import Job, Scheduler
+from ..core.scheduler import Event, Job
 
 
 @dataclass
@@ -105,12 +102,12 @@ def resolve(waiters: list[asyncio.Future]) -> None:
 
 
 class Task:
-    """One request on its way through the engine thread, and the mailbox its handler reads."""
+    """One request on its way through the decode loop, and the mailbox its handler reads."""
 
-    def __init__(self, prepared: Prepared, model: GuidedModel, loop: asyncio.AbstractEventLoop):
+    def __init__(self, prepared: Prepared, worker: EngineWorker, loop: asyncio.AbstractEventLoop):
         config = prepared.config
-        self.job = Job(prepared.tokens, config, list(prepared.weights.values()))
-        self.text = StopText(model.engine.base_model.token_bytes, config.stop, config.stop_at_turns)
+        self.job = Job(prepared.tokens, config, list(prepared.weights.values()), on_event=self._take)
+        self.worker = worker
         self.completion_tokens = 0
         self.mailbox = Mailbox(loop)
         self._pending = self._empty_piece()
@@ -122,59 +119,64 @@ class Task:
     def cancel(self) -> None:
         self.job.cancel.set()
 
-    def take(self, step: Step, wake: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]) -> tuple[str | None, bool]:
-        """Add one step's token (a handler to wake goes in ``wake``); returns (finish reason or None, whether a stop
-        string ended the text)."""
+    def _take(self, event: Event) -> None:
+        """One event of the job (on the engine thread). Tokens gather in a Piece until they make text (a character
+        split across tokens, a possible stop string held back), which is posted with them; the end follows as
+        Finished or Failed. A handler that was waiting goes to the worker's wake list."""
         pending = self._pending
-        stopped = False
-        if step.token is not None and step.finish_reason != "eos":
+        if event.token is not None:
             self.completion_tokens += 1
-            piece, stopped = self.text.push(step.token)
-            pending.text += piece
-            pending.tokens.append(step.token)
+            pending.tokens.append(event.token)
             if pending.logprobs is not None:
-                pending.logprobs.append(step.logprob)
-            if pending.top_logprobs is not None:
-                pending.top_logprobs.append(step.top_logprobs)
-        reason = "stop" if stopped or step.finish_reason == "eos" else step.finish_reason
-        if reason and not stopped:
-            pending.text += self.text.flush()
+                pending.logprobs.append(event.logprob)
+                pending.top_logprobs.append(event.top_logprobs)
+        pending.text += event.text
+        reason = event.finish_reason
+        posts = []
         if pending.text or (reason and pending.tokens):
-            waiter = self.mailbox.post(pending)
-            if waiter is not None:
-                wake.append((self.mailbox.loop, waiter))
+            posts.append(pending)
             self._pending = self._empty_piece()
-        return reason, stopped
+        if reason == "error":
+            posts.append(Failed(event.error))
+        elif reason == "cancelled":
+            posts.append(Failed(ServerBusyError("the request was cancelled (the server is shutting down)")))
+        elif reason:
+            # OpenAI's finish_reason: "stop" at the end of generation or a stop string, else "length"
+            posts.append(Finished("length" if reason == "length" else "stop", self.job, self.completion_tokens))
+        for post in posts:
+            waiter = self.mailbox.post(post)
+            if waiter is not None:
+                self.worker.wake(self.mailbox.loop, waiter)
+        if reason:
+            self.worker.finished()
 
 
 class EngineWorker:
-    """Loads the model on its own thread and serves tasks with a Scheduler of ``parallel`` slots; at most
-    ``parallel + queue_size`` tasks in flight (more: ServerBusyError)."""
+    """Loads the model on its own thread (so the server answers /health while it loads), then submits tasks to the
+    model's decode loop; at most ``n_parallel + queue_size`` tasks in flight (more: ServerBusyError)."""
 
-    def __init__(self, load: LoadConfig, parallel: int, queue_size: int):
-        self.load, self.parallel, self.queue_size = load, parallel, queue_size
+    def __init__(self, load: LoadConfig, queue_size: int):
+        self.load, self.queue_size = load, queue_size
+        self.parallel = load.n_parallel
         self.model: GuidedModel | None = None
         self.error: BaseException | None = None  # why loading failed
         self.ready = threading.Event()  # set once loading finished, well or not
         self.on_load_failure: Callable[[], None] | None = None
-        self.on_ready: Callable[[], None] | None = None  # called on the engine thread once the model is loaded
-        self._inbox: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
-        self._tasks: dict[int, Task] = {}
-        # the handlers to wake at the end of this step, with their event loop
+        self.on_ready: Callable[[], None] | None = None  # called on the loading thread once the model is loaded
+        # the handlers to wake at the end of this step, with their event loop (engine thread only)
         self._wake: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._in_flight = 0
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="genarm-engine", daemon=True)
+        self._thread = threading.Thread(target=self._load, name="genarm-load", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._inbox.put(None)
         if self._thread.is_alive():
             self._thread.join()
+        if self.model is not None:
+            self.model.close()  # every task still running ends (Failed: shutting down), its handler woken
 
     @property
     def in_flight(self) -> int:
@@ -189,94 +191,36 @@ class EngineWorker:
                     f"the server is full ({self.parallel} running, {self.queue_size} waiting); retry later"
                 )
             self._in_flight += 1
-        task = Task(prepared, self.model, loop)
-        self._inbox.put(task)
+        task = Task(prepared, self, loop)
+        try:
+            self.model.engine.submit([task.job])
+        except BaseException:
+            self.finished()
+            raise
         return task
 
-    # ---- the engine thread -----------------------------------------------------------------------------------------
+    def finished(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
-    def _run(self) -> None:
+    def wake(self, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future) -> None:
+        self._wake.append((loop, waiter))
+
+    def _load(self) -> None:
         block_signals()  # Ctrl-C and SIGTERM belong to uvicorn's loop in the main thread
         try:
             model = GuidedModel(config=self.load)
-            scheduler = Scheduler(model.engine, self.parallel)
         except BaseException as exc:  # reported by the CLI as one line, and by /health
             self.error = exc
             self.ready.set()
             if self.on_load_failure is not None:
                 self.on_load_failure()
             return
+        model.engine.after_step.append(self._wake_handlers)
         self.model = model
         self.ready.set()
         if self.on_ready is not None:
             self.on_ready()
-        try:
-            while not self._stopping.is_set():
-                self._take_tasks(scheduler, block=not scheduler.busy)
-                self._wake_handlers()  # requests refused at admission
-                if not scheduler.busy:
-                    continue
-                try:
-                    events = scheduler.step()
-                except Exception as exc:  # a bug, not a bad request: fail what runs, start over, keep serving
-                    for task in list(self._tasks.values()):
-                        self._end(task, Failed(exc))
-                    self._wake_handlers()
-                    scheduler.close()
-                    scheduler = Scheduler(model.engine, self.parallel)
-                    continue
-                for job, step in events:
-                    self._deliver(scheduler, job, step)
-                self._wake_handlers()
-        finally:
-            for task in list(self._tasks.values()):
-                self._end(task, Failed(ServerBusyError("the server is shutting down")))
-            self._wake_handlers()
-            scheduler.close()
-            model.close()
-
-    def _take_tasks(self, scheduler: Scheduler, block: bool) -> None:
-        try:
-            task = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while task is not None or not self._inbox.empty():
-            if task is not None:
-                self._tasks[id(task.job)] = task
-                try:
-                    scheduler.submit(task.job)
-                except GenArmError as exc:
-                    self._end(task, Failed(exc))
-            try:
-                task = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def _deliver(self, scheduler: Scheduler, job: Job, step: Step) -> None:
-        task = self._tasks.get(id(job))
-        if task is None:
-            return
-        if step.finish_reason == "cancelled":
-            self._end(task, None)
-            return
-        if step.finish_reason == "error":
-            self._end(task, Failed(job.error))
-            return
-        reason, stopped = task.take(step, self._wake)
-        if stopped:
-            scheduler.release(job)
-        if reason:
-            self._end(task, Finished(reason, job, task.completion_tokens))
-
-    def _end(self, task: Task, event: Finished | Failed | None) -> None:
-        if self._tasks.pop(id(task.job), None) is None:
-            return
-        if event is not None:
-            waiter = task.mailbox.post(event)
-            if waiter is not None:
-                self._wake.append((task.mailbox.loop, waiter))
-        with self._lock:
-            self._in_flight -= 1
 
     def _wake_handlers(self) -> None:
         """Resolve the futures of the handlers that were waiting: one call into each event loop (there is one)."""

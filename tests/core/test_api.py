@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -68,8 +69,9 @@ def test_logprobs_are_the_mixed_distribution(model):
     ids = model.tokenize(PROMPT)
     assert len(result.logprobs) == len(result.tokens) == len(result.top_logprobs)
     for n, (token, logprob, top) in enumerate(zip(result.tokens, result.logprobs, result.top_logprobs, strict=True)):
+        # decoded afresh as a prompt, not one token per step: llama.cpp rounds the two groupings differently
         expected = model.next_token_logprobs(ids + result.tokens[:n])
-        assert logprob == pytest.approx(float(expected[token]), abs=1e-4)
+        assert logprob == pytest.approx(float(expected[token]), abs=2e-3)
         assert list(top) == [int(t) for t in np.argsort(expected)[::-1][:3]]
 
 
@@ -131,9 +133,9 @@ def test_stop_strings_spanning_tokens_are_never_emitted(model):
     result = model.generate(PROMPT, max_tokens=40, temperature=0.0, stop=["\x00never", stop])
     assert result.finish_reason == "stop"
     assert result.text == full.text[: full.text.find(stop)]
-    streamed = list(model.stream(PROMPT, max_tokens=40, temperature=0.0, stop=stop))
-    assert "".join(streamed) == result.text
-    assert model.last_result.finish_reason == "stop"
+    stream = model.stream(PROMPT, max_tokens=40, temperature=0.0, stop=stop)
+    assert "".join(stream) == result.text
+    assert stream.result.finish_reason == "stop" and stream.result.text == result.text
 
 
 def test_stream_equals_generate(model):
@@ -145,7 +147,7 @@ def test_stream_equals_generate(model):
 
 
 def test_split_utf8_characters_are_held_back():
-    from genarm_local.core.api import StopText
+    from genarm_local.core.text import StopText
 
     chunks = {1: "é".encode()[:1], 2: "é".encode()[1:] + b"x", 3: "€".encode()[:2], 4: "€".encode()[2:]}
     text = StopText(chunks.__getitem__, ["x€"])
@@ -158,7 +160,7 @@ def test_split_utf8_characters_are_held_back():
 def test_a_new_speakers_label_ends_a_plain_transcript_reply():
     """stop_at_turns: a new line opening with "Name:" ends the reply (never emitted); a new line that cannot become
     a label is released as soon as that is clear."""
-    from genarm_local.core.api import StopText
+    from genarm_local.core.text import StopText
 
     def feed(pieces):
         chunks = {i: piece.encode() for i, piece in enumerate(pieces)}
@@ -182,35 +184,45 @@ def test_cancellation(model):
     event = threading.Event()
     event.set()
     assert model.generate(PROMPT, max_tokens=20, cancel=event).finish_reason == "cancelled"
-    calls = []
-    result = model.generate(PROMPT, max_tokens=20, temperature=0.0, cancel=lambda: calls.append(1) or len(calls) > 3)
-    assert result.finish_reason == "cancelled" and len(result.tokens) == 3
+    calls = []  # a function is polled while the caller waits: the generation ends soon after it says so
+    result = model.generate(PROMPT, max_tokens=200, temperature=0.0, cancel=lambda: calls.append(1) or len(calls) > 3)
+    assert result.finish_reason == "cancelled" and len(result.tokens) < 200
 
 
-def test_calls_from_several_threads_are_serialized(model):
+def test_threads_share_the_decode_loops_steps(model):
+    """Four threads generating at once run in the same steps (one batch), and each gets the tokens it gets alone."""
     expected = {seed: model.generate(PROMPT, max_tokens=12, seed=seed, **SAMPLED).tokens for seed in range(4)}
-    got = {}
+    got, running = {}, []
+    scheduler = model.engine.scheduler
+    model.engine.after_step.append(lambda: running.append(len(scheduler.running)))
+    start = threading.Barrier(4)
 
     def run(seed):
+        start.wait()
         got[seed] = model.generate(PROMPT, max_tokens=12, seed=seed, **SAMPLED).tokens
 
     threads = [threading.Thread(target=run, args=(seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        model.engine.after_step.clear()
     assert got == expected
+    assert max(running) > 1  # they shared steps rather than queueing one after another
 
 
-def test_open_stream_then_another_call_in_the_same_thread_is_an_error(model):
-    from genarm_local.core.errors import InvalidOptionError
-
-    stream = model.stream(PROMPT, max_tokens=5)
-    next(stream)
-    with pytest.raises(InvalidOptionError, match="open stream"):
-        model.generate(PROMPT, max_tokens=2)
-    stream.close()
-    assert model.generate(PROMPT, max_tokens=2).tokens
+def test_streams_in_one_thread_interleave_each_with_its_own_result(model):
+    first = model.stream(PROMPT, max_tokens=10, seed=1, **SAMPLED)
+    second = model.stream(PROMPT, max_tokens=10, seed=2, **SAMPLED)
+    pieces = [next(first), next(second)]
+    pieces[0] += "".join(first)
+    pieces[1] += "".join(second)
+    assert pieces == [first.result.text, second.result.text]
+    alone = [model.generate(PROMPT, max_tokens=10, seed=seed, **SAMPLED) for seed in (1, 2)]
+    assert [first.result.tokens, second.result.tokens] == [r.tokens for r in alone]
+    assert first.result.tokens != second.result.tokens
 
 
 def test_bad_options(model):
@@ -224,32 +236,73 @@ def test_bad_options(model):
         model.generate(PROMPT, weights={"nonexistent": 1.0})
     with pytest.raises(InvalidOptionError, match="grammar"):
         model.generate(PROMPT, max_tokens=5, grammar='root ::= "unterminated')
-    decoded = model.engine.base.n_decoded
-    with pytest.raises(ContextOverflowError, match="max_tokens"):
-        model.generate(PROMPT, max_tokens=1000)
+    base = model.engine.scheduler.contexts[0]
+    decoded = base.n_decoded
     with pytest.raises(ContextOverflowError, match="context"):
-        model.next_token_logprobs(list(range(300)))
-    assert model.engine.base.n_decoded == decoded  # refused before any decoding
+        model.generate(list(range(300)))
+    with pytest.raises(ContextOverflowError, match="context"):
+        model.next_token_logprobs(list(range(256)))
+    assert base.n_decoded == decoded  # refused before any decoding
     assert model.generate(PROMPT, max_tokens=3).tokens  # still usable
 
 
 def test_close_frees_and_refuses_further_calls(paths):
     from genarm_local import GuidedModel
-    from genarm_local.core.errors import InvalidOptionError
+    from genarm_local.core.errors import ModelClosedError
 
     guided = GuidedModel(paths[0], {str(paths[1]): 1.0}, n_ctx=256, n_threads=1)
+    assert guided.generate(PROMPT, max_tokens=3).tokens
     guided.close()
     guided.close()
-    with pytest.raises(InvalidOptionError, match="closed"):
+    with pytest.raises(ModelClosedError, match="closed"):
         guided.generate(PROMPT)
+    engine = guided._engine
+    assert not engine._thread.is_alive() and engine._pool is None  # no thread of this model is left running
+
+
+def test_close_with_a_stream_open_in_the_same_thread_returns_at_once(paths):
+    """The README's `with GuidedModel(...) as m:` block, left with a stream still open: close() ends the stream (its
+    finish reason says so) instead of waiting for it."""
+    from genarm_local import GuidedModel
+
+    with GuidedModel(paths[0], {str(paths[1]): 1.0}, n_ctx=256, n_threads=1) as guided:
+        stream = guided.stream(PROMPT, max_tokens=200, **SAMPLED)
+        first = next(stream)
+        start = time.perf_counter()
+    assert time.perf_counter() - start < 1.0
+    rest = "".join(stream)  # what was generated before the close, then the end
+    assert stream.result.finish_reason == "cancelled" and stream.result.text == first + rest
+    assert len(stream.result.tokens) < 200
+
+
+def test_close_from_another_thread_cancels_what_runs(paths):
+    from genarm_local import GuidedModel
+
+    guided = GuidedModel(paths[0], {str(paths[1]): 1.0}, n_ctx=256, n_threads=1)
+    stream = guided.stream(PROMPT, max_tokens=200, **SAMPLED)
+    next(stream)
+    closer = threading.Thread(target=guided.close)
+    closer.start()
+    result = stream.drain()
+    closer.join(timeout=1.0)
+    assert not closer.is_alive() and result.finish_reason == "cancelled" and len(result.tokens) < 200
 
 
 # ---- chat --------------------------------------------------------------------------------------------------------
 
 
-def test_chat_renders_the_gguf_template_and_reuses_the_cache(model):
-    messages = [{"role": "user", "content": "Tell me about the bicycle."}]
-    rendered = model.chat_template.render(model.engine.base_model, messages)
+def test_chat_renders_the_gguf_template_and_reuses_the_cache(paths):
+    from genarm_local import GuidedModel
+    from genarm_local.core.scheduler import PREFILL_CHUNK
+
+    with GuidedModel(paths[0], {str(paths[1]): 1.0}, n_ctx=1024, n_threads=1) as model:
+        chat_turns(model, PREFILL_CHUNK)
+
+
+def chat_turns(model, chunk: int) -> None:
+    messages = [{"role": "system", "content": "You answer questions about bicycles. " * 8}]
+    messages += [{"role": "user", "content": "Tell me about the bicycle."}]
+    rendered = model.chat_template.render(model.engine.base_model, messages[1:])
     assert rendered.text == "<|im_start|>user\nTell me about the bicycle.<|im_end|>\n<|im_start|>assistant\n"
     decoded, prompt_lengths = [], []
     for turn in range(3):
@@ -257,10 +310,11 @@ def test_chat_renders_the_gguf_template_and_reuses_the_cache(model):
         decoded.append(reply.timings.prompt_decoded)
         prompt_lengths.append(reply.timings.prompt_tokens)
         messages += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "And then?"}]
-    # every context decodes only what follows the cached prefix: the cost of a turn does not grow with history
+    # a turn decodes what follows the last whole chunk of the previous prompt: the history before it is reused
+    assert prompt_lengths[0] > chunk
     for turn in (1, 2):
-        assert decoded[turn] <= prompt_lengths[turn] - prompt_lengths[turn - 1]
-    assert decoded[2] < prompt_lengths[1]  # less than the history it did not decode again
+        assert decoded[turn] < prompt_lengths[turn] - prompt_lengths[turn - 1] + chunk
+        assert decoded[turn] <= prompt_lengths[turn] - chunk
     streamed = "".join(model.chat(messages, max_tokens=12, seed=7, stream=True, **SAMPLED))
     assert streamed == model.chat(messages, max_tokens=12, seed=7, **SAMPLED).text
 
@@ -270,7 +324,7 @@ def test_concurrent_decoding_gives_the_same_tokens(model, paths):
 
     with GuidedModel(paths[0], {str(paths[1]): 1.0}, n_ctx=256, n_threads=2, concurrent=True) as concurrent:
         tokens = concurrent.generate(PROMPT, max_tokens=20, temperature=0.0).tokens
-        assert all(context.n_decoded > 0 for context in [concurrent.engine.base, concurrent.engine.arms[0].context])
+        assert all(context.n_decoded > 0 for context in concurrent.engine.scheduler.contexts)
     assert tokens == model.generate(PROMPT, max_tokens=20, temperature=0.0).tokens
 
 

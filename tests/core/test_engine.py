@@ -85,8 +85,11 @@ def plain_llama_cpp_tokens(path, prompt, n, seed, top_k, top_p, min_p, temperatu
 
     with Model(path) as model, Context(model, LoadConfig(n_threads=1), n_ctx=256) as context:
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        penalties = lc.llama_sampler_init_penalties(model.n_vocab, 64, repeat_penalty, 0.0, 0.0)
+        for token in prompt[-64:]:  # llama.cpp's programs count the prompt's tokens too (common_sampler_accept)
+            lc.llama_sampler_accept(penalties, token)
         for sampler in (
-            lc.llama_sampler_init_penalties(model.n_vocab, 64, repeat_penalty, 0.0, 0.0),
+            penalties,
             lc.llama_sampler_init_top_k(top_k),
             lc.llama_sampler_init_top_p(top_p, 1),
             lc.llama_sampler_init_min_p(min_p, 1),
@@ -119,35 +122,38 @@ def test_all_alphas_zero_is_plain_llama_cpp_sampling(files):
     with GuidedModel(files["small"], arms, n_ctx=256, n_threads=1) as model:
         prompt = model.tokenize(PROMPT)
         ours = model.generate(prompt, max_tokens=40, **settings)
-        # α = 0 skips the ARMs' decode altogether
-        assert all(arm.context.n_decoded == 0 for arm in model.engine.arms)
+        # α = 0 skips the ARMs' decode altogether: their contexts are not even created
+        assert model.engine.scheduler.contexts[1:] == [None, None]
     plain = plain_llama_cpp_tokens(files["small"], prompt, 40, **settings)
     assert len(plain) > 5
     assert ours.tokens == plain
 
 
-def test_prefix_reuse_decodes_only_new_tokens(files):
+def test_prefix_reuse_is_exact_and_in_whole_chunks(files):
     from genarm_local import GuidedModel
+    from genarm_local.core.scheduler import PREFILL_CHUNK
 
-    # F32 cache, no flash attention: decoding the last token alone again must give the same row as in the batch
-    options = dict(n_ctx=256, n_threads=1, kv_cache_type="f32", flash_attn=False)
-    with GuidedModel(files["small"], {str(files["adapter"]): 1.0}, **options) as model:
-        ids = model.tokenize(PROMPT + " begins in the early nineteenth century")
+    with GuidedModel(files["small"], {str(files["adapter"]): 1.0}, n_ctx=512, n_threads=1, n_parallel=1) as model:
+        ids = model.tokenize((PROMPT + " begins in the early nineteenth century. ") * 20)[: PREFILL_CHUNK + 30]
         first = model.next_token_logprobs(ids)
-        contexts = [model.engine.base] + [arm.context for arm in model.engine.arms]
+        contexts = model.engine.scheduler.contexts
         before = [c.n_decoded for c in contexts]
         again = model.next_token_logprobs(ids)
-        # the last token is decoded again (its row was mixed in place), nothing else
+        # the same prompt: only its last token is decoded again (its row was mixed in place)
         assert [c.n_decoded - b for c, b in zip(contexts, before, strict=True)] == [1, 1]
-        np.testing.assert_allclose(again, first, atol=1e-4)
+        np.testing.assert_array_equal(again, first)
         before = [c.n_decoded for c in contexts]
-        model.next_token_logprobs(ids[:-3] + ids[-2:])  # diverges 3 from the end
-        assert [c.n_decoded - b for c, b in zip(contexts, before, strict=True)] == [2, 2]
+        other = ids[:-3] + ids[-2:]  # diverges 3 from the end, inside the second chunk: the first chunk is kept
+        diverged = model.next_token_logprobs(other)
+        assert [c.n_decoded - b for c, b in zip(contexts, before, strict=True)] == [len(other) - PREFILL_CHUNK] * 2
+        with GuidedModel(files["small"], {str(files["adapter"]): 1.0}, n_ctx=512, n_threads=1) as fresh:
+            np.testing.assert_array_equal(fresh.next_token_logprobs(other), diverged)  # bit for bit
 
 
 def test_same_prompt_same_logits_whether_cached_or_not(gguf_model):
-    """llama.cpp's quantized matmuls round a row differently in a batch than alone; the prompt's last token is
-    always decoded alone, so a cached prompt gives the logits (and, with the same seed, the text) of a fresh one."""
+    """llama.cpp's numbers depend on how a sequence's tokens were grouped into decodes; a cached prompt is reused
+    only where a fresh decode groups them the same way, so it gives the logits (and, with the same seed, the text) of
+    a fresh one, also after other prompts sharing its beginning went through the same slots."""
     from genarm_local import GuidedModel
 
     with GuidedModel(gguf_model("llama_base", "q4_k_m"), n_ctx=256, n_threads=2) as model:
@@ -158,6 +164,9 @@ def test_same_prompt_same_logits_whether_cached_or_not(gguf_model):
         np.testing.assert_array_equal(cached, fresh)
         again = model.generate(ids, max_tokens=12, seed=3, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
         assert again.tokens == first.tokens
+        others = [ids[:n] + model.tokenize(" and then", add_special=False) for n in (3, 5, 7, 9)]
+        model.generate_batch(others, max_tokens=4)  # every slot now holds a prompt that shares a prefix with ids
+        np.testing.assert_array_equal(model.next_token_logprobs(ids), fresh)
 
 
 # ---- loading errors ----------------------------------------------------------------------------------------------
@@ -202,8 +211,8 @@ def test_vocabulary_mismatch_names_the_first_differing_token(files, tmp_path, mo
         GuidedModel(files["small"], arms, n_threads=1)
     message = str(info.value)
     assert f"token {token} " in message and repr(base_text) in message and repr(arm_text) in message
-    # nothing half-loaded: base model, base context, adapter, its context and the refused model are all freed
-    assert len(opened) == 5 and all(owner._ptr is None for owner in opened)
+    # nothing half-loaded: the base model, the adapter and the refused model are all freed (contexts come after)
+    assert len(opened) == 3 and all(owner._ptr is None for owner in opened)
 
 
 def test_padded_arm_vocabulary_is_accepted(gguf_model):
@@ -213,7 +222,7 @@ def test_padded_arm_vocabulary_is_accepted(gguf_model):
     small, padded = gguf_model("llama_small", "f32"), gguf_model("qwen2", "f32")
     with GuidedModel(small, {str(padded): 1.0}, n_ctx=256, n_threads=1) as model:
         n_vocab = model.engine.n_vocab
-        assert model.engine.arms[0].context.model.n_vocab > n_vocab
+        assert model.engine.arms[0].model.n_vocab > n_vocab
         ids = model.tokenize(PROMPT)
         logprobs = model.next_token_logprobs(ids)
     # Independent reference: each model's logits from a plain context, the ARM's padding rows dropped, the mix in
