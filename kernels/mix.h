@@ -15,7 +15,6 @@ typedef enum {
 
 #define MIX_BASE (-1) /* MixResult.input of the base row (of log_softmax's src) */
 
-
 typedef struct {
     MixStatus status;
     int input; /* with an error: MIX_BASE or the ARM's index */

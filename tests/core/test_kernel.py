@@ -110,10 +110,10 @@ def test_whole_masked_blocks_at_the_start_of_every_row():
     rng = np.random.default_rng(3)
     base, arm = logits(rng, 50_000), logits(rng, 50_000)
     base[:20_000] = arm[10_000:30_000] = arm[:5_000] = -np.inf
-    for alpha in [0.7, -0.7]:
+    for alpha, guard_min_p in [(0.7, 0.0), (-0.7, 0.0), (0.7, 1e-4), (-0.7, 1e-4)]:
         dst = np.empty_like(base)
-        guide(dst, base, [arm], [alpha], guard_min_p=1e-4)
-        assert_matches(dst, reference_guide(base, [arm], [alpha], 1e-4))
+        guide(dst, base, [arm], [alpha], guard_min_p=guard_min_p)
+        assert_matches(dst, reference_guide(base, [arm], [alpha], guard_min_p))
     log_softmax(dst, arm)
     assert_matches(dst, reference_log_softmax(arm))
 
@@ -127,6 +127,9 @@ def test_alpha_zero_is_the_base_bit_for_bit():
         dst = np.full_like(base, 7.0)
         guide(dst, base, arms, alphas)
         assert dst.tobytes() == base.tobytes()
+    guide(dst, base, guard_min_p=0.3)  # the guard's -inf, and elsewhere the base's bits
+    cutoff = base.max() + math.log(0.3)
+    assert dst.tobytes() == np.where(base.astype(np.float64) < cutoff, np.float32(-np.inf), base).tobytes()
 
 
 def test_in_place_equals_separate_dst():
