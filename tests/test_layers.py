@@ -71,7 +71,6 @@ def test_only_the_native_owners_import_llama_cpp():
     assert not offenders, f"llama_cpp imported outside core/{{{', '.join(sorted(NATIVE))}}}: {offenders}"
 
 
-
 def test_no_two_modules_of_a_layer_import_each_other():
     """Within a layer, imports form no cycle (two modules that need each other hold one idea split in two, or a
     third idea both should import: e.g. batch/rows.py, which the runner and the shard reader share)."""
