@@ -324,7 +324,9 @@ class LoadConfig:
         }
         for name, ok in checks.items():
             if not ok:
-                raise InvalidOptionError(f"{name}={getattr(self, name)!r} is out of range")
+                field = next(f for f in dataclasses.fields(self) if f.name == name)
+                flags = f" ({'/'.join(field.metadata['flags'])})" if "flags" in field.metadata else ""
+                raise InvalidOptionError(f"{name}={getattr(self, name)!r}{flags} is out of range")
         if self.kv_cache_type not in KV_CACHE_TYPES:
             choices = ", ".join(KV_CACHE_TYPES)
             raise InvalidOptionError(f"unknown KV cache type {self.kv_cache_type!r}; choose one of {choices}")

@@ -129,9 +129,9 @@ def test_flag_defaults_are_the_apis():
 
     args = build_parser().parse_args(["generate"])
     for f in dataclasses.fields(SamplingConfig):
-        if f.name != "stop":
+        if f.name != "stop" and f.metadata.get("cli", True):
             assert getattr(args, f.name) == f.default, f.name
-    for name in ("base", "n_ctx", "n_gpu_layers", "n_threads", "kv_cache_type", "chat_template"):
+    for name in ("base", "n_ctx", "n_parallel", "n_gpu_layers", "n_threads", "kv_cache_type", "chat_template"):
         assert getattr(args, name) == getattr(LoadConfig(), name), name
     tristate = {"on": True, "off": False, "auto": None}
     assert tristate[args.concurrent] == LoadConfig().concurrent and tristate[args.flash_attn] == LoadConfig().flash_attn

@@ -226,8 +226,13 @@ def test_tokenize_detokenize(server, local):
 
 
 def test_a_second_chat_turn_reuses_the_cached_prefix(server):
+    from genarm_local.core.scheduler import PREFILL_CHUNK
+
     client = server.client()
-    messages = [{"role": "user", "content": "Tell me about bicycles and their long history in cities."}]
+    messages = [
+        {"role": "system", "content": "You know bicycles and their long history in cities. " * 5},
+        {"role": "user", "content": "Tell me about bicycles and their long history in cities."},
+    ]
     first = client.chat.completions.create(messages=messages, model="", max_tokens=12, **sampled(2))
     messages += [
         {"role": "assistant", "content": first.choices[0].message.content},
@@ -235,9 +240,26 @@ def test_a_second_chat_turn_reuses_the_cached_prefix(server):
     ]
     second = client.chat.completions.create(messages=messages, model="", max_tokens=12, **sampled(2))
     cached = second.usage.prompt_tokens_details.cached_tokens
-    assert cached >= first.usage.prompt_tokens, (cached, first.usage)
+    # the history is reused in whole chunks of the first prompt's prefill (core/scheduler.py)
+    assert first.usage.prompt_tokens > PREFILL_CHUNK and cached == PREFILL_CHUNK, (cached, first.usage)
     assert second.model_extra["timings"]["cache_n"] == cached
     assert second.model_extra["timings"]["prompt_n"] == second.usage.prompt_tokens - cached
+
+
+def test_without_max_tokens_a_request_runs_to_the_end_of_its_context(server, local):
+    """OpenAI's and llama-server's rule: no max_tokens means until the end of generation, a stop or the context's
+    end; only a prompt that does not fit is refused. Here a prompt 100 tokens short of the context."""
+    client = server.client()
+    words = local.tokenize(" ".join(["bicycle", "history", "wheel", "road"] * 100), add_special=False)
+    prompt = local.detokenize(words[: N_CTX - 100 - 1])  # + BOS where the tokenizer adds one
+    n_prompt = len(local.tokenize(prompt))
+    assert abs(n_prompt - (N_CTX - 100)) <= 2, n_prompt
+    result = client.completions.create(prompt=prompt, model="", **sampled(3))
+    usage = result.usage
+    assert usage.prompt_tokens == n_prompt and usage.completion_tokens > 16  # past the old default of 16 or 256
+    assert usage.prompt_tokens + usage.completion_tokens <= N_CTX + 1
+    if result.choices[0].finish_reason == "length":  # it stopped because the context was full
+        assert usage.prompt_tokens + usage.completion_tokens == N_CTX + 1
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):

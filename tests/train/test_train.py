@@ -151,8 +151,9 @@ def test_exported_adapter_in_engine_matches_peft(marker_run):
     peft_model = PeftModel.from_pretrained(model, result.output).eval()
     reference = response_logps_torch(peft_model, sequences)
     with GuidedModel(base, arms={result.export: 1.0}, kv_cache_type="f32", flash_attn=False, n_ctx=256) as guided:
-        arm = response_logps_llama(guided.engine.arms[0].context, sequences)
-        plain = response_logps_llama(guided.engine.base, sequences)
+        with guided.engine.new_context(1, 256) as arm_context, guided.engine.new_context(0, 256) as base_context:
+            arm = response_logps_llama(arm_context, sequences)
+            plain = response_logps_llama(base_context, sequences)
     rel = np.abs(arm - reference) / np.abs(reference)
     print(f"max relative error of sequence log-probs: {rel.max():.2e}")
     assert rel.max() < 1e-3
