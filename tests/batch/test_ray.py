@@ -211,3 +211,20 @@ def test_bad_setups_are_one_line_errors(cluster, job, capsys, monkeypatch):
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ray.available_resources().get("CPU", 0) == 2
+
+
+def test_line_breaking_characters_round_trip(cluster, files, tmp_path, capsys):
+    """U+2028 and the other characters str.splitlines() cuts at, in prompts and in text a grammar forces, through the
+    replicas, the driver's OUT and its final rewrite in input order."""
+    from test_text_safety import BREAKERS, FORCED, GRAMMAR
+
+    rows = [{"id": f"r{i}", "prompt": f"The history{BREAKERS[i % len(BREAKERS)]} of the bicycle {i}"} for i in range(4)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    (tmp_path / "grammar.gbnf").write_text(GRAMMAR, encoding="utf-8")
+    args = ["-m", files["base"], "-n", 64, "--batch-size", 2, *EXACT, "--grammar-file", tmp_path / "grammar.gbnf"]
+    out = tmp_path / "out.jsonl"
+    status, err = run_ray(tmp_path, tmp_path / "in.jsonl", "-o", out, *args, "--ray", "--replicas", 2, capsys=capsys)
+    assert status == 0, err
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
+    assert [row["id"] for row in written] == [row["id"] for row in rows]
+    assert [row["text"] for row in written] == [FORCED] * 4
