@@ -86,12 +86,14 @@ def guided_speed(base: Path, arm: Path, tokens: int, threads: int) -> dict:
         n_tokens = result.timings.generated_tokens
         decoded = result.tokens[: n_tokens - 1]
         step_s = []
-        for context in (model.engine.base, model.engine.arms[0].context):
-            context.sync(model.tokenize(PROMPT))
-            start = time.perf_counter()
-            for token in decoded:
-                context.decode_one(token)
-            step_s.append((time.perf_counter() - start) / len(decoded))
+        # each context's step alone: a context of the base and one of the ARM, made as the engine makes its own
+        for index in (0, 1):
+            with model.engine.new_context(index, n_ctx=1024) as context:
+                context.decode(model.tokenize(PROMPT))
+                start = time.perf_counter()
+                for token in decoded:
+                    context.decode([token])
+                step_s.append((time.perf_counter() - start) / len(decoded))
     bound_s = len(decoded) * sum(step_s)
     return {
         "tokens": n_tokens,
@@ -256,9 +258,9 @@ def naive_guided_loop(base: Path, arm: Path, tokens: int, threads: int, check: b
         for token in prompt[:8]:
             llm.eval([token])
         llm.reset()  # forget it: the next eval decodes the prompt again from an empty cache
-        # The prompt's last token on its own, as the engine decodes it (Context.sync): llama.cpp's quantized matmuls
-        # round a row in a batch differently from a row alone (1.6 nats in the mixed row here), and the check below
-        # compares the same computation. The prefill is not timed.
+        # The prompt's last token on its own, as the engine decodes it (scheduler.py): llama.cpp rounds a token
+        # decoded with others of its sequence differently from one alone (1.6 nats in the mixed row here), and the
+        # check below compares the same computation. The prefill is not timed.
         llm.eval(prompt[:-1])
         llm.eval(prompt[-1:])
     first_row_error = None
