@@ -1,11 +1,12 @@
 """Before and after, side by side in one run: this checkout's speed against another checkout's (e.g. the commit
 before a change), on the same machine at the same time, in alternating rounds.
 
-    git worktree add ../before COMMIT && (cd ../before && python3 -m venv .venv && .venv/bin/pip install '.[demo]')
+    git worktree add ../before COMMIT && (cd ../before && python3 -m venv .venv && .venv/bin/pip install -e '.[demo]')
     python bench/compare_trees.py --other ../before [--rounds 2] [--out docs/compare.json]
 
-Each round runs, in the other checkout and then in this one, each with its own .venv and its own bench scripts (so
-that each measures its own code the way its own benchmarks do):
+Each round runs, in the other checkout and then in this one, each with its own .venv (an editable install, as the
+bench scripts import the package from the checkout) and its own bench scripts (so that each measures its own code
+the way its own benchmarks do):
 - bench_engine.py: guided tokens/s (a full-model ARM and a LoRA ARM) against the sequential bound and the naive
   llama-cpp-python + numpy loop; generate_batch of 8 sequences against one;
 - bench_serve.py: one stream through the server (guided and base), and 8 clients at once against one;
