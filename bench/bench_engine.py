@@ -122,7 +122,7 @@ def batch_speed(base: Path, arm: Path, tokens: int, threads: int, n_seq: int = 8
     context either way (generate_batch decodes the prompt's last token with the first step)."""
     from genarm_local import GuidedModel
 
-    with GuidedModel(base, {str(arm): 1.0}, n_ctx=1024, n_threads=threads, seed=0) as model:
+    with GuidedModel(base, {str(arm): 1.0}, n_ctx=1024, n_threads=threads, seed=0, n_parallel=n_seq) as model:
         model.generate_batch([PROMPT] * 2, max_tokens=4)  # warm-up
         start = time.perf_counter()
         single = model.generate(PROMPT, max_tokens=tokens, seed=1, **SAMPLING)

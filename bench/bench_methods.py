@@ -127,7 +127,7 @@ def run_ttft(base: str, arm: str, tokens: int, threads: int) -> list[dict]:
             first = None
             for _ in stream:
                 first = first or time.perf_counter() - start
-            result = model.last_result
+            result = stream.result
             turns.append(
                 {
                     "turn": turn,

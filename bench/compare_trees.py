@@ -10,8 +10,8 @@ the way its own benchmarks do):
 - bench_engine.py: guided tokens/s (a full-model ARM and a LoRA ARM) against the sequential bound and the naive
   llama-cpp-python + numpy loop; generate_batch of 8 sequences against one;
 - bench_serve.py: one stream through the server (guided and base), and 8 clients at once against one;
-- `genarm-local batch` on 24 rows (the shipped default ARMs, 32 tokens each, --batch-size 8): generated tokens per
-  second of wall time, model loading included.
+- `genarm-local batch` on 24 rows (the shipped positive ARM at its recommended α, 32 tokens each, --batch-size 8):
+  generated tokens per second of wall time, model loading included.
 Reported: each figure's median over the rounds in each checkout, and after / before. This machine is shared and
 noisy: a ratio within ±10% is noise unless the rounds agree.
 """
@@ -89,7 +89,9 @@ def batch_tok_s(tree: Path, folder: Path) -> float:
     out.unlink(missing_ok=True)
     command = [str(tree / ".venv" / "bin" / "genarm-local"), "batch", str(folder / "in.jsonl"), "-o", str(out)]
     start = time.perf_counter()
-    done = subprocess.run([*command, "-n", "32", "--batch-size", "8", "--no-progress"], capture_output=True, text=True)
+    # the ARM named: an older tree's batch ran the base alone by default
+    options = ["--arm", "positive", "-n", "32", "--batch-size", "8", "--no-progress"]
+    done = subprocess.run([*command, *options], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"batch failed in {tree}:\n{done.stderr[-2000:]}")

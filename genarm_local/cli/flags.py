@@ -112,10 +112,11 @@ class _ArmAction(argparse.Action):
         setattr(namespace, self.dest, [*getattr(namespace, self.dest, []), (self.const, value)])
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The base, its ARMs, and how llama.cpp runs them: LoadConfig's fields, plus the ARM list."""
+def add_model_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, object] | None = None) -> None:
+    """The base, its ARMs, and how llama.cpp runs them: LoadConfig's fields (``defaults`` overrides some, for one
+    verb), plus the ARM list."""
     group = parser.add_argument_group("model and ARMs")
-    add_config_arguments(group, LoadConfig)
+    add_config_arguments(group, LoadConfig, defaults)
     group.add_argument(
         "--arm", dest="arms", action=_ArmAction, const="arm", default=[], metavar="[NAME=]PATH[:ALPHA]",
         help="an ARM (GGUF model with the base's vocabulary, or GGUF LoRA adapter of the base) and its weight α "

@@ -22,7 +22,7 @@ from .flags import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser.add_argument_group("server"), ServeConfig)
-    add_model_arguments(parser)
+    add_model_arguments(parser, defaults={"n_parallel": 4})  # concurrent clients, as llama-server's default
     # the server's defaults; logprobs are per request; a request without max_tokens runs until EOS, a stop string or
     # the end of its context, as OpenAI's API and llama-server do
     add_sampling_arguments(parser, defaults={"max_tokens": None}, exclude=("logprobs",))

@@ -285,8 +285,11 @@ class LoadConfig:
         cli=False,
     )
     n_ctx: int = option(2048, "context size in tokens, of each sequence", flags=("-c", "--ctx-size"))
+    # Each slot holds its own KV cache of n_ctx cells (per-sequence streams keep a sequence's numbers independent of
+    # the others'): with the embedded base and one ARM, about 75 MiB per slot at n_ctx 2048. Two let two threads
+    # share steps; `serve` defaults to 4, `batch` to its --batch-size.
     n_parallel: int = option(
-        4, "sequences decoded together (slots): concurrent requests, or a batch's rows", flags=("-np", "--parallel")
+        2, "sequences decoded together (slots): concurrent requests, or a batch's rows", flags=("-np", "--parallel")
     )
     n_gpu_layers: int = option(
         0,

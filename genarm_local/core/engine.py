@@ -135,15 +135,12 @@ class Engine:
         except CorruptModelError as exc:
             raise AdapterMismatchError(f"{exc}; was the adapter trained on this base?") from exc
 
-    def new_context(self, index: int, n_ctx: int, n_seq_max: int = 1) -> Context:
+    def new_context(self, index: int, n_ctx: int, n_seq_max: int = 1, n_batch: int = 512) -> Context:
         """A new context of model ``index`` (0: the base, i: ARM i - 1), the caller's to close."""
-        if index == 0:
-            return Context(self.base_model, self.config, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=max(512, n_seq_max))
-        arm = self.arms[index - 1]
-        adapters = [(arm.adapter, 1.0)] if arm.adapter is not None else []
-        return Context(
-            arm.model, self.config, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=max(512, n_seq_max), adapters=adapters
-        )
+        arm = self.arms[index - 1] if index else None
+        adapters = [(arm.adapter, 1.0)] if arm is not None and arm.adapter is not None else []
+        model = arm.model if arm is not None else self.base_model
+        return Context(model, self.config, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch, adapters=adapters)
 
     # ---- weights -------------------------------------------------------------------------------------------------
 

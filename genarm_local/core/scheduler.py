@@ -437,7 +437,10 @@ class Scheduler:
     def _context(self, index: int) -> Context:
         """The multi-sequence context of model ``index`` (0: the base), created on first use."""
         if self._contexts[index] is None:
-            context = self.engine.new_context(index, n_ctx=self.n_ctx * self.n_slots, n_seq_max=self.n_slots)
+            # a decode holds a prompt chunk or a step's rows, never more: llama.cpp sizes its compute buffers and
+            # the sliding-window layers' caches by n_batch, so a small one saves memory per slot
+            n_batch = max(PREFILL_CHUNK, self.n_slots)
+            context = self.engine.new_context(index, self.n_ctx * self.n_slots, self.n_slots, n_batch)
             self._contexts[index] = self._stack.enter_context(context)
             self._batches[index] = self._stack.enter_context(Batch(context.n_batch))
         return self._contexts[index]

@@ -95,7 +95,8 @@ def read_prompts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise InputNotFoundError(f"--prompts {path}: no such file")
     prompts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines: U+2028 in a JSON line is text
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:

@@ -340,7 +340,7 @@ class Run:
         if not self.log_path.exists():
             return
         kept = []
-        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+        for line in self.log_path.read_text(encoding="utf-8").split("\n"):  # not splitlines: U+2028 is no newline
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
