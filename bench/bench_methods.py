@@ -104,9 +104,11 @@ def run_batch(base: str, arm: str, tokens: int, threads: int) -> dict:
     from genarm_local import GuidedModel
 
     speeds = {}
-    with GuidedModel(base, {arm: 1.0}, n_ctx=4096, n_threads=threads) as model:
+    sizes = (1, 2, 4, 8, 16)
+    # one slot per sequence: a batch of 16 runs 16 at once (n_ctx per slot: a prompt and its tokens)
+    with GuidedModel(base, {arm: 1.0}, n_ctx=256, n_threads=threads, n_parallel=max(sizes)) as model:
         model.generate_batch([PROMPT] * 2, max_tokens=4, seed=0)  # warm-up
-        for size in (1, 2, 4, 8, 16):
+        for size in sizes:
             start = time.perf_counter()
             results = model.generate_batch([PROMPT] * size, max_tokens=tokens, seed=1, **SAMPLING)
             speeds[size] = sum(len(r.tokens) for r in results) / (time.perf_counter() - start)
