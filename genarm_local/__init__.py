@@ -8,11 +8,21 @@ from .core.errors import GenArmError
 
 __version__ = "0.1.0"
 
-__all__ = ["ArmSpec", "GenArmError", "GenerationResult", "GuidedModel", "LoadConfig", "SamplingConfig", "__version__"]
+__all__ = [
+    "ArmSpec",
+    "GenArmError",
+    "GenerationResult",
+    "GuidedModel",
+    "LoadConfig",
+    "SamplingConfig",
+    "Stream",
+    "__version__",
+]
 
 _LAZY = {
     "GuidedModel": "api",
     "GenerationResult": "api",
+    "Stream": "api",
     "LoadConfig": "config",
     "ArmSpec": "config",
     "SamplingConfig": "config",
