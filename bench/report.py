@@ -357,6 +357,23 @@ def serve_section(serve: dict) -> list[str]:
     ]
 
 
+def compare_section(compare: dict) -> list[str]:
+    """bench/compare_trees.py's docs/compare.json: this checkout against an earlier one, side by side."""
+    before, after = compare["before"]["commit"], compare["after"]["commit"]
+    command = f"python bench/compare_trees.py --other CHECKOUT-OF-{before}"
+    lines = stamped(f"Before and after: {before} → {after}", compare, command) + [
+        f"Each figure: the median of {compare['rounds']} rounds that alternate the two checkouts on the same machine, "
+        "each measured by its own bench scripts (bench_engine, bench_serve) and a `batch` run of 24 rows.",
+        "",
+        f"| figure | {before} | {after} | after ÷ before |",
+        "|---|---|---|---|",
+    ]
+    for figure, values in compare["figures"].items():
+        before_value, after_value, ratio = values["before"], values["after"], values["after_over_before"]
+        lines.append(f"| {figure} | {before_value:.3g} | {after_value:.3g} | {ratio:.2f} |")
+    return lines + [""]
+
+
 RENDERERS = {
     "build_arms": build_section,
     "eval": eval_section,
@@ -367,6 +384,7 @@ RENDERERS = {
     "kernel": kernel_section,
     "ray": ray_section,
     "serve": serve_section,
+    "compare": compare_section,
 }
 
 
