@@ -182,9 +182,26 @@ class GuidedModel:
     def arms(self) -> list[ArmSpec]:
         return [arm.spec for arm in self.engine.arms]
 
+    def load_arm(
+        self, arm: str | os.PathLike | ArmSpec, alpha: float | None = None, name: str | None = None
+    ) -> ArmSpec:
+        """Load one more ARM into this running model (no restart; generations in progress go on, without it): a GGUF
+        path or shipped name with its weight α (None: its recommended α) and name (default: the file's stem), or an
+        ArmSpec. Calls made after it returns may weight it by name like the ARMs loaded at first. A name or file that
+        is already loaded is refused (InvalidOptionError), as is a file that is no ARM of this base."""
+        if isinstance(arm, ArmSpec):
+            if alpha is not None or name is not None:
+                raise InvalidOptionError("give alpha and name inside the ArmSpec, or a path with alpha and name")
+            spec = arm
+        else:
+            spec = ArmSpec.of(arm, alpha, name)
+        return self.engine.add_arm(spec).spec
+
     def arm_weights(self, weights: Mapping[str, float | None] | None = None) -> dict[str, float]:
         """Every ARM's α by name for a call with ``weights``: its default, overridden (unknown names refused)."""
-        return dict(zip((arm.name for arm in self.engine.arms), self.engine.alphas(weights), strict=True))
+        alphas = self.engine.alphas(weights)
+        # ARMs only ever join at the end (load_arm): the first len(alphas) are the ones these weights are for
+        return {arm.name: alpha for arm, alpha in zip(self.engine.arms, alphas, strict=False)}
 
     # ---- plumbing ------------------------------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 One story, in the order of llama.cpp's examples/simple: load the base and every ARM → check vocabularies → (on the
 engine thread) contexts, prefill, sampler chains, and the loop of scheduler.Scheduler.step → free in reverse order.
 Every caller — GuidedModel's methods, the batch runner, the server's handlers — submits Jobs and reads their events;
-none touches a llama.cpp context. Two threads generating on one model share the loop's steps.
+none touches a llama.cpp context. Two threads generating on one model share the loop's steps. What the loop owns
+changes only on its thread, between steps (``call``): that is how an ARM joins a running engine (``add_arm``).
 
 An ARM is a full GGUF model (any size, same vocabulary: weak-to-strong guidance) or a GGUF LoRA adapter
 (general.type = "adapter"), whose contexts are over the base's own loaded model with the adapter set on them, so the
@@ -101,27 +102,33 @@ class Engine:
                 raise NotACheckpointError(f"{base} is a LoRA adapter, not a model: give it as an ARM of its base")
             self.base_model = stack.enter_context(Model(base, config))
             self.n_vocab = self.base_model.n_vocab
-            self.arms: list[Arm] = []
-            for spec in config.arms:
-                header = gguf_header(spec.path)
-                if header["type"] == "adapter":
-                    model = self.base_model
-                    adapter = stack.enter_context(self._load_adapter(spec.path, header["architecture"]))
-                else:
-                    adapter = None
-                    model = stack.enter_context(Model(spec.path, config))
-                    check_same_vocabulary(self.base_model, model)
-                # An ARM given without a weight runs at the α its calibration recommends; uncalibrated, the paper's 1.
-                self.arms.append(Arm(spec, spec.alpha, model, adapter, read_calibration(spec.path)))
+            # Replaced, never changed in place (add_arm): a thread that read it once sees one consistent list.
+            self.arms: list[Arm] = [self._load_arm(spec, stack) for spec in config.arms]
+            # ARMs loaded later (add_arm): freed after the scheduler's contexts, before the ones loaded here
+            self._added = stack.enter_context(contextlib.ExitStack())
             self.scheduler = stack.enter_context(Scheduler(self, config.n_parallel, config.n_ctx))
             self._resources = stack.pop_all()
         self.n_ctx = config.n_ctx
         self.after_step: list[Callable[[], None]] = []
-        self._inbox: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[list[Job] | Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._free_on_exit = False  # close() was called on the engine thread: the loop frees everything as it ends
+
+    def _load_arm(self, spec: ArmSpec, stack: contextlib.ExitStack) -> Arm:
+        """Load one ARM, its native resources entered into ``stack``: a LoRA adapter over the base's model, or a full
+        model whose vocabulary must be the base's."""
+        header = gguf_header(spec.path)
+        if header["type"] == "adapter":
+            model = self.base_model
+            adapter = stack.enter_context(self._load_adapter(spec.path, header["architecture"]))
+        else:
+            adapter = None
+            model = stack.enter_context(Model(spec.path, self.config))
+            check_same_vocabulary(self.base_model, model)
+        # An ARM given without a weight runs at the α its calibration recommends; uncalibrated, the paper's 1.
+        return Arm(spec, spec.alpha, model, adapter, read_calibration(spec.path))
 
     def _load_adapter(self, path: Path, architecture: str) -> Adapter:
         base_architecture = self.base_model.meta("general.architecture")
@@ -135,6 +142,44 @@ class Engine:
         except CorruptModelError as exc:
             raise AdapterMismatchError(f"{exc}; was the adapter trained on this base?") from exc
 
+    def add_arm(self, spec: ArmSpec) -> Arm:
+        """Load one more ARM while the engine runs; from any thread but the engine's own. Jobs made before it run
+        with α = 0 for it (Scheduler.check); requests made after may weight it like any other.
+
+        A full model loads on the calling thread, while the loop goes on stepping. A LoRA adapter loads on the engine
+        thread between two steps (``call``): llama.cpp registers it in the base model's set of adapters, which
+        creating a context reads. There the ARM joins the list and the scheduler gets a place for its context."""
+        self._check_new_arm(spec)
+        with contextlib.ExitStack() as stack:
+            is_adapter = gguf_header(spec.path)["type"] == "adapter"
+            loaded = None if is_adapter else self._load_arm(spec, stack)
+
+            def join() -> Arm:
+                if self._closed:
+                    raise ModelClosedError("this model is closed")
+                self._check_new_arm(spec)  # again: another load may have taken the name meanwhile
+                with contextlib.ExitStack() as here:  # an adapter that fails half-way is freed here, on this thread
+                    arm = loaded or self._load_arm(spec, here)
+                    self._added.enter_context(stack.pop_all())  # from here on nothing can fail
+                    self._added.enter_context(here.pop_all())
+                self.scheduler.add_model()
+                self.arms = [*self.arms, arm]
+                if self._pool is not None:  # sized by the number of ARMs; idle between steps
+                    self._pool.shutdown()
+                    self._pool = None
+                return arm
+
+            return self.call(join)
+
+    def _check_new_arm(self, spec: ArmSpec) -> None:
+        for arm in self.arms:
+            if arm.name == spec.name:
+                raise InvalidOptionError(
+                    f"an ARM named {spec.name!r} is already loaded ({arm.spec.path}); give the new one another name"
+                )
+            if arm.spec.path.resolve() == spec.path.resolve():
+                raise InvalidOptionError(f"{spec.path} is already loaded, as ARM {arm.name!r}")
+
     def new_context(self, index: int, n_ctx: int, n_seq_max: int = 1, n_batch: int = 512) -> Context:
         """A new context of model ``index`` (0: the base, i: ARM i - 1), the caller's to close."""
         arm = self.arms[index - 1] if index else None
@@ -147,11 +192,11 @@ class Engine:
     def alphas(self, weights: Mapping[str, float | None] | None = None) -> list[float]:
         """Each ARM's α for one call: its default, overridden by ``weights`` (keyed as ArmSpec.matches says; a
         weight of None is the ARM's recommended α)."""
-        alphas = [arm.alpha for arm in self.arms]
-        specs = [arm.spec for arm in self.arms]
+        arms = self.arms
+        alphas = [arm.alpha for arm in arms]
         for key, alpha in (weights or {}).items():
-            index = find_arm(specs, key)
-            alphas[index] = self.arms[index].recommended_alpha if alpha is None else float(alpha)
+            index = find_arm([arm.spec for arm in arms], key)
+            alphas[index] = arms[index].recommended_alpha if alpha is None else float(alpha)
         return alphas
 
     def check_prompt(self, n_tokens: int) -> None:
@@ -187,16 +232,35 @@ class Engine:
         """Queue ``jobs`` (any thread); they join the loop together, in this order, at its next step."""
         for job in jobs:
             self.scheduler.check(job)
+        self._post(list(jobs))
+
+    def call(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on the engine thread between two steps and return its result (or raise its error); from any
+        thread. How what the loop owns — the ARM list, the scheduler's contexts — changes while jobs run."""
+        if threading.current_thread() is self._thread:
+            return work()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(work())
+            except BaseException as exc:  # the caller's error, not the loop's
+                future.set_exception(exc)
+
+        self._post(run)
+        return future.result()
+
+    def _post(self, item: list[Job] | Callable[[], None]) -> None:
         with self._lock:
             if self._closed:
                 raise ModelClosedError("this model is closed")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="genarm-engine", daemon=True)
                 self._thread.start()
-            self._inbox.put(list(jobs))
+            self._inbox.put(item)
 
     def _run(self) -> None:
-        """The engine thread: take new jobs, step, hand each job its events; until close()."""
+        """The engine thread: take new jobs and calls, step, hand each job its events; until close()."""
         block_signals()  # Ctrl-C belongs to the main thread, which cancels what it waits for
         scheduler = self.scheduler
         while True:
@@ -207,9 +271,12 @@ class Engine:
             with contextlib.suppress(queue.Empty):
                 while True:
                     batches.append(self._inbox.get_nowait())
-            for jobs in batches:
-                for job in jobs or ():
-                    scheduler.submit(job)
+            for item in batches:  # in the order they were posted: a job posted after a call sees its effect
+                if callable(item):
+                    item()
+                else:
+                    for job in item or ():
+                        scheduler.submit(job)
             if None in batches:
                 break
             try:

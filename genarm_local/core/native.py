@@ -72,9 +72,13 @@ def check_gguf_path(path: str | os.PathLike) -> Path:
         raise InputNotFoundError(f"{path}: no such file")
     if path.is_dir():
         raise NotACheckpointError(f"{path} is a directory, expected a .gguf file")
-    with open(path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise NotACheckpointError(f"{path} is not a GGUF file (bad magic bytes)")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:  # e.g. no permission: one clear error, not a traceback
+        raise NotACheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if magic != GGUF_MAGIC:
+        raise NotACheckpointError(f"{path} is not a GGUF file (bad magic bytes)")
     return path
 
 

@@ -90,9 +90,10 @@ class Event:
 @dataclass(eq=False)
 class Job:
     """One sequence to generate: its prompt tokens, sampling settings (seed, max_tokens, stop strings) and every
-    loaded ARM's α, in the Engine's order. ``on_event`` receives the job's events, on the engine thread, in order;
-    it must not block. ``logprobs_into``: instead of sampling, write the guided next-token log-probabilities after
-    the prompt there and end (next_token_logprobs).
+    loaded ARM's α, in the Engine's order (an ARM loaded since the job was made: α = 0, filled in when it starts).
+    ``on_event`` receives the job's events, on the engine thread, in order; it must not block. ``logprobs_into``:
+    instead of sampling, write the guided next-token log-probabilities after the prompt there and end
+    (next_token_logprobs).
 
     ``cancel`` may be set from any thread; the scheduler fills in ``timings``, ``cached_tokens`` (prompt tokens whose
     KV was reused from the slot) and ``slot``."""
@@ -184,7 +185,7 @@ class Scheduler:
         """Refuse a job that can never run (any thread: reads only settings)."""
         if not job.tokens:
             raise InvalidOptionError("empty prompt: give at least one token")
-        if len(job.alphas) != len(self.engine.arms):
+        if len(job.alphas) > len(self.engine.arms):  # fewer: made before an ARM was loaded (Engine.add_arm)
             raise InvalidOptionError(f"{len(job.alphas)} weights for {len(self.engine.arms)} loaded ARMs")
         self.engine.check_prompt(len(job.tokens))
         if job.config.normalized:
@@ -193,6 +194,14 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue ``job``; it takes a slot at the next step that has one free."""
         self.waiting.append(job)
+
+    def add_model(self) -> None:
+        """Make room for the context of an ARM that was just loaded (Engine.add_arm, between two steps); like every
+        context, it is created when a job first needs it."""
+        self._contexts.append(None)
+        self._batches.append(None)
+        self._cached.append([[] for _ in range(self.n_slots)])
+        self._exact.append([0] * self.n_slots)
 
     @property
     def running(self) -> list[Job]:
@@ -292,6 +301,8 @@ class Scheduler:
     def _start(self, job: Job) -> _Running:
         """A job's contexts, sampler chain and text; an error here (a bad grammar or logit bias) fails only this job."""
         engine = self.engine
+        # α = 0 for the ARMs loaded after the job was made; its weights stay in the engine's order of ARMs
+        job.alphas = [*job.alphas, *[0.0] * (len(engine.arms) - len(job.alphas))]
         active = engine.active_arms(job.alphas)
         contexts = [0] + [index + 1 for index, alpha in enumerate(job.alphas) if alpha != 0.0]
         for index in contexts:

@@ -24,7 +24,8 @@ def usage(done: Finished) -> schemas.Usage:
 
 def ending(state: ServerState, done: Finished) -> dict:
     """What the last chunk (or the whole response) adds: usage, timings and the ARM weights actually used."""
-    arms = dict(zip((arm.name for arm in state.model.arms), done.job.alphas, strict=True))
+    names = [arm.name for arm in state.model.arms]  # an ARM loaded while the job ran: 0 for it (Engine.add_arm)
+    arms = dict.fromkeys(names, 0.0) | dict(zip(names, done.job.alphas, strict=False))
     return {"usage": usage(done), "timings": timings(done.job), "arms": arms}
 
 
