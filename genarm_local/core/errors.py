@@ -34,6 +34,10 @@ class OutputExistsError(GenArmError, FileExistsError):
     """The output file exists and --force was not given."""
 
 
+class OutputWriteError(GenArmError):
+    """An output file cannot be written: no permission, a full disk."""
+
+
 class InvalidOptionError(GenArmError, ValueError):
     """An option has a value outside what it accepts."""
 
