@@ -20,7 +20,9 @@ from pathlib import Path
 
 from ..core.api import GuidedModel
 from ..core.atomic import atomic_output
+from ..core.config import ArmSpec
 from ..core.errors import ChatTemplateError, ContextOverflowError, GenArmError, InvalidOptionError
+from ..core.preferences import DEFAULT_PATH, append_preference, preference_row, preferences_path
 from .flags import (
     add_model_arguments,
     add_sampling_arguments,
@@ -31,17 +33,25 @@ from .flags import (
     timings_line,
 )
 
-HELP = """commands:
-  /weights [NAME=ALPHA ...]  show or change ARM weights (0 switches an ARM off)
+COMMANDS = """  /weights [NAME=ALPHA ...]  show or change ARM weights (0 switches an ARM off)
   /temp [T]                  show or change the temperature
   /system [TEXT]             set (or clear) the system prompt; starts a new conversation
   /reset                     forget the conversation (the system prompt stays)
+  /prefer base|guided        with --compare: keep the better reply of the last turn, as a
+                             preference pair in the --prefs file (genarm-local train --data)
+  /load PATH[:ALPHA]         load one more ARM into this chat (e.g. one just trained)
   /save FILE                 write the transcript as JSON
   /help                      this list
   /quit                      leave (also Ctrl-D, or Ctrl-C at the prompt)"""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults shown, and the epilog's command list as written."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _HelpFormatter
+    parser.epilog = "commands in the chat:\n" + COMMANDS
     parser.add_argument("-sys", "--system-prompt", help="system message at the start of the conversation")
     parser.add_argument("--verbose", action="store_true", help="print timings after each reply (prompt and gen tok/s)")
     parser.add_argument(
@@ -50,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compare-layout", choices=["stacked", "side"], default="stacked",
         help="with --compare: one reply after the other (streamed) or side by side",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prefs", metavar="FILE", default=DEFAULT_PATH,
+        help="where /prefer appends its preference pairs (JSONL, TRL's conversational format)",
     )  # fmt: skip
     add_model_arguments(parser)
     add_sampling_arguments(parser, exclude=("logprobs",))
@@ -64,6 +78,8 @@ class ChatSession:
         self.system = system
         self.weights = model.arm_weights()
         self.verbose, self.compare, self.layout = args.verbose, args.compare, args.compare_layout
+        self.prefs = preferences_path(args.prefs)
+        self.preferred = 0  # pairs recorded in this session
         self.out = out or sys.stdout
         self.messages: list[dict] = []
         self.commands = {
@@ -71,8 +87,10 @@ class ChatSession:
             "/temp": self.set_temperature,
             "/system": self.set_system,
             "/reset": self.reset,
+            "/prefer": self.prefer,
+            "/load": self.load_arm,
             "/save": self.save,
-            "/help": lambda _: self.note(HELP),
+            "/help": lambda _: self.note(f"commands:\n{COMMANDS}\npreferences go to {self.prefs}"),
         }
 
     # ---- slash commands ------------------------------------------------------------------------------------------
@@ -124,6 +142,39 @@ class ChatSession:
         self.messages = []
         self.note("new conversation")
 
+    def prefer(self, rest: str) -> None:
+        if not self.compare:
+            raise InvalidOptionError(
+                "start the chat with --compare: /prefer chooses between the base and guided replies"
+            )
+        choice = rest.lower()
+        if choice not in ("base", "guided"):
+            raise InvalidOptionError(f"write /prefer base or /prefer guided, got {rest!r}")
+        last = self.messages[-1] if self.messages else {}
+        if "base_reply" not in last:
+            raise InvalidOptionError("no reply to prefer yet: send a message first")
+        if "preferred" in last:
+            raise InvalidOptionError(f"the last turn is already recorded ({last['preferred']} preferred)")
+        if last.get("interrupted") or last.get("base_interrupted"):
+            raise InvalidOptionError("a reply of the last turn was interrupted; only whole replies make a preference")
+        replies = {"base": last["base_reply"], "guided": last["content"]}
+        other = "guided" if choice == "base" else "base"
+        path = append_preference(self.prefs, preference_row(self.history()[:-1], replies[choice], replies[other]))
+        last["preferred"] = choice
+        self.preferred += 1
+        if self.preferred == 1:
+            self.note(f"{choice} preferred; preference pairs go to {path} (train on them: genarm-local train --data)")
+        else:
+            self.note(f"{choice} preferred ({self.preferred} pairs recorded in this chat)")
+
+    def load_arm(self, rest: str) -> None:
+        if not rest:
+            raise InvalidOptionError("give an ARM file: /load PATH[:ALPHA] (or NAME=PATH[:ALPHA])")
+        spec = self.model.load_arm(ArmSpec.parse(rest, option=None))
+        self.weights[spec.name] = self.model.arm_weights()[spec.name]
+        self.note(f"loaded ARM {spec.name} from {spec.path}")
+        self.set_weights("")
+
     def save(self, rest: str) -> None:
         if not rest:
             raise InvalidOptionError("give a file name: /save FILE")
@@ -167,6 +218,8 @@ class ChatSession:
             message["interrupted"] = True
         if base_reply is not None:
             message["base_reply"] = base_reply.text
+            if base_reply.finish_reason == "cancelled":
+                message["base_interrupted"] = True
         self.messages.append(message)
         if self.compare and self.layout == "side":
             self.side_by_side(base_reply, reply)
@@ -251,6 +304,7 @@ def run(session: ChatSession, interactive: bool) -> None:
 
 def main(args: argparse.Namespace) -> None:
     sampling = sampling_options(args)
+    preferences_path(args.prefs)  # a folder that does not exist fails now, not at the first /prefer
     interactive = sys.stdin.isatty()
     if interactive:
         try:

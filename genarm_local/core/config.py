@@ -191,9 +191,10 @@ class ArmSpec:
         return cls(resolve_arm_path(arm), alpha, name or "")
 
     @classmethod
-    def parse(cls, spec: str, name: str | None = None) -> ArmSpec:
+    def parse(cls, spec: str, name: str | None = None, option: str | None = "--arm") -> ArmSpec:
         """``[NAME=]PATH[:ALPHA]`` → ArmSpec; PATH may name a shipped ARM. The weight is split off the last ':'
-        unless the whole text is an existing file (a path with a colon in it)."""
+        unless the whole text is an existing file (a path with a colon in it). Errors start with ``option`` SPEC."""
+        where = f"{option} {spec}: " if option else ""
         match = re.fullmatch(r"([\w.-]+)=(.+)", spec)
         rest = spec
         if match and not Path(spec).exists():
@@ -207,12 +208,12 @@ class ArmSpec:
                 alpha = math.nan
             if not math.isfinite(alpha):
                 raise InvalidOptionError(
-                    f"--arm {spec}: the weight {alpha_text!r} is not a number; write PATH:ALPHA, e.g. arm.gguf:1.5"
+                    f"{where}the weight {alpha_text!r} is not a number; write PATH:ALPHA, e.g. arm.gguf:1.5"
                 )
         try:
             return cls.of(rest, alpha, name)
         except InputNotFoundError as exc:
-            raise InputNotFoundError(f"--arm {spec}: {exc}") from None
+            raise InputNotFoundError(f"{where}{exc}") from None
 
     def matches(self, key: str | os.PathLike) -> bool:
         """Whether weights keyed by ``key`` mean this ARM: its name, its path as given, or the path's stem."""
