@@ -144,7 +144,12 @@ def serve(settings: ServeConfig, load: LoadConfig, sampling: dict | None = None)
 
     def announce_ready() -> None:  # on the engine thread, once the model is loaded; none if it fails (the error is)
         models = ", ".join(state.models)
-        print(f"genarm-local serve: listening on {url} (web chat at /); models: {models}", file=sys.stderr, flush=True)
+        print(
+            f"genarm-local serve: listening on {url} (web chat at /); models: {models}; preferences chosen in the web "
+            f"chat go to {state.prefs}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     state.worker.on_load_failure = stop_on_failure
     state.worker.on_ready = announce_ready

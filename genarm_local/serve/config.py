@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..core.config import option
 from ..core.errors import InputNotFoundError, InvalidOptionError
+from ..core.preferences import DEFAULT_PATH, preferences_path
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class ServeConfig:
     )
     queue_size: int = option(64, "requests that may wait for a free slot; beyond that the server answers 503")
     max_body_bytes: int = option(1 << 20, "largest request body accepted (413 beyond)")
+    prefs: str = option(
+        DEFAULT_PATH,
+        "where preference pairs chosen in the web chat (POST /v1/preferences) are appended, as JSONL for "
+        "`genarm-local train --data`",
+        metavar="FILE",
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -47,6 +54,7 @@ class ServeConfig:
         if self.api_key is not None and not self.api_key.strip():
             raise InvalidOptionError("--api-key is empty")
         self.presets()  # malformed presets fail now, before any model loads
+        preferences_path(self.prefs)
 
     def key(self) -> str | None:
         """The API key, read from --api-key-file if that is how it was given."""

@@ -15,6 +15,7 @@ from ..core.errors import (
     CorruptModelError,
     GenArmError,
     NumericalError,
+    OutputWriteError,
     ServerBusyError,
     UnknownModelError,
 )
@@ -28,6 +29,7 @@ STATUS: dict[type, tuple[int, str, str | None]] = {
     ServerBusyError: (503, "unavailable_error", "server_busy"),
     CorruptModelError: (500, "server_error", None),  # a decode failed: the server's problem, not the request's
     NumericalError: (500, "server_error", None),
+    OutputWriteError: (500, "server_error", None),  # the server cannot write its preference file
     GenArmError: (400, "invalid_request_error", None),
 }
 HTTP_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}

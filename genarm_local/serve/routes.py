@@ -16,13 +16,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..core.errors import InvalidOptionError
+from ..core.errors import CorruptModelError, InvalidOptionError
+from ..core.preferences import append_preference, preference_row
 from ..core.requests import prepare
 from ..core.sampling import json_grammar
 from . import schemas
-from .errors import error_body
+from .errors import error_body, error_response
 from .formats import ChatFormat, CompletionFormat, timings
-from .state import ServerState
+from .state import ServerState, model_id
 from .worker import Failed, Finished, Piece, Task
 
 router = APIRouter()
@@ -174,6 +175,29 @@ async def models(request: Request) -> schemas.ModelList:
     state = state_of(request)
     cards = [schemas.ModelCard(id=name, created=state.created, arms=arms) for name, arms in state.models.items()]
     return schemas.ModelList(data=cards)
+
+
+@router.post("/v1/preferences")
+async def preferences(body: schemas.PreferenceRequest, request: Request) -> dict:
+    """Append the choice to the server's preference file (serve --prefs) as a TRL preference pair."""
+    state = state_of(request)
+    messages = [{"role": message.role, "content": message.text()} for message in body.messages]
+    row = preference_row(messages, body.chosen, body.rejected)
+    path = await run_in_threadpool(append_preference, state.prefs, row)
+    return {"object": "preference", "path": str(path)}
+
+
+@router.post("/v1/arms")
+async def load_arm(body: schemas.ArmLoadRequest, request: Request):
+    """Load an ARM into the running model; /v1/models lists it at once, and requests may weight it."""
+    state = state_of(request)
+    try:
+        spec = await run_in_threadpool(state.load_arm, body.path, body.alpha, body.name)
+    except CorruptModelError as exc:  # llama.cpp could not load the file: the request's fault, not a failed decode
+        return error_response(400, str(exc), "invalid_request_error", "invalid_arm")
+    alpha = state.model.arm_weights()[spec.name]
+    model = f"{model_id(state.model)}+{spec.name}"
+    return {"object": "arm", "name": spec.name, "path": str(spec.path), "alpha": alpha, "model": model}
 
 
 @router.get("/props")

@@ -122,6 +122,30 @@ class CompletionRequest(_Generation):
         return self.prompt
 
 
+class PreferenceRequest(BaseModel):
+    """A choice between two replies to the same conversation (the web chat's A/B buttons)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation up to the turn both replies answer")
+    chosen: str = Field(description="the better reply, as generated")
+    rejected: str = Field(description="the other reply")
+
+
+class ArmLoadRequest(BaseModel):
+    """An ARM to load into the running model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        min_length=1,
+        description="a GGUF file on the server's machine (a LoRA adapter of the base, or a full model with its "
+        "vocabulary), or a shipped ARM's name",
+    )
+    name: str | None = Field(default=None, pattern=r"^[\w.-]+$", max_length=64, description="default: the file's stem")
+    alpha: float | None = Field(default=None, description="its weight in the default model; null: its recommended α")
+
+
 class TokenizeRequest(BaseModel):
     content: str
     add_special: bool = True

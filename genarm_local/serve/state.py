@@ -4,12 +4,14 @@ names clients can choose (the base alone, each ARM, all ARMs, and the --preset o
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Mapping
 
 from ..core.api import GuidedModel
-from ..core.config import LoadConfig
+from ..core.config import ArmSpec, LoadConfig
 from ..core.errors import ServerBusyError, UnknownModelError
+from ..core.preferences import preferences_path
 from ..core.requests import check_weights
 from .config import ServeConfig
 from .worker import EngineWorker
@@ -29,7 +31,9 @@ class ServerState:
         self.sampling = {name: value for name, value in (sampling or {}).items()}
         self.worker = EngineWorker(load, settings.queue_size)
         self.created = int(time.time())
+        self.prefs = preferences_path(settings.prefs)  # where POST /v1/preferences appends
         self._models: dict[str, dict[str, float]] | None = None
+        self._loading = threading.Lock()  # one ARM loads at a time (POST /v1/arms)
         self.default_model = ""
 
     @property
@@ -62,6 +66,18 @@ class ServerState:
         for name, weights in self.settings.presets().items():
             models[name] = model.arm_weights(dict(off, **weights))  # an unknown ARM name fails the start-up
         return models
+
+    def load_arm(self, path: str, alpha: float | None, name: str | None) -> ArmSpec:
+        """Load one more ARM into the running model (off the event loop: it may take a while). The model names are
+        built again; every name listed before keeps its meaning, with the new ARM off."""
+        with self._loading:
+            spec = self.model.load_arm(path, alpha, name)
+            before = self.models
+            models = self._build_models(self.model)
+            for old, weights in before.items():
+                models.setdefault(old, {**weights, spec.name: 0.0})
+            self._models = models
+        return spec
 
     def weights(self, name: str | None, arms: Mapping[str, float | None] | None) -> dict[str, float]:
         """The ARM weights of a request: its model's (preset's), overridden by its "arms"."""

@@ -125,6 +125,38 @@ async function streamReply(box, arms, seed, showSpeed) {
   return reply;
 }
 
+// Under side-by-side replies: which one was better, appended by the server to its preference file as a TRL pair
+// (the conversation both replies answer, the chosen one, the other) for `genarm-local train --data`.
+function addChoice(turn, messages, replies) {
+  if (!replies.base.trim() || !replies.guided.trim() || replies.base === replies.guided) return;
+  const box = document.createElement("div");
+  box.className = "choice";
+  const saved = document.createElement("span");
+  saved.className = "saved muted";
+  const buttons = ["base", "guided"].map((side) => {
+    const button = document.createElement("button");
+    Object.assign(button, { type: "button", textContent: `${side} is better` });
+    button.dataset.prefer = side;
+    button.addEventListener("click", async () => {
+      const other = side === "base" ? "guided" : "base";
+      buttons.forEach((b) => { b.disabled = true; });
+      try {
+        const body = { messages, chosen: replies[side], rejected: replies[other] };
+        const answer = await (await api("/v1/preferences", { method: "POST", body: JSON.stringify(body) })).json();
+        button.classList.add("picked");
+        saved.textContent = `saved to ${answer.path}`;
+        box.dataset.saved = side;
+      } catch (error) {
+        buttons.forEach((b) => { b.disabled = false; });
+        showError(error);
+      }
+    });
+    return button;
+  });
+  box.append(...buttons, saved);
+  turn.append(box);
+}
+
 async function send(event) {
   event.preventDefault();
   const content = $("message").value.trim();
@@ -147,12 +179,14 @@ async function send(event) {
   // Both sides of a comparison sample with the same seed: only the weights differ.
   const seed = Math.floor(Math.random() * 2 ** 31);
   const arms = weights();
+  const prompt = chat.messages.slice();  // what both replies answer
   const sides = [];
   if (compare) sides.push(streamReply(replyBox(replies, "base", weights(true)), weights(true), seed, false));
   sides.push(streamReply(replyBox(replies, "guided", arms), arms, seed, true));
   try {
     const texts = await Promise.all(sides);
     chat.messages.push({ role: "assistant", content: texts[texts.length - 1] });
+    if (compare) addChoice(turn, prompt, { base: texts[0], guided: texts[1] });
   } catch (error) {
     if (error.name !== "AbortError") showError(error);
     chat.messages.pop();
