@@ -8,6 +8,7 @@ The flags are generated from TrainConfig's fields (genarm_local/train/config.py)
 from __future__ import annotations
 
 import argparse
+import shutil
 
 from ..train.config import TrainConfig
 from .flags import add_config_arguments, config_options
@@ -21,20 +22,28 @@ def main(args: argparse.Namespace) -> None:
     from ..train.trainer import train
 
     result = train(TrainConfig(**config_options(TrainConfig, args)))
-    print("\n".join(report(result)))
+    print("\n".join(report(result, width=min(shutil.get_terminal_size((100, 20)).columns, 120))))
 
 
-def report(result) -> list[str]:
-    """The one-screen end of `train`: what was trained, how well it separates held-out pairs, how far it moves the
-    base (the calibration curve) and the weight to use, with warnings about extreme ARMs."""
+def report(result, width: int = 100) -> list[str]:
+    """The end of `train`: what was trained, which step's weights were kept and why, how well they separate
+    held-out pairs, how far they move the base (the calibration curve) and the weight to use, warnings about extreme
+    ARMs, then a few held-out prompts continued by the base and guided at that weight."""
     from ..evaluation.calibration import curve_lines
+    from ..evaluation.showcase import sample_lines
+    from ..train.selection import summary
 
-    lines = [f"trained {result.steps} steps on {result.train_pairs} pairs in {result.seconds:.0f} s"]
+    stopped = f" (of {result.total_steps}: stopped early)" if result.stopped_early else ""
+    lines = [f"trained {result.steps} steps{stopped} on {result.train_pairs} pairs in {result.seconds:.0f} s"]
+    lines += summary(
+        result.evaluations, result.selected_step, result.steps, result.total_steps, result.select, result.stopped_early
+    )
     if result.eval:
         lines.append(
-            f"held out {result.eval_pairs} pairs: accuracy {result.eval['accuracy']:.3f}, margin β·Δ "
-            f"{result.eval['margin']:.3f} (chosen {result.eval['chosen_logp']:.1f} vs rejected "
-            f"{result.eval['rejected_logp']:.1f} nats), loss {result.eval['loss']:.4f}"
+            f"held out {result.eval_pairs} pairs, at step {result.selected_step}: accuracy "
+            f"{result.eval['accuracy']:.3f}, margin β·Δ {result.eval['margin']:.3f} (chosen "
+            f"{result.eval['chosen_logp']:.1f} vs rejected {result.eval['rejected_logp']:.1f} nats), loss "
+            f"{result.eval['loss']:.4f}"
         )
     lines.append(
         f"wrote {result.output} (PEFT adapter), {result.log}" + (f", {result.export}" if result.export else "")
@@ -47,4 +56,10 @@ def report(result) -> list[str]:
             f"--arm {result.export}:ALPHA"
         )
     lines += [f"warning: {note}" for note in result.notes]
+    if result.samples:
+        alpha = result.calibration.recommended_alpha
+        where = "held-out" if result.eval_pairs else "training"
+        accuracy = f"; held-out accuracy {result.eval['accuracy']:.2f}" if result.eval else ""
+        lines += ["", f"{where} prompts, continued by the base and by the ARM at α {alpha:.3g}{accuracy}:"]
+        lines += sample_lines(result.samples, alpha, width)
     return lines

@@ -1,4 +1,5 @@
-"""The training run behind `genarm-local train`: base + LoRA, the optimizer loop, checkpoints, outputs, export.
+"""The training run behind `genarm-local train`: base + LoRA, the optimizer loop and its held-out evaluations, which
+choose the weights kept (selection.py), checkpoints (checkpoints.py), outputs, export.
 
 Imported only by train.train(), after it has checked that the `train` extra (torch, transformers, peft) is there.
 The data order is a pure function of (seed, optimizer step) and the RNG state is checkpointed, so a resumed run
@@ -43,34 +44,12 @@ from ..convert import (
 from ..convert.export import F32
 from ..core.atomic import atomic_output, readable
 from ..core.errors import InputNotFoundError, InvalidOptionError
+from . import checkpoints
 from .config import TrainConfig, lr_factor, pick_device, warmup_steps
 from .data import PreferenceData, TokenizedPair, chat_renderer, load_tokenizer, tokenize_pairs
 from .loss import anchor_penalty, batch_logps, collate, genarm_loss
+from .selection import Selection, eval_interval
 
-# Settings that define the optimization; a resume with any of them changed would be a different run.
-RUN_SETTINGS = (
-    "beta",
-    "gamma",
-    "label_smoothing",
-    "anchor",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "lr",
-    "warmup",
-    "weight_decay",
-    "max_grad_norm",
-    "epochs",
-    "max_steps",
-    "batch_size",
-    "grad_accum",
-    "max_length",
-    "max_prompt_length",
-    "seed",
-    "eval_split",
-)
-KEEP_CHECKPOINTS = 2
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # config last: it marks a complete adapter
 
 
@@ -105,6 +84,8 @@ class Run:
         self.log_path = output / "train_log.jsonl"
         self.checkpoints = output / "checkpoints"
         self.step = 0
+        self.stopped_early: str | None = None  # why the run stopped before its last step (Selection.update)
+        self.kept_step = 0  # whose weights the model holds after keep_selected
         self._log_file = None
         self._orders: dict[int, list[int]] = {}
 
@@ -152,6 +133,8 @@ class Run:
         self.steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
         self.total = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup = warmup_steps(config.warmup, self.total)
+        self.eval_interval = eval_interval(config.eval_every, self.total)
+        self.selection = Selection(config.select if eval_pairs else "last", config.early_stopping_patience)
         torch.manual_seed(config.seed)  # LoRA init, then dropout
         if config.gradient_checkpointing:  # non-reentrant: replays dropout's RNG, so results do not change
             self.base.activation_checkpointing_enable({"use_reentrant": False})
@@ -174,7 +157,7 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.warmup, self.total)
         )
-        self.settings = {name: getattr(config, name) for name in RUN_SETTINGS}
+        self.settings = {name: getattr(config, name) for name in checkpoints.RUN_SETTINGS}
         self._resume_or_start()
 
     # ---- the loop ------------------------------------------------------------------------------------------------
@@ -247,20 +230,49 @@ class Run:
                 if on_step is not None:
                     on_step(record)
                 last = self.step == self.total
-                if config.eval_every and self.step % config.eval_every == 0 and self.eval_pairs and not last:
-                    metrics = self.evaluate()
-                    self.log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
-                    if config.progress:
-                        bar.write(
-                            f"step {self.step}: held-out accuracy {metrics['accuracy']:.3f}, "
-                            f"loss {metrics['loss']:.4f}, margin {metrics['margin']:.3f}"
-                        )
+                if self.eval_pairs and (last or self.eval_interval and self.step % self.eval_interval == 0):
+                    stop = self._evaluate_and_select(bar.write)
+                    self.stopped_early = None if last else stop
+                if self.stopped_early:  # before an interrupt's checkpoint, which would resume past the stop
+                    break
                 if interrupted():
                     path = self.save_checkpoint()
                     self.notify(f"saved {path} at step {self.step}/{self.total}; continue with --resume", True)
                     raise KeyboardInterrupt
                 if config.save_every and self.step % config.save_every == 0 and not last:
                     self.save_checkpoint()
+
+    def _evaluate_and_select(self, write: Callable[[str], None]) -> str | None:
+        """Evaluate on the held-out pairs, log it, and keep the weights if they are the best so far (only the LoRA
+        parameters, copied to the CPU). Why to stop, when the early-stopping patience has run out."""
+        metrics = self.evaluate()
+        self.log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        stop = self.selection.update(self.step, metrics, self._lora_weights)
+        if self.config.progress:
+            write(
+                f"step {self.step}: held-out accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.4f}, "
+                f"margin {metrics['margin']:.3f}" + (" (best)" if self.selection.best_step == self.step else "")
+            )
+        return stop
+
+    def _lora_weights(self) -> dict:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def keep_selected(self) -> int:
+        """Load the selected weights into the model (the best evaluation's, or the last step's) and log the choice;
+        the step whose weights the model now holds."""
+        selection = self.selection
+        kept = self.step
+        if selection.select == "best" and selection.best_weights is not None:
+            kept = selection.best_step
+            with torch.no_grad():
+                for name, param in self.model.named_parameters():
+                    if param.requires_grad:
+                        param.copy_(selection.best_weights[name])
+        record = {"step": self.step, "selected_step": kept, "select": selection.select}
+        self.log({**record, "best_step": selection.best_step, "stopped_early": self.stopped_early})
+        self.kept_step = kept
+        return kept
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss, preference accuracy (share of pairs with log π(y_w|x) > log π(y_l|x)) and reward margin."""
@@ -281,79 +293,51 @@ class Run:
         self._log_file.flush()
 
     def save_checkpoint(self) -> Path:
-        """Adapter weights, optimizer and schedule state and RNG state after ``self.step`` steps, written to a
-        temporary file and renamed: a kill at any moment leaves the previous checkpoints intact."""
-        self.checkpoints.mkdir(exist_ok=True)
-        state = {
-            "step": self.step,
-            "settings": self.settings,
-            "data": self.data_hash,
-            "adapter": {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        path = self.checkpoints / f"step-{self.step:08d}.pt"
-        with atomic_output(path, force=True) as tmp:
-            torch.save(state, tmp)
-        for old in sorted(self.checkpoints.glob("step-*.pt"))[:-KEEP_CHECKPOINTS]:
-            old.unlink()
-        return path
+        """Everything a resumed run needs to continue exactly as this one would, after ``self.step`` steps."""
+        return checkpoints.save(
+            self.checkpoints,
+            {
+                "step": self.step,
+                "settings": self.settings,
+                "data": self.data_hash,
+                "adapter": {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
+                "selection": self.selection.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        )
 
     def _resume_or_start(self) -> None:
-        latest = max(self.checkpoints.glob("step-*.pt"), default=None) if self.checkpoints.is_dir() else None
-        if not (self.config.resume and latest):
+        found = checkpoints.latest(self.checkpoints) if self.config.resume else None
+        if found is None:
             if self.config.resume:
                 self.notify(f"no checkpoint in {self.checkpoints}; starting from the beginning")
             shutil.rmtree(self.checkpoints, ignore_errors=True)  # a --force restart must not mix with old state
             self.log_path.unlink(missing_ok=True)
             return
-        for stale in self.checkpoints.glob(".step-*.tmp"):  # a kill during a save leaves its temporary file
-            stale.unlink()
-        state = torch.load(latest, map_location="cpu", weights_only=True)
-        changed = [k for k in RUN_SETTINGS if state["settings"].get(k) != self.settings[k]]
-        if changed:
-            name = changed[0]
-            raise InvalidOptionError(
-                f"{latest} was made with --{name.replace('_', '-')} {state['settings'].get(name)}, not "
-                f"{self.settings[name]}; resume with the same settings, or start over with --force"
-            )
-        if state["data"] != self.data_hash:
-            raise InvalidOptionError(f"{latest} was made with different preference data; start over with --force")
+        path, state = found
+        checkpoints.check_same_run(path, state, self.settings, self.data_hash)
         with torch.no_grad():
             for name, param in self.model.named_parameters():
                 if param.requires_grad:
                     param.copy_(state["adapter"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.selection.load_state_dict(state["selection"])
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
-        self._trim_log()
-        self.notify(f"resuming from {latest.name} (step {self.step}/{self.total})")
-
-    def _trim_log(self) -> None:
-        """Drop log records of steps after the checkpoint (they are about to be trained again) and a line torn by a
-        kill mid-write."""
-        if not self.log_path.exists():
-            return
-        kept = []
-        for line in self.log_path.read_text(encoding="utf-8").split("\n"):  # not splitlines: U+2028 is no newline
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= self.step:
-                kept.append(line + "\n")
-        with atomic_output(self.log_path, force=True) as tmp:
-            tmp.write_text("".join(kept), encoding="utf-8")
+        checkpoints.trim_log(self.log_path, self.step)
+        self.notify(f"resuming from {path.name} (step {self.step}/{self.total})")
 
     # ---- outputs -------------------------------------------------------------------------------------------------
 
     def save_adapter(self) -> None:
-        """The PEFT adapter into OUT_DIR (each file renamed into place complete), and the settings used."""
+        """The PEFT adapter (the weights the model holds: after keep_selected, the selected ones) into OUT_DIR, each
+        file renamed into place complete, and the settings used with the steps trained and the step kept."""
         with tempfile.TemporaryDirectory(dir=self.output, prefix=".adapter-") as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "could not find a config file": the base may be a GGUF file
             self.model.save_pretrained(tmp)
@@ -363,6 +347,8 @@ class Run:
         settings = {k: v for k, v in vars(self.config).items() if k != "data"}
         settings["data"] = self.config.data if isinstance(self.config.data, str | Path) else "<rows>"
         settings["steps"] = self.step
+        settings["selected_step"] = self.kept_step
+        settings["stopped_early"] = self.stopped_early
         with atomic_output(self.output / "train_config.json", force=True) as tmp:
             tmp.write_text(json.dumps(settings, indent=2, default=str) + "\n", encoding="utf-8")
 

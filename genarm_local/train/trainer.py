@@ -17,6 +17,7 @@ from ..core.arm_metadata import Calibration
 from ..core.atomic import check_output
 from ..core.config import resolve_base
 from ..core.errors import InputNotFoundError, InvalidOptionError, OutputExistsError, require
+from ..evaluation.showcase import SideBySide
 from .config import TrainConfig, split, validate
 from .data import load_preferences
 
@@ -29,11 +30,19 @@ class TrainResult:
     train_pairs: int
     eval_pairs: int
     skipped: dict[str, int]  # reason -> rows skipped
-    eval: dict[str, float]  # final held-out loss, accuracy, margin (empty without an eval split)
+    eval: dict[str, float]  # held-out loss, accuracy, margin of the weights kept (empty without an eval split)
     export: Path | None
     seconds: float
     calibration: Calibration | None = None  # of the exported ARM (also stored in its GGUF)
     notes: list[str] = field(default_factory=list)  # warnings for the report
+    total_steps: int = 0  # the steps planned (--epochs or --max-steps); more than ``steps`` if it stopped early
+    selected_step: int = 0  # whose weights were saved and exported (TrainConfig.select)
+    select: str = "best"  # "last" too when there was no held-out pair to choose by
+    # why it stopped before the last step (TrainConfig.early_stopping_patience): "loss" (no lower held-out loss) or
+    # "saturated" (held-out accuracy 1.0); None: it took every step
+    stopped_early: str | None = None
+    evaluations: list[dict] = field(default_factory=list)  # every held-out evaluation: step, loss, accuracy, ...
+    samples: list[SideBySide] = field(default_factory=list)  # held-out prompts: base vs guided at the recommended α
 
 
 def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) -> TrainResult:
@@ -59,18 +68,23 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) ->
         pairs = run.load_base(data)
         if data.skipped:
             notify(f"skipped rows: {', '.join(f'{n} {reason}' for reason, n in data.skipped.items())}")
-        train_pairs, eval_pairs = split(pairs, config.eval_split, config.seed)
+        train_index, eval_index = split(list(range(len(pairs))), config.eval_split, config.seed)
+        train_pairs, eval_pairs = [pairs[i] for i in train_index], [pairs[i] for i in eval_index]
         run.setup(train_pairs, eval_pairs)
         run.loop(on_step)
-        final = run.evaluate() if eval_pairs else {}
-        if final:
-            run.log({"step": run.step, **{f"eval_{k}": v for k, v in final.items()}})
+        kept = run.keep_selected()
+        evaluations = run.selection.evaluations
+        final = next(({k: v for k, v in e.items() if k != "step"} for e in evaluations if e["step"] == kept), {})
         run.save_adapter()
-        calibration = None
+        calibration, samples = None, []
         if export is not None:
             run.export(export)
             if config.calibrate:
                 calibration = _calibrate(config, export, train_pairs + eval_pairs, notify)
+            if calibration is not None and config.show:
+                shown = eval_index or train_index
+                samples = _show(config, export, calibration.recommended_alpha, [data.pairs[i] for i in shown],
+                                [pairs[i] for i in shown], notify)  # fmt: skip
         return TrainResult(
             output=output,
             log=run.log_path,
@@ -83,6 +97,12 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) ->
             seconds=time.perf_counter() - started,
             calibration=calibration,
             notes=warnings(final, calibration),
+            total_steps=run.total,
+            selected_step=kept,
+            select=run.selection.select,
+            stopped_early=run.stopped_early,
+            evaluations=list(evaluations),
+            samples=samples,
         )
 
 
@@ -133,6 +153,22 @@ def _calibrate(config: TrainConfig, export: Path, pairs: list, notify) -> Calibr
     calibration = calibrate(settings, prompts=[pair.prompt for pair in pairs])
     write_calibration(export, calibration)
     return calibration
+
+
+def _show(config: TrainConfig, export: Path, alpha: float, rows: list, pairs: list, notify) -> list[SideBySide]:
+    """The first config.show distinct prompts of ``pairs`` (the held-out ones, else the training ones), as token ids
+    rendered as in training, continued by the base alone and guided by the exported ARM at ``alpha``; each shown as
+    its row's text (a chat prompt: its last message)."""
+    from ..evaluation.showcase import show
+
+    chosen: dict[tuple[int, ...], str] = {}
+    for row, pair in zip(rows, pairs, strict=True):
+        if len(chosen) < config.show:
+            chosen.setdefault(
+                tuple(pair.prompt), row.prompt if isinstance(row.prompt, str) else row.prompt[-1]["content"]
+            )
+    notify(f"continuing {len(chosen)} prompts with the base alone and guided at α = {alpha:.3g}")
+    return show(config.model, export, alpha, [list(p) for p in chosen], list(chosen.values()), seed=config.seed)
 
 
 def warnings(final: dict[str, float], calibration: Calibration | None) -> list[str]:

@@ -198,18 +198,38 @@ def test_export_is_calibrated_on_the_training_prompts(marker_run):
         assert guided.arm_weights() == {"arm": pytest.approx(stored.recommended_alpha)}
 
 
-def test_cli_report_shows_accuracy_calibration_and_weight(hf_model, gguf_model, tmp_path):
-    data = write_jsonl(tmp_path / "prefs.jsonl", marker_rows(24, seed=5))
+def test_cli_report_shows_accuracy_calibration_weight_and_samples(hf_model, gguf_model, tmp_path):
+    """The report: held-out accuracy of the weights kept, the calibration and the weight to use on one screen,
+    then held-out prompts, each continued by the base and by the ARM at its recommended α."""
+    rows = marker_rows(24, seed=5)
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
     base = gguf_model("llama_small", "f32")
     out = run_cli(
         "train", "-m", base, "--data", data, "-o", tmp_path / "arm", "--max-steps", 2, "--batch-size", 8,
         "--eval-split", 0.25, "--export", tmp_path / "arm.gguf", "--outtype", "f32", "--no-progress", cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    report = out.stdout
-    assert "held out 6 pairs: accuracy" in report and "margin" in report
+    report, samples = out.stdout.split("\n\n")
+    assert "held out 6 pairs, at step" in report and "accuracy" in report and "margin" in report
     assert "KL (nats/token)" in report and "recommended α" in report and "--arm" in report
     assert len(report.splitlines()) <= 24  # one screen
+    header, *lines = samples.splitlines()
+    assert header.startswith("held-out prompts, continued by the base and by the ARM at α") and "accuracy" in header
+    starts = [i for i, line in enumerate(lines) if not line.startswith(" ")]
+    assert len(starts) == 3  # --show's default
+    prompts = {row["prompt"] for row in rows}
+    for first, end in zip(starts, [*starts[1:], len(lines)], strict=True):
+        assert lines[first].endswith(" …") and lines[first][: -len(" …")] in prompts  # a prompt of the data
+        labels = [line.split()[0] for line in lines[first + 1 : end] if not line.startswith(" " * 6)]
+        assert labels[0] == "base" and labels[1].startswith("α=") and len(labels) == 2
+
+    quiet = run_cli(
+        "train", "-m", base, "--data", data, "-o", tmp_path / "arm", "--max-steps", 2, "--batch-size", 8,
+        "--export", tmp_path / "arm.gguf", "--outtype", "f32", "--no-progress", "--force", "--show", 0, cwd=tmp_path,
+    )  # fmt: skip
+    assert quiet.returncode == 0, quiet.stderr
+    assert "\n\n" not in quiet.stdout and "continued by" not in quiet.stdout
+    assert "held out 4 pairs" in quiet.stdout  # the default hold-out of 24 pairs: a fifth of them
 
 
 def test_chat_rows_train_on_the_prompt_the_engine_renders(gguf_model):
@@ -475,10 +495,11 @@ def test_schedule_warmup_then_cosine_and_split():
         all(a > b for a, b in zip(factors[2:-1], factors[3:], strict=True)) and 0 < factors[-1] < 0.05
     )  # cosine decay
     pairs = list(range(100))
-    train_part, held = split(pairs, 0.05, seed=0)
+    train_part, held = split(pairs, 0.05, seed=0)  # an explicit fraction is taken as given
     assert len(held) == 5 and sorted(train_part + held) == pairs
     assert split(pairs, 0.05, seed=0) == (train_part, held) and split(pairs, 0.05, seed=1)[1] != held
     assert split(pairs, 0.0, seed=0) == (pairs, [])
+    assert len(split(pairs, None, seed=0)[1]) == 8  # the default: at least 8 (tests/train/test_selection.py)
 
 
 def test_gradient_checkpointing_changes_nothing(hf_model, tmp_path):
