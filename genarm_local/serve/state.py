@@ -86,7 +86,8 @@ class ServerState:
             name = self.default_model
         if name not in models:
             raise UnknownModelError(f"model {name!r} does not exist; GET /v1/models lists: {', '.join(models)}")
-        return {**models[name], **check_weights(arms)}
+        # an ARM loaded after these names were built (load_arm, a moment ago) is off in them
+        return {**dict.fromkeys(self.model.arm_weights(), 0.0), **models[name], **check_weights(arms)}
 
     def token_text(self, token: int) -> tuple[str, list[int]]:
         raw = self.model.engine.base_model.token_bytes(token)
