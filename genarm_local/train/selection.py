@@ -8,9 +8,10 @@ Stopped (patience N, Hugging Face's EarlyStoppingCallback in spirit) after N eva
 - without a lower held-out loss: the ARM has stopped generalizing (it memorizes its training pairs), or
 - at held-out accuracy 1.0: saturated. The loss cannot tell this case: when every pair is separable the
   Bradley-Terry loss has no finite minimum, so it keeps falling while the ARM drifts ever further from the base
-  (IPO, Azar et al. 2023, section 4.2). Measured on the README's sky task (48 TRL pairs, 3 epochs at batch 4): the
-  held-out loss fell at every evaluation, 0.84 at step 2 to 0.07 at step 14, while the rejected responses' log-prob
-  went from −36 to −156 nats (issue 21: −229 after 36 steps); the accuracy was 1.0 from the first evaluation on.
+  (IPO, Azar et al. 2023, section 4.2). Measured on the README's sky task (48 TRL pairs, 8 held out, 3 epochs at
+  batch 4, evaluated every 2 steps): the held-out loss fell at every evaluation, 0.84 at step 2 to 0.052 at step 30,
+  while the held-out rejected responses' log-prob went from −36 to −173 nats (issue 21: −229 after 36 steps); the
+  accuracy was 1.0 from the first evaluation on. With the defaults that run stops at step 12 (rejected: −151).
 
 No torch here: the run passes in a function that snapshots its LoRA weights, taken only when the loss improves.
 """
