@@ -427,6 +427,9 @@ def assert_one_line_error(result, *words):
         ("good", ["--beta", "0"], ["--beta", "> 0", "got 0"]),
         ("good", ["--beta", "-0.1"], ["--beta", "> 0"]),
         ("good", ["--export", "x.gguf", "--outtype", "q4_k_m"], ["q4_k_m", "--merge"]),
+        ("good", ["--select", "worst"], ["--select", "best or last", "worst"]),
+        ("good", ["--early-stopping-patience", "-1"], ["--early-stopping-patience", "≥ 0"]),
+        ("good", ["--show", "-2"], ["--show", "≥ 0"]),
         ("gemma_markup", [], ["<start_of_turn>", "another model's chat template"]),
     ],
 )
