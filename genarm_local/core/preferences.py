@@ -10,9 +10,10 @@ At training time the messages are rendered with the model's chat template, as th
 replies were generated, so the ARM learns on the very tokens it will see. Replies are kept as generated (leading
 whitespace included).
 
-One os.write of one complete line to a file opened with O_APPEND: concurrent writers (a chat and a server on the
-same file) never interleave inside a line, and a failed write leaves no half line behind. json.dumps escapes every
-non-ASCII character, so no line separator a reader might split on (U+2028, U+0085, a lone \\r) can appear inside a
+One os.write of one complete line to a file opened with O_APPEND, under an exclusive lock (flock) held from the look
+at the file's last byte to the write: concurrent writers (a chat and a server on the same file) never interleave
+inside a line nor see each other's line half-written, and a failed write leaves no half line behind. json.dumps
+escapes every non-ASCII character, so no line separator a reader might split on (U+2028, U+0085, a lone \\r) can appear inside a
 row's line.
 """
 
@@ -20,6 +21,11 @@ from __future__ import annotations
 
 import json
 import os
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the check below is then only as good as the timing
+    fcntl = None
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -68,6 +74,8 @@ def append_preference(path: str | os.PathLike, row: Mapping) -> Path:
     except OSError as exc:
         raise OutputWriteError(f"cannot write preferences to {path}: {exc.strerror or exc}") from None
     try:
+        if fcntl is not None:  # the look at the last byte and the write are one step for every writer that locks
+            fcntl.flock(fd, fcntl.LOCK_EX)
         end = os.lseek(fd, 0, os.SEEK_END)
         if end:
             os.lseek(fd, end - 1, os.SEEK_SET)
