@@ -13,8 +13,8 @@ whitespace included).
 One os.write of one complete line to a file opened with O_APPEND, under an exclusive lock (flock) held from the look
 at the file's last byte to the write: concurrent writers (a chat and a server on the same file) never interleave
 inside a line nor see each other's line half-written, and a failed write leaves no half line behind. json.dumps
-escapes every non-ASCII character, so no line separator a reader might split on (U+2028, U+0085, a lone \\r) can appear inside a
-row's line.
+escapes every non-ASCII character, so no line separator a reader might split on (U+2028, U+0085, a lone \\r) can
+appear inside a row's line.
 """
 
 from __future__ import annotations
