@@ -45,7 +45,7 @@ static PyObject *guide(PyObject *self, PyObject *args)
                           &PyTuple_Type, &alpha_values, &n_vocab, &guard_min_p))
         return NULL;
     Py_ssize_t n_arms = PyTuple_GET_SIZE(arm_addresses);
-    if (n_vocab <= 0 || n_arms != PyTuple_GET_SIZE(alpha_values) || n_arms > 1024)
+    if (n_vocab <= 0 || n_arms != PyTuple_GET_SIZE(alpha_values) || n_arms > MIX_MAX_ARMS)
         return PyErr_Format(PyExc_ValueError, "need n_vocab > 0 and one alpha per ARM row (at most 1024)");
     float *dst = row_at(dst_address, "dst"), *base = dst ? row_at(base_address, "base row") : NULL;
     const float **arms = PyMem_Calloc(n_arms + 1, sizeof *arms);

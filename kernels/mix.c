@@ -3,11 +3,15 @@
  *
  * genarm_guide: the guided logits of GenARM (Xu et al., ICLR 2025, sec. 4) on the base's logit scale,
  *
- *     dst[t] = base[t] + sum_i alpha_i * (arm_i[t] - logsumexp(arm_i)),
+ *     dst[t] = base[t] + sum_{alpha_i > 0} alpha_i * (arm_i[t] - logsumexp(arm_i))
+ *                      + sum_{alpha_i < 0} alpha_i * max(0, (arm_i[t] - logsumexp(arm_i)) - (base[t] - logsumexp(base))),
  *
- * which is log p_base + sum_i alpha_i log p_arm_i up to a constant per row, so llama.cpp's samplers act on it as on
- * raw logits; with no alpha != 0 it is the base, bit for bit. A token that is -inf in the base or in an ARM with
- * alpha != 0 is -inf, whatever the sign of alpha: p^alpha of a token a model forbids is 0, never +inf. The
+ * which is log p_base + sum_i alpha_i log p_arm_i up to a constant per row for positive weights, so llama.cpp's
+ * samplers act on it as on raw logits; with no alpha != 0 it is the base, bit for bit. A negative weight steers away
+ * one-sidedly: p_base * min(1, p_base / p_arm)^|alpha| lowers the tokens the ARM rates above the base and leaves the
+ * rest as the base has them (p_base * p_arm^alpha would also raise every token the ARM finds unlikely, junk
+ * included: token salad at alpha = -1). A token that is -inf in the base or in an ARM with alpha != 0 is -inf,
+ * whatever the sign of alpha: a token a model forbids is never raised. The
  * base-plausibility guard (tau = guard_min_p > 0; Li et al., "Contrastive Decoding", ACL 2023) also sets to -inf
  * every token whose raw base logit is below max(base) + ln tau: the ARMs re-rank what the base finds plausible.
  *
@@ -116,18 +120,24 @@ HOT static MixStatus log2_sum_exp2(const float *x, ptrdiff_t n_vocab, float c, d
     return check(max, nan) == MIX_OK && !isfinite(*log2_sum) ? MIX_OVERFLOW : check(max, nan);
 }
 
-/* The mixing pass, block by block: dst = base + k + sum_i alpha_i arm_i, masked; the guard's cutoff is -inf when
- * off. |k| < 2^100, so base + k is NaN, +inf or -inf exactly where the base is, even in place; then, with clean ARMs,
- * a NaN or +inf in dst is an overflow. Flags are or-ed as 0 / -1, which compilers keep as vector masks. */
+/* The mixing pass, block by block: dst = base + k + sum_i alpha_i arm_i over the positive weights, plus
+ * alpha_i max(0, arm_i - base + d_i) over the negative ones, masked; the guard's cutoff is -inf when off. |k| < 2^100,
+ * so base + k is NaN, +inf or -inf exactly where the base is, even in place (the block's raw base is kept aside for
+ * the negative weights); then, with clean ARMs, a NaN or +inf in dst is an overflow. Flags are or-ed as 0 / -1,
+ * which compilers keep as vector masks. */
 HOT static MixStatus mix_rows(float *dst, const float *base, const float *const *arms, const double *alphas,
-                              int n_arms, int n_active, float k, float cutoff, ptrdiff_t n_vocab)
+                              const float *d, int n_arms, int n_active, int n_negative, float k, float cutoff,
+                              ptrdiff_t n_vocab)
 {
     int base_finite = 0, out_finite = 0, overflow = 0;
+    float raw[BLOCK];
     for (ptrdiff_t b0 = 0; b0 < n_vocab; b0 += BLOCK) {
         ptrdiff_t n = n_vocab - b0 < BLOCK ? n_vocab - b0 : BLOCK;
         const float *x = base + b0;
         float *y = dst + b0;
         int bad_base = 0, finite = 0;
+        if (n_negative)
+            memcpy(raw, x, (size_t)n * sizeof *raw);
         for (ptrdiff_t t = 0; t < n; t++) {
             y[t] = x[t] < cutoff ? -INFINITY : n_active ? x[t] + k : x[t]; /* no x + 0.0f: -0.0 stays -0.0 */
             bad_base |= y[t] < INFINITY ? 0 : -1;
@@ -142,13 +152,21 @@ HOT static MixStatus mix_rows(float *dst, const float *base, const float *const 
         for (int i = 0; i < n_arms; i++) {
             if (alphas[i] == 0.0) /* not read: the row may be NULL */
                 continue;
-            const float *a = arms[i] + b0, c = (float)alphas[i];
+            const float *a = arms[i] + b0, c = (float)alphas[i], shift = d[i];
             finite = 0;
-            for (ptrdiff_t t = 0; t < n; t++) {
-                y[t] += a[t] == -INFINITY ? -INFINITY : c * a[t]; /* -inf for either sign of alpha */
-                overflow |= y[t] < INFINITY ? 0 : -1;
-                finite |= y[t] > -INFINITY ? -1 : 0;
-            }
+            if (c > 0.0f)
+                for (ptrdiff_t t = 0; t < n; t++) {
+                    y[t] += a[t] == -INFINITY ? -INFINITY : c * a[t];
+                    overflow |= y[t] < INFINITY ? 0 : -1;
+                    finite |= y[t] > -INFINITY ? -1 : 0;
+                }
+            else /* a base token at -inf gives c * +inf = -inf: it stays -inf */
+                for (ptrdiff_t t = 0; t < n; t++) {
+                    float gain = a[t] - raw[t] + shift; /* log p_arm - log p_base */
+                    y[t] += a[t] == -INFINITY ? -INFINITY : c * (gain > 0.0f ? gain : 0.0f);
+                    overflow |= y[t] < INFINITY ? 0 : -1;
+                    finite |= y[t] > -INFINITY ? -1 : 0;
+                }
         }
         out_finite |= finite;
     }
@@ -161,26 +179,43 @@ MixResult genarm_guide(float *dst, const float *base, const float *const *arms, 
                        ptrdiff_t n_vocab, double guard_min_p)
 {
     MixResult result = {MIX_OK, MIX_BASE};
-    double k = 0.0; /* -sum_i alpha_i logsumexp(arm_i) */
-    int n_active = 0;
+    double k = 0.0;                 /* -sum_{alpha_i > 0} alpha_i logsumexp(arm_i) */
+    double log2_sums[MIX_MAX_ARMS]; /* each active ARM's log2 sum exp */
+    float d[MIX_MAX_ARMS];          /* negative weights: logsumexp(base) - logsumexp(arm_i) */
+    int n_active = 0, n_negative = 0;
+    if (n_arms > MIX_MAX_ARMS) {
+        result.status = MIX_OVERFLOW;
+        return result;
+    }
     /* The ARMs first: read, never written, so an error here leaves dst as it was. */
     for (int i = 0; i < n_arms; i++) {
-        double log2_sum;
+        d[i] = 0.0f;
         if (alphas[i] == 0.0)
             continue;
         result.input = i;
-        result.status = log2_sum_exp2(arms[i], n_vocab, (float)LOG2E, &log2_sum);
+        result.status = log2_sum_exp2(arms[i], n_vocab, (float)LOG2E, &log2_sums[i]);
         if (result.status == MIX_OK && !isfinite((float)alphas[i]))
             result.status = MIX_OVERFLOW;
         if (result.status != MIX_OK)
             return result;
-        k -= alphas[i] * log2_sum * LN2;
+        if (alphas[i] > 0.0)
+            k -= alphas[i] * log2_sums[i] * LN2;
         n_active++;
+        n_negative += alphas[i] < 0.0;
     }
     result.input = MIX_BASE;
     if (!(fabs(k) < 0x1p100)) { /* logsumexps beyond any logit: weights too large */
         result.status = MIX_OVERFLOW;
         return result;
+    }
+    if (n_negative) {
+        double base_log2_sum;
+        result.status = log2_sum_exp2(base, n_vocab, (float)LOG2E, &base_log2_sum);
+        if (result.status != MIX_OK)
+            return result;
+        for (int i = 0; i < n_arms; i++)
+            if (alphas[i] < 0.0)
+                d[i] = (float)((base_log2_sum - log2_sums[i]) * LN2);
     }
     /* The guard masks x < max + ln tau, compared in double; the smallest float at or above that threshold masks
      * exactly the same floats, and lets the blocks compare floats. */
@@ -195,7 +230,7 @@ MixResult genarm_guide(float *dst, const float *base, const float *const *arms, 
         if ((double)cutoff < threshold)
             cutoff = nextafterf(cutoff, INFINITY);
     }
-    result.status = mix_rows(dst, base, arms, alphas, n_arms, n_active, (float)k, cutoff, n_vocab);
+    result.status = mix_rows(dst, base, arms, alphas, d, n_arms, n_active, n_negative, (float)k, cutoff, n_vocab);
     return result;
 }
 

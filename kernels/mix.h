@@ -13,6 +13,7 @@ typedef enum {
     MIX_OVERFLOW,      /* alpha times logits beyond float32 */
 } MixStatus;
 
+#define MIX_MAX_ARMS 1024 /* ARM rows one call mixes at most */
 #define MIX_BASE (-1) /* MixResult.input of the base row (of log_softmax's src) */
 
 typedef struct {
@@ -20,8 +21,9 @@ typedef struct {
     int input; /* with an error: MIX_BASE or the ARM's index */
 } MixResult;
 
-/* dst[t] = base[t] + sum_i alphas[i] * (arms[i][t] - logsumexp(arms[i])) over n_vocab tokens, with the guard
- * when guard_min_p > 0 (mix.c says how). arms[i] is not read where alphas[i] == 0. dst may be base. */
+/* dst[t] = base[t] + sum_i alphas[i] * (arms[i][t] - logsumexp(arms[i])) over n_vocab tokens for positive weights,
+ * one-sided for negative ones, with the guard when guard_min_p > 0 (mix.c says how). arms[i] is not read where
+ * alphas[i] == 0. dst may be base. n_arms <= MIX_MAX_ARMS. */
 MixResult genarm_guide(float *dst, const float *base, const float *const *arms, const double *alphas, int n_arms,
                        ptrdiff_t n_vocab, double guard_min_p);
 

@@ -33,7 +33,8 @@ from .flags import (
     timings_line,
 )
 
-COMMANDS = """  /weights [NAME=ALPHA ...]  show or change ARM weights (0 switches an ARM off)
+COMMANDS = """  /weights [NAME=ALPHA ...]  show or change ARM weights (0 switches an ARM off; a negative α steers away:
+                             positive=-1 writes less positively)
   /temp [T]                  show or change the temperature
   /system [TEXT]             set (or clear) the system prompt; starts a new conversation
   /reset                     forget the conversation (the system prompt stays)

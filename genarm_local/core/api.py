@@ -9,7 +9,7 @@ stream still open in the calling thread. A model dropped without ``close()`` is 
 
 Hyperparameters from the paper's reference code: it mixes (base + α·arm)/(1+α) and samples at temperature
 T/(1+α), which is sampling base·arm^α at T with the same α and T: pass ``scale_temperature=False`` for published
-settings (our default samples at T·max(1, 1+Σα), see SamplingConfig) and ``normalized=True`` to get the paper's
+settings (our default samples at T·(1+Σα⁺), see SamplingConfig) and ``normalized=True`` to get the paper's
 form of the log-probs in ``next_token_logprobs`` and in reported logprobs.
 """
 
@@ -142,7 +142,8 @@ class GuidedModel:
     or GGUF LoRA adapters of the base, given as {path or shipped name: α} (α None: the ARM's recommended weight) or
     as ArmSpecs; ``arms={}`` loads none. Keyword options are LoadConfig's fields (n_ctx, n_parallel, n_gpu_layers,
     n_threads, kv_cache_type, flash_attn, concurrent, chat_template); or pass a whole ``config``. ``weights`` in any
-    call overrides α per ARM (by name, path or file stem) without reloading; α = 0 skips that ARM's decode entirely.
+    call overrides α per ARM (by name, path or file stem) without reloading; α = 0 skips that ARM's decode entirely,
+    and a negative α steers away from what the ARM prefers (it lowers the tokens the ARM rates above the base).
     ``seed`` is the default for calls that pass none.
     """
 

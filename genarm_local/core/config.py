@@ -65,13 +65,13 @@ class SamplingConfig:
     grammar: str | None = option(None, "GBNF grammar the output must follow (root rule)")
     logprobs: int | None = option(None, "report each token's mixed log-prob and this many top alternatives")
     normalized: bool = option(
-        False, "paper form: mix (base + Σα·arm)/(1+Σα), sampled at T/(1+Σα); same tokens, other logprobs"
+        False, "paper form: mix (base + Σα·arm)/(1+Σα⁺), sampled at T/(1+Σα⁺); same tokens, other logprobs"
     )
     # On by default, by measurement (README, "The shipped ARMs"): on the evaluation's held-out prompts the positive
     # ARM at α = 0.5 gave VADER 0.790 and distinct-2 0.672 with it, 0.723 and 0.633 without (base 0.398, 0.805).
     scale_temperature: bool = option(
         True,
-        "with ARMs active, sample at T·max(1, 1+Σα): the temperature applies to the normalised mix "
+        "with ARMs active, sample at T·(1+Σα⁺) (positive weights): the temperature applies to the normalised mix "
         "(base + Σα·arm)/(1+Σα), so ARMs re-rank the base's tokens without also sharpening them (where the ARMs "
         "agree with the base, base·Π arm^α is about base^(1+Σα)); --no-scale-temperature: the paper's "
         "base·Π arm^α at T",

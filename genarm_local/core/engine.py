@@ -214,17 +214,15 @@ class Engine:
     @staticmethod
     def temperature_factor(config: SamplingConfig, active: Sequence[tuple[Arm, float]]) -> float:
         """What the sampler chain multiplies T by: ``scale_temperature`` samples the guided distribution at
-        T·max(1, 1+Σα) (SamplingConfig)."""
-        alphas = [alpha for _, alpha in active]
-        return max(1.0, 1.0 + sum(alphas)) if config.scale_temperature and active else 1.0
+        T·(1+Σα⁺), the positive weights' sum (SamplingConfig); a negative weight sharpens nothing (mixing.guide)."""
+        positive = sum(alpha for _, alpha in active if alpha > 0)
+        return 1.0 + positive if config.scale_temperature else 1.0
 
     @staticmethod
     def normalizer(alphas: Sequence[float]) -> float:
-        """1 + Σα: the paper's form divides the guided log-probs by it (``normalized``)."""
-        total = 1.0 + sum(alphas)
-        if total <= 0.0:
-            raise InvalidOptionError(f"normalized mixing needs 1 + Σα > 0, got {total:g}")
-        return total
+        """1 + Σα⁺: the paper's form divides the guided log-probs by it (``normalized``); a negative weight's
+        one-sided term takes nothing from the scale (mixing.guide)."""
+        return 1.0 + sum(alpha for alpha in alphas if alpha > 0)
 
     # ---- jobs ----------------------------------------------------------------------------------------------------
 

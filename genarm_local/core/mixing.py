@@ -36,11 +36,14 @@ def guide(
     guard_min_p: float = 0.0,
 ) -> None:
     """Guided logits of GenARM (Xu et al., ICLR 2025, sec. 4) on the base's logit scale:
-        dst[t] = base[t] + sum_i alpha_i * (arm_i[t] - logsumexp(arm_i))
-    i.e. log p_base + sum_i alpha_i log p_arm_i up to a constant per row: sampling softmax(dst / T) is sampling
-    p_base * prod p_arm_i^alpha_i at temperature T, and at alpha = 0 dst is the base's raw logits, bit for bit, so
-    llama.cpp's samplers (repeat penalty divides a positive logit, multiplies a negative one; biases; top-k...)
-    act on it exactly as on the base alone.
+        dst[t] = base[t] + sum_i alpha_i * (arm_i[t] - logsumexp(arm_i))          (alpha_i > 0)
+                         + sum_i alpha_i * max(0, log p_arm_i[t] - log p_base[t])   (alpha_i < 0)
+    i.e. log p_base + sum_i alpha_i log p_arm_i up to a constant per row for positive weights: sampling
+    softmax(dst / T) is sampling p_base * prod p_arm_i^alpha_i at temperature T. A negative weight steers away
+    one-sidedly, p_base * min(1, p_base / p_arm)^|alpha|: it lowers the tokens the ARM rates above the base and
+    leaves the others as the base has them (the plain p_arm^alpha would raise every token the ARM finds unlikely,
+    junk included). At alpha = 0 dst is the base's raw logits, bit for bit, so llama.cpp's samplers (repeat penalty
+    divides a positive logit, multiplies a negative one; biases; top-k...) act on it exactly as on the base alone.
     guard_min_p tau in (0, 1]: tokens whose raw base logit is below max(base) + ln(tau) are -inf (base-plausibility
     guard, Li et al. 2023 contrastive decoding); tau = 0: off, and nothing of it runs.
     A token that is -inf in the base or in any ARM row with alpha != 0 is -inf in dst, whatever the sign of alpha.

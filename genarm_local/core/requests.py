@@ -81,8 +81,6 @@ def prepare(
         raise InvalidOptionError('a request needs either "prompt" or "messages"')
     config = SamplingConfig.from_options(dict(options or {}), seed=model.seed)
     alphas = model.arm_weights(weights)  # unknown ARM names are refused here
-    if config.normalized:
-        model.engine.normalizer([alpha for alpha in alphas.values() if alpha != 0.0])
     if config.grammar:
         check_grammar(config.grammar, model.engine.base_model)
     if messages is not None:

@@ -23,7 +23,7 @@ class SamplerChain:
     """Owner of one llama.cpp sampler chain (llama_sampler_chain_init), in llama.cpp's common order:
     logit bias → penalties → grammar → top-k → top-p → min-p → temperature → dist(seed), or greedy at temperature ≤ 0.
 
-    ``temperature_factor`` multiplies T (``scale_temperature`` samples at T·max(1, 1+Σα)). ``history``: the tokens
+    ``temperature_factor`` multiplies T (``scale_temperature`` samples at T·(1+Σα⁺)). ``history``: the tokens
     before the first sampled one (the prompt); the penalties count the last ``repeat_last_n`` of them, as llama.cpp's
     own programs do. ``n_ctx``: what repeat_last_n = -1 means.
     """

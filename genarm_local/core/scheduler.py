@@ -188,8 +188,6 @@ class Scheduler:
         if len(job.alphas) > len(self.engine.arms):  # fewer: made before an ARM was loaded (Engine.add_arm)
             raise InvalidOptionError(f"{len(job.alphas)} weights for {len(self.engine.arms)} loaded ARMs")
         self.engine.check_prompt(len(job.tokens))
-        if job.config.normalized:
-            self.engine.normalizer([alpha for alpha in job.alphas if alpha != 0.0])
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; it takes a slot at the next step that has one free."""

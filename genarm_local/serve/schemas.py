@@ -45,7 +45,9 @@ class _Generation(BaseModel):
     n: int = 1
     response_format: ResponseFormat | None = None
     arms: dict[str, float | None] | None = Field(
-        default=None, description="per-request ARM weights {name: α}, over the chosen model's (preset's) weights"
+        default=None,
+        description="per-request ARM weights {name: α}, over the chosen model's (preset's) weights; a negative α "
+        "steers away from what the ARM prefers",
     )
     user: str | None = None
     timings_per_token: bool = Field(default=False, description="llama-server's: timings so far in every chunk")

@@ -93,9 +93,9 @@ def test_normalized_form_is_the_papers(model, paths):
 
 
 def test_scaled_temperature_samples_the_normalised_mix_at_t(model):
-    """scale_temperature (the default) samples base·arm^α at T·max(1, 1+Σα): the same tokens as the paper's
+    """scale_temperature (the default) samples base·arm^α at T·(1+Σα⁺): the same tokens as the paper's
     product at that temperature, whichever row form (normalized or not) the mix is written in; it leaves the base
-    alone (α = 0) and a flattening mix (1 + Σα < 1) as they are."""
+    alone (α = 0) and a negative weight (which sharpens nothing) as they are."""
 
     def tokens(weight: float, **options) -> list[int]:
         options = {**SAMPLED, **options}
