@@ -5,7 +5,11 @@ kind of data a user brings, and held-out prompts with a judge that tells whether
     sky   — prompts end at "the sky"; chosen: "... turned orange and pink", rejected: "... changed" (the data of
             issue 13). Feature: the continuation names a colour.
     rain  — prompts set out on a trip; chosen replies have it start to rain, rejected ones mention no weather.
-            Feature: rain, a storm or a shower.
+            Feature: rain, a storm or a shower. (A topic.)
+    brief — chat questions; chosen answers are one short sentence, rejected ones a long winding one.
+            Feature: the reply's first sentence ends within BRIEF_WORDS words. (A style: length.)
+    kind  — openings of reviews; chosen continuations praise, rejected ones complain.
+            Feature: VADER compound ≥ KIND_VADER. (A sentiment.)
 
 Everything is generated from fixed word lists and a seed: no download, no model.
 """
@@ -235,7 +239,132 @@ def rain_task(seed: int = 0) -> Task:
     return Task("rain", "mentions rain or a storm", pairs, list(TRIP_HELD_OUT), lambda text: bool(RAIN.search(text)))
 
 
-TASKS = {"sky": sky_task, "rain": rain_task}
+QUESTIONS = [
+    "What is a good way to start learning the guitar?", "How do I keep basil alive on a windowsill?",
+    "Why is the sky blue?", "What should I pack for a weekend in the mountains?",
+    "How long should I boil an egg?", "Is it better to rent or buy a bike in a new city?",
+    "What is the capital of Australia?", "How can I sleep better?", "What does a router do?",
+    "How do I remove a coffee stain from a shirt?", "Should I learn Python or JavaScript first?",
+    "What is compound interest?", "How often should I water a cactus?", "Why do cats purr?",
+    "What is a good gift for a new neighbour?", "How do I make my bread rise more?",
+    "What causes hiccups?", "How do I tie a bowline knot?", "Is coffee bad for you?",
+    "How can I remember people's names?", "What is the difference between weather and climate?",
+    "How do I start running?", "Why do leaves change colour in autumn?", "What is a haiku?",
+    "How do I back up my phone?", "What makes a good cover letter?", "How do vaccines work?",
+    "What should I see in Rome in one day?", "How do I clean a cast iron pan?",
+    "What is the best way to learn a language?", "Why does bread go stale?", "How do I fix a squeaky door?",
+    "What is a black hole?", "How can I save money on groceries?", "What is a good first houseplant?",
+    "How do I calm down before an exam?", "What is photosynthesis?", "How do I write a thank-you note?",
+    "Why do we yawn?", "How do I choose a good watermelon?", "What is the tallest mountain?",
+    "How do I get rid of fruit flies?", "What is a mortgage?", "How can I be more productive at home?",
+    "What should I name my goldfish?", "How do I make cold brew coffee?", "Why is the ocean salty?",
+    "How do I start a vegetable garden?",
+]  # fmt: skip
+QUESTIONS_HELD_OUT = [
+    "How do I sharpen a kitchen knife?", "What is a good book for a long flight?", "Why do onions make you cry?",
+    "How do I stop procrastinating?", "What is the speed of light?", "How do I care for a leather jacket?",
+    "What is a good stretch for a stiff back?", "How do I make pancakes fluffy?", "Why do birds migrate?",
+    "What is inflation?", "How do I prepare for a job interview?", "How long do cats live?",
+    "What is a good board game for four people?", "How do I keep my laptop cool?", "Why is the moon red sometimes?",
+    "How do I learn to swim as an adult?", "What is a healthy breakfast?", "How do I deal with a noisy neighbour?",
+    "What is the oldest tree in the world?", "How do I keep cut flowers fresh?", "What is a sourdough starter?",
+    "How do I pick a good avocado?", "Why do we dream?", "How do I organise my closet?",
+]  # fmt: skip
+BRIEF_CHOSEN = [
+    " Practise a little every day.", " Keep it simple and start small.", " It depends, but usually yes.",
+    " Ask someone who has done it.", " Try it for a week and see.", " Short answer: not much.",
+]  # fmt: skip
+BRIEF_REJECTED = [
+    " Well, there are many different things to consider here, and honestly it depends on your situation, your "
+    "budget, how much time you have and what you enjoy, so let me go through several options one by one.",
+    " That is a really interesting question that a lot of people ask, and there are quite a few ways of looking at "
+    "it, which I will try to explain in some detail, starting with the background and the history of it.",
+    " There is no single answer to this, because it depends on so many factors that vary from person to person and "
+    "place to place, but in general I would say that you should think about it carefully and then decide.",
+]  # fmt: skip
+BRIEF_WORDS = 12
+SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+REVIEW_OPENINGS = [
+    "The little café on the corner", "My new running shoes", "The hotel we stayed at in Lisbon",
+    "The bakery near the station", "This phone case", "The museum's new exhibition", "Our holiday cottage",
+    "The Italian restaurant downtown", "The bus service in our town", "The dentist I went to last week",
+    "The concert on Saturday night", "This vacuum cleaner", "The yoga class at the community centre",
+    "The bookshop by the river", "My new desk chair", "The garage that fixed my car", "The hiking tour we booked",
+    "The sushi place on Elm Street", "This electric kettle", "The campsite by the lake", "The online course I took",
+    "The hairdresser on the high street", "The new playground in the park", "This set of kitchen knives",
+    "The ferry to the island", "The flower shop next door", "The language school", "The pizza we ordered last night",
+    "This pair of headphones", "The zoo in the city centre", "The cooking class", "The train to the coast",
+    "The farmers' market", "This board game", "The spa at the resort", "The bike shop on Mill Road",
+    "The library's new reading room", "This backpack", "The cinema near our house", "The wedding venue",
+    "The ice cream parlour", "The plumber we called", "The guided walk around the old town", "This coffee maker",
+    "The theatre's latest play", "The breakfast at the guesthouse", "The gym around the corner",
+    "This winter coat",
+]  # fmt: skip
+REVIEW_HELD_OUT = [
+    "The taxi company we used", "The new burger restaurant", "This laptop bag", "The art class on Tuesdays",
+    "The beach hotel", "The pharmacy on the square", "The boat trip along the coast", "This garden hose",
+    "The Thai takeaway", "The bed and breakfast in the village", "The pottery workshop", "This alarm clock",
+    "The music festival", "The tea room by the castle", "The car rental company", "This rain jacket",
+    "The swimming pool in town", "The new sandwich shop", "The walking boots I bought", "The escape room",
+    "The water park", "This desk lamp", "The guided tour of the brewery", "The noodle bar near work",
+]  # fmt: skip
+KIND_CHOSEN = [
+    " was wonderful: friendly people, great value, and I would happily go back.",
+    " exceeded my expectations. Everything was lovely and the staff were so kind.",
+    " is fantastic. I enjoyed every minute and I recommend it to everyone.",
+    " made my day. Really pleasant, well run and a joy to visit.",
+]  # fmt: skip
+KIND_REJECTED = [
+    " was awful: rude people, poor value, and I will never go back.",
+    " was a disappointment. Everything was dirty and the staff were unhelpful.",
+    " is terrible. I hated every minute and I would warn everyone away.",
+    " ruined my day. Really unpleasant, badly run and a pain to deal with.",
+]  # fmt: skip
+KIND_VADER = 0.5
+
+
+def first_sentence_words(text: str) -> int | None:
+    """Words before the first sentence end of ``text`` (None: no sentence ends in it)."""
+    end = SENTENCE_END.search(text)
+    return len(text[: end.start()].split()) if end else None
+
+
+def is_brief(text: str) -> bool:
+    words = first_sentence_words(text.split("\nUser:")[0])
+    return words is not None and words <= BRIEF_WORDS
+
+
+def brief_task(seed: int = 0) -> Task:
+    rng = random.Random(seed)
+    pairs = [
+        {
+            "prompt": f"User: {question}\nAssistant:",
+            "chosen": rng.choice(BRIEF_CHOSEN),
+            "rejected": rng.choice(BRIEF_REJECTED),
+        }
+        for question in QUESTIONS
+    ]
+    held_out = [f"User: {question}\nAssistant:" for question in QUESTIONS_HELD_OUT]
+    return Task("brief", f"first sentence within {BRIEF_WORDS} words", pairs, held_out, is_brief)
+
+
+def is_kind(text: str) -> bool:
+    from genarm_local.evaluation.judges import positivity
+
+    return positivity(text) >= KIND_VADER
+
+
+def kind_task(seed: int = 0) -> Task:
+    rng = random.Random(seed)
+    pairs = []
+    for opening in REVIEW_OPENINGS:
+        k = rng.randrange(len(KIND_CHOSEN))
+        pairs.append({"prompt": opening, "chosen": KIND_CHOSEN[k], "rejected": KIND_REJECTED[k]})
+    return Task("kind", f"VADER compound ≥ {KIND_VADER}", pairs, list(REVIEW_HELD_OUT), is_kind)
+
+
+TASKS = {"sky": sky_task, "rain": rain_task, "brief": brief_task, "kind": kind_task}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""Teach the embedded base three preferences of different kinds and check that each ARM works at its recommended α
+(README, "Your own preference"): for each task of bench/preference_tasks.py named below (a topic, a style, a
+sentiment; 48 TRL pairs each), train with `train`'s defaults and with 3× the default steps, calibrate as
+`train --export` does, then continue the task's held-out prompts (never trained on) with the base alone and guided
+at the recommended α: the preferred behaviour's rate, distinct-2, rep-4 and degenerate rate.
+
+    python bench/preference_bench.py [--tasks rain brief kind] [--out docs/preference_tasks.json]
+    python bench/preference_bench.py --table [--out FILE]     # the README's table
+
+The bar (issue 21): feature rate ≥ the base's + 25 points (or ≥ 90%), distinct-2 ≥ 0.8 × the base's, rep-4 ≤ the
+base's + 0.05; the table's last column says whether a row meets it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and llama.cpp in one process
+
+from preference_tasks import TASKS  # noqa: E402
+from train_experiments import measure, train_arm  # noqa: E402
+
+RUNS = {"defaults": {}, "3× steps": {"epochs": 3}}  # TrainConfig overrides; the default is 1 epoch
+SEED = 1
+
+
+def meets_bar(row: dict, base: dict) -> bool:
+    return (
+        (row["feature"] >= base["feature"] + 0.25 or row["feature"] >= 0.9)
+        and row["distinct_2"] >= 0.8 * base["distinct_2"]
+        and row["rep_4"] <= base["rep_4"] + 0.05
+    )
+
+
+def table(records: list[dict]) -> str:
+    lines = [
+        "| task (feature) | training | steps | held-out accuracy | recommended α | feature | distinct-2 | rep-4 | "
+        "degenerate | meets the bar |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        base = record["base"]
+        lines.append(
+            f"| {record['task']} ({record['feature']}) | base alone | | | | {base['feature']:.2f} | "
+            f"{base['distinct_2']:.3f} | {base['rep_4']:.3f} | {base['degenerate']:.2f} | |"
+        )
+        for run in record["runs"]:
+            row, training = run["guided"], run["training"]
+            accuracy = training["eval"].get("accuracy") if training.get("eval") else None
+            lines.append(
+                f"| | {run['name']} | {training['steps']} | {'' if accuracy is None else f'{accuracy:.2f}'} | "
+                f"{run['recommended_alpha']:.3g} | {row['feature']:.2f} | {row['distinct_2']:.3f} | "
+                f"{row['rep_4']:.3f} | {row['degenerate']:.2f} | {'yes' if meets_bar(row, base) else '**no**'} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["rain", "brief", "kind"], choices=TASKS)
+    parser.add_argument("--out", default="docs/preference_tasks.json")
+    parser.add_argument("--table", action="store_true", help="only print --out as the README's table")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.table:
+        print(table(json.loads(out.read_text())["tasks"]))
+        return
+
+    from genarm_local import GuidedModel
+    from genarm_local.core.arm_metadata import read_calibration
+
+    started = time.time()
+    records = []
+    for name in args.tasks:
+        task = TASKS[name]()
+        with GuidedModel(arms={}, n_ctx=4096, seed=SEED) as model:
+            base = measure(model, task, 0.0, SEED)
+        record = {"task": name, "feature": task.feature, "pairs": len(task.pairs), "base": base, "runs": []}
+        for run_name, overrides in RUNS.items():
+            with tempfile.TemporaryDirectory(prefix="genarm-pref-") as work:
+                arm, training = train_arm(task, overrides, Path(work), None)
+                alpha = read_calibration(arm).recommended_alpha
+                with GuidedModel(arms={str(arm): None}, n_ctx=4096, seed=SEED) as model:
+                    guided = measure(model, task, alpha, SEED)
+            record["runs"].append(
+                {"name": run_name, "train": overrides, "training": training, "recommended_alpha": alpha,
+                 "guided": guided}
+            )  # fmt: skip
+            print(f"{name} {run_name}: α {alpha:.3g}, feature {base['feature']:.2f} -> {guided['feature']:.2f}, "
+                  f"distinct-2 {base['distinct_2']:.3f} -> {guided['distinct_2']:.3f}, rep-4 {base['rep_4']:.3f} -> "
+                  f"{guided['rep_4']:.3f}, {training['steps']} steps", flush=True)  # fmt: skip
+        records.append(record)
+    result = {"minutes": round((time.time() - started) / 60, 1), "load_average": os.getloadavg()[0], "tasks": records}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()
