@@ -154,6 +154,21 @@ def second_turn_jobs(rows: list[dict], samples: int, seed: int) -> list[dict]:
     return jobs
 
 
+def recalibrate(args, base: Path) -> None:
+    """Calibrate each shipped ARM again on the first-turn prompts the build samples (build_jobs), as `train --export`
+    calibrates on its pairs' prompts, and store the result in the ARM's file."""
+    from genarm_local.convert import write_calibration
+
+    from genarm_local.evaluation.calibration import CalibrationConfig, calibrate, curve_lines
+
+    prompts = list(dict.fromkeys(job["prompt"] for job in build_jobs(args)))
+    for objective in OBJECTIVES:
+        arm = args.out / f"{objective}.gguf"
+        calibration = calibrate(CalibrationConfig(arm=str(arm), base=str(base), seed=args.seed), prompts=prompts)
+        write_calibration(arm, calibration)
+        print(f"{arm.name}:", *curve_lines(calibration), sep="\n", flush=True)
+
+
 def main() -> None:
     # torch (training) and llama.cpp (sampling) share this process: keep torch's idle OpenMP threads from spinning.
     # Set here, not at import: bench/evaluate.py imports this module and times llama.cpp, which passive waiting
@@ -178,7 +193,15 @@ def main() -> None:
     parser.add_argument("--only", choices=list(OBJECTIVES), default=None, help="build one ARM only")
     parser.add_argument("--no-train", action="store_true", help="stop after writing the pairs")
     parser.add_argument("--allow-dirty", action="store_true", help="stamp the build of an uncommitted tree as such")
+    parser.add_argument(
+        "--recalibrate", action="store_true",
+        help="only calibrate the ARMs in --out again on the build's prompts (continuations and chat), as the build "
+        "does after training, and write the result into them",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.recalibrate:
+        recalibrate(args, assemble())
+        return
     # The build log that the README reports is stamped with the commit it started from (it rewrites tracked files).
     full_build = args.only is None and args.subset == 1.0 and not args.no_train
     stamp = measurement_stamp(args.allow_dirty) if full_build else None
@@ -243,8 +266,7 @@ def train_arm(base: str, pairs: Path, output_dir: Path, export: Path, args) -> d
         eos=False,  # the continuations were cut at --tokens, not ended
     )  # fmt: skip
     result = train(config)  # also calibrates the export on its training prompts (genarm.calibration.* keys)
-    calibration = result.calibration and {"recommended_alpha": result.calibration.recommended_alpha,
-                                          "kl_budget": result.calibration.budget}  # fmt: skip
+    calibration = result.calibration and {"recommended_alpha": result.calibration.recommended_alpha}
     return {
         "steps": result.steps,
         "train_pairs": result.train_pairs,

@@ -139,7 +139,7 @@ def fluency_columns(model, prompts, results) -> dict:
 
 # The positive ARM's α sweep: reward against fluency (docs/tradeoff.png). SWEEP_GUARDS holds the base-plausibility
 # guard's τ values (guard_min_p; 0: no guard); each adds one curve.
-SWEEP_ALPHAS = (0.25, 0.5, 0.75, 1.0, 2.0)
+SWEEP_ALPHAS = (-1.0, -0.5, 0.25, 0.5, 0.75, 1.0, 2.0)  # negative: steering away (less positive)
 SWEEP_GUARDS = (0.0, 0.1)
 
 

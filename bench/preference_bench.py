@@ -1,10 +1,10 @@
 """Teach the embedded base three preferences of different kinds and check that each ARM works at its recommended α
-(README, "Your own preference"): for each task of bench/preference_tasks.py named below (a topic, a style, a
+(README, "Your own preference"): for each task of bench/preference_tasks.py named below (a word, a style, a
 sentiment; 48 TRL pairs each), train with `train`'s defaults and with 3× the default steps, calibrate as
 `train --export` does, then continue the task's held-out prompts (never trained on) with the base alone and guided
 at the recommended α: the preferred behaviour's rate, distinct-2, rep-4 and degenerate rate.
 
-    python bench/preference_bench.py [--tasks rain brief kind] [--out docs/preference_tasks.json]
+    python bench/preference_bench.py [--tasks sky brief kind] [--out docs/preference_tasks.json]
     python bench/preference_bench.py --table [--out FILE]     # the README's table
 
 The bar (issue 21): feature rate ≥ the base's + 25 points (or ≥ 90%), distinct-2 ≥ 0.8 × the base's, rep-4 ≤ the
@@ -64,7 +64,7 @@ def table(records: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["rain", "brief", "kind"], choices=TASKS)
+    parser.add_argument("--tasks", nargs="+", default=["sky", "brief", "kind"], choices=TASKS)
     parser.add_argument("--out", default="docs/preference_tasks.json")
     parser.add_argument("--table", action="store_true", help="only print --out as the README's table")
     args = parser.parse_args()

@@ -134,7 +134,8 @@ def eval_section(evaluation: dict) -> list[str]:
         "",
         "Degenerate: rep-4 (share of repeated word 4-grams in a text) > 0.2, a line repeated 3+ times, markup spam, "
         "or a switch of script (genarm_local/evaluation/fluency.py); fragments: finished sentences under 3 words or "
-        "left unfinished, per sentence. Guided rows sample at T·(1+α) (scale_temperature, the default).",
+        "left unfinished, per sentence. Guided rows sample at T·(1+α) for α > 0 (scale_temperature, the default); "
+        "a negative α steers away, lowering only the tokens the ARM rates above the base (mixing.guide).",
     ]
     lines += [
         "",
