@@ -26,6 +26,7 @@ from ..core.config import LoadConfig
 from ..core.errors import InvalidOptionError
 from . import errors
 from .config import ServeConfig
+from .ollama import router as ollama_router
 from .routes import router
 from .state import ServerState
 
@@ -97,6 +98,7 @@ def create_app(settings: ServeConfig, load: LoadConfig, sampling: dict | None = 
     app.state.server = state
     errors.install(app)
     app.include_router(router)
+    app.include_router(ollama_router)  # the Ollama API (/api/...) on the same port
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
