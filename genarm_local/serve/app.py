@@ -1,9 +1,9 @@
 """The FastAPI application (``create_app``) and ``serve``, which runs it with uvicorn.
 
 Layers of one request, outside in: CORS (only with --cors-origin) → the API key check (every path but /health and
-the static web page) → the body size limit → FastAPI's routing and pydantic validation → a handler (routes.py) →
-the model's decode loop (worker.py). The model loads on a thread of its own after the server is listening; until then
-/health answers 503.
+the static web page) → the body size limit → the body read as JSON whatever its Content-Type → FastAPI's routing and
+pydantic validation → a handler (routes.py) → the model's decode loop (worker.py). The model loads on a thread of its
+own after the server is listening; until then /health answers 503.
 """
 
 from __future__ import annotations
@@ -84,6 +84,26 @@ class LimitBody:
         await self.app(scope, counted_receive, send)
 
 
+class JsonBody:
+    """Read a request body as JSON whatever its Content-Type says, as llama-server does (`curl -d` sends
+    application/x-www-form-urlencoded, many scripts send none), unless a browser page from another origin sent it:
+    such "simple" requests skip the CORS preflight, so a page elsewhere must say application/json (which needs one)."""
+
+    def __init__(self, app: ASGIApp, origins: tuple[str, ...]):
+        self.app, self.origins = app, {origin.encode() for origin in origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = dict(scope["headers"])
+            if b"json" not in headers.get(b"content-type", b"").lower():
+                origin = headers.get(b"origin")
+                ours = origin is None or origin in self.origins or origin.partition(b"://")[2] == headers.get(b"host")
+                kind = b"application/json" if ours else b"text/plain"  # FastAPI reads a body without a type as JSON
+                kept = [(name, value) for name, value in scope["headers"] if name != b"content-type"]
+                scope = dict(scope, headers=[*kept, (b"content-type", kind)])
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: ServeConfig, load: LoadConfig, sampling: dict | None = None) -> FastAPI:
     """The server for ``load`` (the model and its ARMs), with ``sampling`` as the default sampling options."""
     state = ServerState(settings, load, sampling)
@@ -106,6 +126,7 @@ def create_app(settings: ServeConfig, load: LoadConfig, sampling: dict | None = 
         return FileResponse(STATIC / "index.html")
 
     # Added last = outermost: CORS answers preflights before the key check, which runs before the body is read.
+    app.add_middleware(JsonBody, origins=settings.cors_origin)
     app.add_middleware(LimitBody, limit=settings.max_body_bytes)
     if state.key is not None:
         app.add_middleware(RequireKey, key=state.key)

@@ -33,6 +33,7 @@ class ServeConfig:
     )
     queue_size: int = option(64, "requests that may wait for a free slot; beyond that the server answers 503")
     max_body_bytes: int = option(1 << 20, "largest request body accepted (413 beyond)")
+    metrics: bool = option(False, "serve Prometheus metrics at /metrics (llama-server's --metrics)")
     prefs: str = option(
         DEFAULT_PATH,
         "where preference pairs chosen in the web chat (POST /v1/preferences) are appended, as JSONL for "

@@ -14,6 +14,7 @@ from ..core.errors import (
     ContextOverflowError,
     CorruptModelError,
     GenArmError,
+    InvalidOptionError,
     NumericalError,
     OutputWriteError,
     ServerBusyError,
@@ -21,6 +22,15 @@ from ..core.errors import (
 )
 
 log = logging.getLogger("genarm_local.serve")
+
+
+class InvalidParamError(InvalidOptionError):
+    """A request field with a value the server cannot take; the error body names it in "param", as OpenAI's do."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
 
 # The first class in an exception's MRO found here gives (status, OpenAI type, code).
 STATUS: dict[type, tuple[int, str, str | None]] = {
@@ -48,7 +58,7 @@ def error_body(exc: BaseException) -> tuple[int, dict]:
     for cls in type(exc).__mro__:
         if cls in STATUS:
             status, kind, code = STATUS[cls]
-            return status, error_payload(str(exc), kind, code)
+            return status, error_payload(str(exc), kind, code, getattr(exc, "param", None))
     log.exception("unexpected error while serving a request", exc_info=exc)
     return 500, error_payload("internal server error (see the server's log)", "server_error", None)
 
@@ -63,13 +73,16 @@ def install(app: FastAPI) -> None:
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
-        if first.get("type") == "json_invalid":
-            message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
-        elif not location and "json" not in request.headers.get("content-type", ""):
+        if first.get("type") == "json_invalid":  # its location is a character offset, not a parameter
+            error = first.get("ctx", {}).get("error", first.get("msg"))
+            at = f" at character {location[0]}" if location else ""
+            message = f"the request body is malformed JSON (not valid JSON{at}: {error})"
+            return error_response(400, message, "invalid_request_error", None)
+        if not location and "json" not in request.headers.get("content-type", ""):
             message = "send the request body as JSON with 'Content-Type: application/json'"
         else:
             where = ".".join(location) or "body"
-            message = f"{where}: {first.get('msg', 'invalid value')}"
+            message = f"{where}: {first.get('msg', 'invalid value').removeprefix('Value error, ')}"
         return error_response(400, message, "invalid_request_error", None, ".".join(location) or None)
 
     @app.exception_handler(HTTPException)

@@ -23,10 +23,10 @@ def usage(done: Finished) -> schemas.Usage:
 
 
 def ending(state: ServerState, done: Finished) -> dict:
-    """What the last chunk (or the whole response) adds: usage, timings and the ARM weights actually used."""
+    """What the finish chunk (or the whole response) adds: timings and the ARM weights actually used."""
     names = [arm.name for arm in state.model.arms]  # an ARM loaded while the job ran: 0 for it (Engine.add_arm)
     arms = dict.fromkeys(names, 0.0) | dict(zip(names, done.job.alphas, strict=False))
-    return {"usage": usage(done), "timings": timings(done.job), "arms": arms}
+    return {"timings": timings(done.job), "arms": arms}
 
 
 def timings(job: Job) -> schemas.Timings:
@@ -44,12 +44,20 @@ def timings(job: Job) -> schemas.Timings:
 
 
 class _Format:
+    chunk_object: str
+
     def _head(self) -> dict:
         return {"id": self.id, "created": self.created, "model": self.model}
+
+    def usage_chunk(self, done: Finished) -> dict:
+        """OpenAI's stream_options.include_usage: one more chunk after the finish chunk, no choices, the usage."""
+        return {**self._head(), "object": self.chunk_object, "choices": [], "usage": usage(done).model_dump()}
 
 
 class ChatFormat(_Format):
     """/v1/chat/completions: message / delta, logprobs as content entries."""
+
+    chunk_object = "chat.completion.chunk"
 
     def __init__(self, state: ServerState, model: str):
         self.state, self.model = state, model
@@ -83,11 +91,13 @@ class ChatFormat(_Format):
     def whole(self, pieces: list[Piece], done: Finished) -> schemas.ChatCompletion:
         message = schemas.AssistantMessage(content="".join(piece.text for piece in pieces))
         choice = schemas.ChatChoice(message=message, logprobs=self.logprobs(pieces), finish_reason=done.reason)
-        return schemas.ChatCompletion(**self._head(), choices=[choice], **ending(self.state, done))
+        return schemas.ChatCompletion(**self._head(), choices=[choice], usage=usage(done), **ending(self.state, done))
 
 
 class CompletionFormat(_Format):
     """/v1/completions: text, and the legacy logprobs object (tokens, token_logprobs, top_logprobs, text_offset)."""
+
+    chunk_object = "text_completion"
 
     def __init__(self, state: ServerState, model: str):
         self.state, self.model = state, model
@@ -119,4 +129,4 @@ class CompletionFormat(_Format):
     def whole(self, pieces: list[Piece], done: Finished) -> schemas.Completion:
         text = "".join(piece.text for piece in pieces)
         choice = schemas.CompletionChoice(text=text, logprobs=self.logprobs(pieces), finish_reason=done.reason)
-        return schemas.Completion(**self._head(), choices=[choice], **ending(self.state, done))
+        return schemas.Completion(**self._head(), choices=[choice], usage=usage(done), **ending(self.state, done))

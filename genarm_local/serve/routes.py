@@ -9,6 +9,7 @@ step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 
@@ -16,12 +17,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..core.config import SamplingConfig
 from ..core.errors import CorruptModelError, InvalidOptionError
 from ..core.preferences import append_preference, preference_row
 from ..core.requests import prepare
 from ..core.sampling import json_grammar
 from . import schemas
-from .errors import error_body, error_response
+from .errors import InvalidParamError, error_body, error_response
 from .formats import ChatFormat, CompletionFormat, timings
 from .state import ServerState, model_id
 from .worker import Failed, Finished, Piece, Task
@@ -37,6 +39,11 @@ def request_options(state: ServerState, body: schemas._Generation) -> dict:
     """The server's default sampling, overridden by the body's; response_format becomes a GBNF grammar (json_object:
     any JSON object; json_schema: that schema)."""
     given = body.sampling_options()
+    biases, n_vocab = given.get("logit_bias") or {}, state.model.engine.n_vocab
+    if any(token >= n_vocab for token in biases):
+        raise InvalidParamError(
+            "logit_bias", f"logit_bias: token id {max(biases)} is not in the vocabulary [0, {n_vocab})"
+        )
     options = {**state.sampling, **given}
     response_format = body.response_format
     if response_format is None or response_format.type == "text":
@@ -100,8 +107,10 @@ async def respond(
     request: Request, state: ServerState, prepared, body: schemas._Generation, form: ChatFormat | CompletionFormat
 ):
     """Submit the request and answer it: one JSON body, or a stream (with llama-server's timings in every chunk
-    when the body asks for "timings_per_token")."""
+    when the body asks for "timings_per_token"; with OpenAI's "usage": null in every chunk and a last one with the
+    usage when stream_options.include_usage asks for it)."""
     stream, per_token = body.stream, body.timings_per_token
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
     task = state.worker.submit(prepared, asyncio.get_running_loop())
     stream_events = events(task, request)
     if not stream:
@@ -121,11 +130,15 @@ async def respond(
         await stream_events.aclose()
         raise
 
+    def chunk(response) -> str:
+        data = response.model_dump(exclude_none=True)
+        return sse({**data, "usage": None} if include_usage else data)
+
     def render(event: Piece | Finished) -> list[str]:
         if isinstance(event, Finished):
-            return [sse(form.last_chunk(event).model_dump(exclude_none=True)), sse("[DONE]")]
-        so_far = timings(task.job) if per_token else None
-        return [sse(form.chunk(event, so_far).model_dump(exclude_none=True))]
+            usage = [sse(form.usage_chunk(event))] if include_usage else []
+            return [chunk(form.last_chunk(event)), *usage, sse("[DONE]")]
+        return [chunk(form.chunk(event, timings(task.job) if per_token else None))]
 
     async def body() -> AsyncIterator[str]:
         finished = isinstance(first, Finished)
@@ -151,22 +164,24 @@ async def respond(
 @router.post("/v1/chat/completions")
 async def chat_completions(body: schemas.ChatCompletionRequest, request: Request):
     state = state_of(request)
-    weights = state.weights(body.model, body.arms)
+    model = state.served_model(body.model)
+    weights = state.weights(model, body.arms)
     options = request_options(state, body)
     messages = [{"role": message.role, "content": message.text()} for message in body.messages]
     prepared = await run_in_threadpool(prepare, state.model, messages=messages, weights=weights, options=options)
-    form = ChatFormat(state, body.model or state.default_model)
+    form = ChatFormat(state, model)
     return await respond(request, state, prepared, body, form)
 
 
 @router.post("/v1/completions")
 async def completions(body: schemas.CompletionRequest, request: Request):
     state = state_of(request)
-    weights = state.weights(body.model, body.arms)
+    model = state.served_model(body.model)
+    weights = state.weights(model, body.arms)
     options = request_options(state, body)
     prompt = body.prompt_input()
     prepared = await run_in_threadpool(prepare, state.model, prompt=prompt, weights=weights, options=options)
-    form = CompletionFormat(state, body.model or state.default_model)
+    form = CompletionFormat(state, model)
     return await respond(request, state, prepared, body, form)
 
 
@@ -202,11 +217,21 @@ async def load_arm(body: schemas.ArmLoadRequest, request: Request):
 
 @router.get("/props")
 async def props(request: Request) -> dict:
-    """What the web page needs: the loaded ARMs and their weights, the model names, the default sampling."""
+    """llama-server's /props (default_generation_settings, total_slots, model_path, chat_template, endpoint_*), and
+    what the web page needs: the loaded ARMs and their weights, the model names, the server's own sampling options."""
     state = state_of(request)
     model = state.model
     sampling = {k: list(v) if isinstance(v, tuple) else v for k, v in state.sampling.items() if k != "grammar"}
+    defaults = dataclasses.asdict(SamplingConfig.from_options(state.sampling))
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    template = model.chat_template
     return {
+        "default_generation_settings": {"n_ctx": model.engine.n_ctx, "params": params},
+        "total_slots": state.worker.parallel,
+        "model_path": str(model.engine.base_model.path),
+        "chat_template": template.source or template.name,
+        "endpoint_slots": True,
+        "endpoint_metrics": state.settings.metrics,
         "default_model": state.default_model,
         "models": list(state.models),
         "arms": model.arm_weights(),
@@ -223,6 +248,65 @@ async def health(request: Request):
         return {"status": "ok", "slots": worker.parallel, "in_flight": worker.in_flight}
     status = "loading model" if worker.error is None else f"failed to load the model: {worker.error}"
     return JSONResponse({"status": status}, status_code=503)
+
+
+@router.get("/slots")
+async def slots(request: Request, fail_on_no_slot: bool = False):
+    """llama-server's /slots: each slot's id and whether a request runs in it (with its prompt's length and the
+    tokens generated so far); ?fail_on_no_slot=1 answers 503 when every slot is busy."""
+    state = state_of(request)
+    n_ctx = state.model.engine.n_ctx
+    running = {task.job.slot: task for task in state.worker.tasks() if task.job.slot is not None}
+    out = []
+    for slot in range(state.worker.parallel):
+        task = running.get(slot)
+        entry = {"id": slot, "n_ctx": n_ctx, "is_processing": task is not None, "state": int(task is not None)}
+        if task is not None:
+            entry.update(n_prompt_tokens=len(task.job.tokens), next_token={"n_decoded": task.completion_tokens})
+        out.append(entry)
+    if fail_on_no_slot and len(running) >= state.worker.parallel:
+        return error_response(503, "no slot available", "unavailable_error", "no_slot_available")
+    return out
+
+
+# llama-server's metric names, so that its dashboards and scrape configs read these; requests_total is ours.
+METRICS = (
+    ("llamacpp:prompt_tokens_total", "counter", "Number of prompt tokens processed."),
+    ("llamacpp:prompt_seconds_total", "counter", "Prompt process time."),
+    ("llamacpp:tokens_predicted_total", "counter", "Number of generation tokens processed."),
+    ("llamacpp:tokens_predicted_seconds_total", "counter", "Predict process time."),
+    ("genarm_local:requests_total", "counter", "Number of generation requests that ended."),
+    ("llamacpp:prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s."),
+    ("llamacpp:predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s."),
+    ("llamacpp:requests_processing", "gauge", "Number of requests processing."),
+    ("llamacpp:requests_deferred", "gauge", "Number of requests deferred (waiting for a slot)."),
+)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    """Prometheus text format, only with serve --metrics (llama-server answers 501 without its flag, too)."""
+    state = state_of(request)
+    if not state.settings.metrics:
+        message = "this server does not serve /metrics; start it with --metrics"
+        return error_response(501, message, "not_supported_error", None)
+    counters, tasks = state.worker.counters, state.worker.tasks()
+    processing = sum(task.job.slot is not None for task in tasks)
+    values = (
+        counters.prompt_tokens,
+        counters.prompt_seconds,
+        counters.generated_tokens,
+        counters.generation_seconds,
+        counters.requests,
+        counters.prompt_tokens / counters.prompt_seconds if counters.prompt_seconds else 0.0,
+        counters.generated_tokens / counters.generation_seconds if counters.generation_seconds else 0.0,
+        processing,
+        len(tasks) - processing,
+    )
+    lines = []
+    for (name, kind, help_text), value in zip(METRICS, values, strict=True):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
 @router.post("/tokenize")

@@ -2,7 +2,9 @@
 
 Requests declare only the fields that need translating; any other body field named like a SamplingConfig option
 (top_k, min_p, repeat_penalty, grammar, normalized, ...) is passed through as that option, so a new sampling option
-needs no change here. Fields that clients send by habit but we cannot honour are refused when set, never ignored.
+needs no change here. Fields that clients send by habit but we cannot honour (tools, n > 1, ...) are refused when
+set; OpenAI fields that change nothing here (user, service_tier, store, metadata, parallel_tool_calls, ...) are accepted
+and ignored, as llama-server does.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..core.config import SamplingConfig
 from ..core.errors import InvalidOptionError
 from ..core.requests import check_option_types
+from .errors import InvalidParamError
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingConfig)}
 # OpenAI fields whose meaning we do not implement: refused with a 400 when given a non-default value.
-UNSUPPORTED = {"logit_bias", "tools", "functions", "tool_choice", "echo", "suffix", "best_of", "audio", "modalities"}
+UNSUPPORTED = {"tools", "functions", "tool_choice", "echo", "suffix", "best_of", "audio", "modalities"}
 
 
 class JsonSchemaFormat(BaseModel):
@@ -33,6 +36,12 @@ class ResponseFormat(BaseModel):
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # llama-server's shorthand
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = Field(default=False, description="a last chunk with no choices carries the usage")
+
+
 class _Generation(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -40,7 +49,7 @@ class _Generation(BaseModel):
 
     model: str | None = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     n: int = 1
     response_format: ResponseFormat | None = None
@@ -51,8 +60,11 @@ class _Generation(BaseModel):
     )
     user: str | None = None
     timings_per_token: bool = Field(default=False, description="llama-server's: timings so far in every chunk")
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="OpenAI's: token id (as a string) → bias in [-100, 100] added to its logit"
+    )
 
     def sampling_options(self) -> dict[str, Any]:
         """The SamplingConfig options this body sets (None means unset), type-checked; refuses what we cannot do."""
@@ -61,15 +73,30 @@ class _Generation(BaseModel):
             if extra[name] not in (None, False, {}, []) and not (name == "best_of" and extra[name] == 1):
                 raise InvalidOptionError(f'"{name}" is not supported by this server')
         if self.n != 1:
-            raise InvalidOptionError('"n" must be 1: this server returns one choice per request')
-        if self.frequency_penalty or self.presence_penalty:
-            raise InvalidOptionError('frequency_penalty and presence_penalty are not supported; use "repeat_penalty"')
+            raise InvalidParamError("n", f'"n" must be 1: this server returns one choice per request, got {self.n}')
         fields = {name: getattr(self, name) for name in SAMPLING_FIELDS if name in type(self).model_fields}
+        fields["logit_bias"] = self.token_biases()
         options = {name: value for name, value in {**fields, **extra}.items() if name in SAMPLING_FIELDS}
         options = {name: value for name, value in options.items() if value is not None}
         options.pop("logprobs", None)  # each endpoint has its own logprobs fields
         check_option_types(options)
         return options
+
+    def token_biases(self) -> dict[int, float] | None:
+        """logit_bias as OpenAI sends it ({"15043": -100}) → {token id: bias}; ids are checked against the
+        vocabulary later, by the handler that knows the model."""
+        if not self.logit_bias:
+            return None
+        biases = {}
+        for key, bias in self.logit_bias.items():
+            if not key.strip().isdecimal():
+                raise InvalidParamError("logit_bias", f"logit_bias: {key!r} is not a token id (a whole number)")
+            if not -100.0 <= bias <= 100.0:
+                raise InvalidParamError(
+                    "logit_bias", f"logit_bias: the bias of token {key} is {bias}, not in [-100, 100]"
+                )
+            biases[int(key)] = bias
+        return biases
 
 
 class ChatMessage(BaseModel):

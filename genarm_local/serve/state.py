@@ -79,6 +79,11 @@ class ServerState:
             self._models = models
         return spec
 
+    def served_model(self, name: str | None) -> str:
+        """The model name that serves a request for ``name``: that name if the server has it, else the default, as
+        llama-server serves its one model whatever a client names (apps hard-code "gpt-4o-mini")."""
+        return name if name and name in self.models else self.default_model
+
     def weights(self, name: str | None, arms: Mapping[str, float | None] | None) -> dict[str, float]:
         """The ARM weights of a request: its model's (preset's), overridden by its "arms"."""
         models = self.models

@@ -55,6 +55,18 @@ class Failed:
     error: BaseException
 
 
+@dataclass
+class Counters:
+    """Totals since the server started, as llama-server's /metrics counts them: requests that ended, prompt tokens
+    decoded (cached ones not counted) and tokens generated, with the seconds spent on each."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+
+
 class Mailbox:
     """Events from the engine thread to one handler, on the handler's event loop.
 
@@ -148,7 +160,7 @@ class Task:
             if waiter is not None:
                 self.worker.wake(self.mailbox.loop, waiter)
         if reason:
-            self.worker.finished()
+            self.worker.finished(self)
 
 
 class EngineWorker:
@@ -166,6 +178,8 @@ class EngineWorker:
         # the handlers to wake at the end of this step, with their event loop (engine thread only)
         self._wake: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._in_flight = 0
+        self._tasks: set[Task] = set()  # submitted and not finished: running in a slot (job.slot set) or waiting
+        self.counters = Counters()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._load, name="genarm-load", daemon=True)
 
@@ -182,6 +196,11 @@ class EngineWorker:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def tasks(self) -> list[Task]:
+        """The tasks submitted and not finished yet (any thread)."""
+        with self._lock:
+            return list(self._tasks)
+
     def submit(self, prepared: Prepared, loop: asyncio.AbstractEventLoop) -> Task:
         if self.model is None:
             raise ServerBusyError("the model is still loading; retry when GET /health answers 200")
@@ -192,16 +211,28 @@ class EngineWorker:
                 )
             self._in_flight += 1
         task = Task(prepared, self, loop)
+        with self._lock:
+            self._tasks.add(task)
         try:
             self.model.engine.submit([task.job])
         except BaseException:
-            self.finished()
+            self.finished(task, ran=False)
             raise
         return task
 
-    def finished(self) -> None:
+    def finished(self, task: Task, ran: bool = True) -> None:
+        """``task`` left (its job ended, or it was never submitted): its place frees, its work is counted."""
+        timings = task.job.timings
         with self._lock:
             self._in_flight -= 1
+            self._tasks.discard(task)
+            if ran:
+                counters = self.counters
+                counters.requests += 1
+                counters.prompt_tokens += timings.prompt_decoded
+                counters.prompt_seconds += timings.prompt_s
+                counters.generated_tokens += timings.generated_tokens
+                counters.generation_seconds += timings.generation_s
 
     def wake(self, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future) -> None:
         self._wake.append((loop, waiter))
