@@ -481,3 +481,11 @@ async def show(body: ShowRequest, request: Request) -> dict:
 @router.get("/api/version")
 async def version() -> dict:
     return {"version": __version__}
+
+
+@router.api_route("/api/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
+async def not_served(path: str):
+    """Ollama's model management (pull, push, create, copy, delete) and embeddings are not served: a 404 in Ollama's
+    shape, which its clients show, rather than the OpenAI routes' error object."""
+    served = "/api/chat, /api/generate, /api/tags, /api/show, /api/ps and /api/version"
+    raise HTTPException(404, f"/api/{path} is not served by genarm-local (it serves {served})")

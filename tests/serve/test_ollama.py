@@ -97,7 +97,7 @@ def test_generate_equals_in_process_generation(client, local, base):
 def test_chat_stream_and_not(client, local, base):
     messages = [{"role": "user", "content": "Tell me about bicycles."}]
     expected = local.chat(messages, max_tokens=20, seed=3, **SAMPLED)
-    reply = client.chat(model=f"{base}:kind+big", messages=messages, options=options(3, 20))
+    reply = client.chat(model=f"{base}:kind+big", messages=messages, options=options(3, 20), keep_alive="5m")
     assert reply.message.role == "assistant" and reply.message.content == expected.text
     assert reply.done and reply.eval_count == len(expected.tokens)
     chunks = list(client.chat(model=f"{base}:kind+big", messages=messages, options=options(3, 20), stream=True))
@@ -205,6 +205,9 @@ def test_errors_in_ollama_shape(server, client, base):
         assert status == 400 and isinstance(reply["error"], str) and fragment in reply["error"], reply
     status, _, reply = server.request("POST", "/api/chat", {"model": base, "messages": "Hi"})
     assert status == 400 and reply["error"].startswith("messages")
+    # what Ollama serves and this server does not (pulling models, embeddings): a 404 in the same shape
+    status, _, reply = server.request("POST", "/api/pull", {"model": base})
+    assert status == 404 and "/api/pull is not served" in reply["error"]
 
 
 def test_an_empty_prompt_loads_the_model(client, base):
