@@ -67,7 +67,7 @@ class ChatWindow:
         titles = {"base": "base alone (all weights 0)", "guided": "guided (the sliders' weights)"}
         for column, pane in enumerate(PANES):
             tk.Label(panes, text=titles[pane], font=("TkDefaultFont", 11, "bold")).grid(row=0, column=column)
-            text = tk.Text(panes, wrap=tk.WORD, width=56, height=22, padx=6, pady=6, font="TkTextFont")
+            text = tk.Text(panes, wrap=tk.WORD, width=56, height=16, padx=6, pady=6, font="TkTextFont")
             text.configure(state=tk.DISABLED)
             text.tag_configure("user", font=("TkDefaultFont", 10, "bold"))
             text.tag_configure("note", foreground="#a33")
@@ -77,7 +77,7 @@ class ChatWindow:
         panes.rowconfigure(1, weight=1)
 
         bar = tk.Frame(self.root, padx=8, pady=8)
-        bar.pack(fill=tk.X)
+        bar.pack(fill=tk.X, side=tk.BOTTOM, before=panes)  # packed before the panes: a small window shrinks them
         self.entry = tk.Entry(bar)
         self.entry.pack(side=tk.LEFT, fill=tk.X, expand=True)
         self.entry.bind("<Return>", lambda _: self.send())
@@ -209,7 +209,8 @@ def run_script(window: ChatWindow, args: argparse.Namespace) -> None:
         for pane in PANES:
             panes[pane]["finish_reason"] = window.finish_reasons[pane]
         weights = {name: float(scale.get()) for name, scale in window.sliders.items()}
-        print(json.dumps({"panes": panes, "weights": weights}))
+        controls = all(w.winfo_ismapped() for w in (window.entry, window.send_button, window.stop_button))
+        print(json.dumps({"panes": panes, "weights": weights, "controls_shown": controls}))
         window.close()
 
     plan = steps()
