@@ -51,7 +51,7 @@ class _Generation(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
-    n: int = 1
+    n: int | None = None  # OpenAI's default 1; null means it too
     response_format: ResponseFormat | None = None
     arms: dict[str, float | None] | None = Field(
         default=None,
@@ -72,7 +72,7 @@ class _Generation(BaseModel):
         for name in sorted(UNSUPPORTED & set(extra)):
             if extra[name] not in (None, False, {}, []) and not (name == "best_of" and extra[name] == 1):
                 raise InvalidOptionError(f'"{name}" is not supported by this server')
-        if self.n != 1:
+        if self.n not in (None, 1):
             raise InvalidParamError("n", f'"n" must be 1: this server returns one choice per request, got {self.n}')
         fields = {name: getattr(self, name) for name in SAMPLING_FIELDS if name in type(self).model_fields}
         fields["logit_bias"] = self.token_biases()

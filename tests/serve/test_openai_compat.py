@@ -137,6 +137,7 @@ def test_harmless_openai_fields_are_accepted_and_n_above_one_is_a_clear_400(serv
     extras = dict(user="u-42", service_tier="auto", store=False, metadata={"app": "test"}, n=1)
     extra_body = {"parallel_tool_calls": True, "prediction": None}
     assert client.chat.completions.create(**asked, **extras, extra_body=extra_body).choices[0].message.content == plain
+    assert server.request("POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "n": None})[0] == 200
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(**asked, n=2)
     error = caught.value.body
