@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and llama.cpp in one process
 
 from preference_tasks import TASKS  # noqa: E402
+from stamp import describe, measurement_stamp  # noqa: E402
 from train_experiments import measure, train_arm  # noqa: E402
 
 RUNS = {"defaults": {}, "3× steps": {"epochs": 3}}  # TrainConfig overrides; the default is 1 epoch
@@ -67,11 +68,16 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["sky", "brief", "kind"], choices=TASKS)
     parser.add_argument("--out", default="docs/preference_tasks.json")
     parser.add_argument("--table", action="store_true", help="only print --out as the README's table")
+    parser.add_argument("--allow-dirty", action="store_true", help="stamp results of an uncommitted tree as such")
     args = parser.parse_args()
     out = Path(args.out)
     if args.table:
-        print(table(json.loads(out.read_text())["tasks"]))
+        result = json.loads(out.read_text())
+        print(f"_Measured {describe(result.get('stamp'))}, in {result['minutes']} min, by "
+              f"`python bench/preference_bench.py`._\n")  # fmt: skip
+        print(table(result["tasks"]))
         return
+    stamp = measurement_stamp(args.allow_dirty)
 
     from genarm_local import GuidedModel
     from genarm_local.core.arm_metadata import read_calibration
@@ -97,7 +103,7 @@ def main() -> None:
                   f"distinct-2 {base['distinct_2']:.3f} -> {guided['distinct_2']:.3f}, rep-4 {base['rep_4']:.3f} -> "
                   f"{guided['rep_4']:.3f}, {training['steps']} steps", flush=True)  # fmt: skip
         records.append(record)
-    result = {"minutes": round((time.time() - started) / 60, 1), "load_average": os.getloadavg()[0], "tasks": records}
+    result = {"stamp": stamp, "minutes": round((time.time() - started) / 60, 1), "tasks": records}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     tmp.replace(out)

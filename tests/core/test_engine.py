@@ -42,9 +42,13 @@ def hf(hf_model, lora_adapter):
 
 
 def reference_logprobs(hf_models, weights, ids, n_vocab):
-    """log_softmax(Σ_i w_i · log_softmax(logits_i)) at every position, from full-sequence HF forward passes."""
-    pairs = zip(hf_models, weights, strict=True)
-    mixed = sum(w * log_softmax(hf_logits(None, ids, model=model)[:, :n_vocab]) for model, w in pairs)
+    """log_softmax(log p_base + Σ_i w_i · term_i) at every position, from full-sequence HF forward passes, where
+    term_i is log p_arm_i for w_i > 0 and max(0, log p_arm_i − log p_base) for w_i < 0 (steering away one-sidedly);
+    ``hf_models[0]`` is the base (weight 1)."""
+    rows = [log_softmax(hf_logits(None, ids, model=model)[:, :n_vocab]) for model in hf_models]
+    mixed = weights[0] * rows[0]
+    for row, w in zip(rows[1:], weights[1:], strict=True):
+        mixed = mixed + w * (row if w > 0 else np.maximum(0.0, row - rows[0]))
     return log_softmax(mixed)
 
 
