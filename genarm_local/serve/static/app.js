@@ -72,7 +72,7 @@ function replyBox(parent, kind, arms) {
   return box;
 }
 
-// One streamed reply: SSE "data:" lines, each a chat.completion.chunk; the last one carries usage and timings.
+// One streamed reply: SSE "data:" lines, each a chat.completion.chunk; the finish chunk carries timings and arms.
 async function streamReply(box, arms, seed, showSpeed) {
   const controller = new AbortController();
   chat.controllers.push(controller);
