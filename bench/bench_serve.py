@@ -78,8 +78,10 @@ def post(port: int, body: bytes, stream: bool, stop_after: int | None = None, ti
                 result["chunks"] += 1
                 if chunk.get("choices"):
                     result["text"] = result.get("text", "") + chunk["choices"][0].get("text", "")
-                if "usage" in chunk or "error" in chunk:
-                    result["body"] = chunk
+                if "error" in chunk or chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
+                    result["body"] = chunk  # the finish chunk: finish_reason, timings, arms
+                if chunk.get("usage"):  # the last chunk (stream_options.include_usage): no choices
+                    result.setdefault("body", {})["usage"] = chunk["usage"]
                 if stop_after is not None and result["chunks"] >= stop_after:
                     result["disconnected"] = True
                     break
@@ -91,6 +93,8 @@ def post(port: int, body: bytes, stream: bool, stop_after: int | None = None, ti
 
 def completion(max_tokens: int, seed: int, stream: bool, arms: dict | None = None, model: str | None = None) -> bytes:
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "seed": seed, "temperature": 0.8, "stream": stream}
+    if stream:  # a stream's usage comes in a last chunk only when asked for, as OpenAI's
+        body["stream_options"] = {"include_usage": True}
     if arms is not None:
         body["arms"] = arms
     if model is not None:

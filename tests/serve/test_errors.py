@@ -38,12 +38,11 @@ def test_each_bad_request_is_a_4xx_and_the_server_keeps_serving(server):
 
     assert_error(server.request("POST", "/v1/chat/completions", raw=b'{"messages": [}'), 400, "not valid JSON")
     assert_error(server.request("POST", "/v1/completions", {"prompt": 3}), 400, "prompt")
-    # JSON only as application/json: a browser page cannot post it cross-site without a CORS preflight
-    form = {"Content-Type": "text/plain"}
+    # from a page elsewhere, JSON only as application/json: it cannot post that cross-site without a CORS preflight
+    form = {"Content-Type": "text/plain", "Origin": "http://elsewhere.example"}
     assert_error(server.request("POST", "/v1/completions", {"prompt": PROMPT}, headers=form), 400, "application/json")
     assert_error(chat(arms={"nope": 1.0}), 400, "unknown ARM 'nope'", "kind")
     assert_error(chat(arms={"kind": "much"}), 400, "arms.kind")
-    assert_error(chat(model="gpt-4"), 404, "gpt-4", code="model_not_found")
     assert_error(chat(max_tokens=0), 400, "max_tokens")
     long_prompt = " ".join(["bicycle"] * 150)
     assert_error(server.request("POST", "/v1/completions", {"prompt": long_prompt, "max_tokens": 4}), 400, "context")
@@ -52,7 +51,7 @@ def test_each_bad_request_is_a_4xx_and_the_server_keeps_serving(server):
     assert_error(chat(n=2), 400, '"n"')
     assert_error(chat(temperature="hot"), 400, "temperature")
     assert_error(chat(top_k=-1), 400, "top_k")
-    assert_error(chat(logit_bias={"1": 5}), 400, "logit_bias")
+    assert_error(chat(logit_bias={"one": 5}), 400, "logit_bias")
     assert_error(server.request("POST", "/v1/chat/completions", {"messages": []}), 400, "messages")
     assert_error(server.request("POST", "/detokenize", {"tokens": [10**9]}), 400, "token ids")
     assert_error(server.request("POST", "/v1/completions", {"prompt": "x" * 5000}), 413, code="request_too_large")
