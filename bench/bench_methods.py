@@ -127,8 +127,9 @@ def run_ttft(base: str, arm: str, tokens: int, threads: int) -> list[dict]:
             start = time.perf_counter()
             stream = model.chat(messages, stream=True, max_tokens=tokens, seed=turn, **SAMPLING)
             first = None
-            for _ in stream:
-                first = first or time.perf_counter() - start
+            for response in stream:
+                if response.text:
+                    first = first or time.perf_counter() - start
             result = stream.result
             turns.append(
                 {

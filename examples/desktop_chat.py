@@ -116,8 +116,9 @@ class ChatWindow:
             stream = self.model.chat(
                 messages, weights=weights, cancel=cancel, stream=True, max_tokens=self.max_tokens, seed=self.seed
             )
-            for piece in stream:
-                self.events.put((pane, "text", piece))
+            for response in stream:
+                if response.text:
+                    self.events.put((pane, "text", response.text))
             self.events.put((pane, "done", stream.result))
         except GenArmError as exc:  # e.g. the conversation outgrew the context, or the model was closed
             self.events.put((pane, "error", str(exc)))

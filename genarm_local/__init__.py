@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArmSpec",
     "GenArmError",
+    "GenerationResponse",
     "GenerationResult",
     "GuidedModel",
     "LoadConfig",
@@ -22,6 +23,7 @@ __all__ = [
 _LAZY = {
     "GuidedModel": "api",
     "GenerationResult": "api",
+    "GenerationResponse": "api",
     "Stream": "api",
     "LoadConfig": "config",
     "ArmSpec": "config",

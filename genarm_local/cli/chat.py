@@ -238,7 +238,8 @@ class ChatSession:
         if streamed and label:
             self.out.write(f"[{label}] ")
         shown = False  # shown without the whitespace a model often starts a reply with; the history keeps it
-        for piece in pieces:
+        for response in pieces:
+            piece = response.text
             if streamed and (shown or piece.strip()):
                 self.out.write(piece if shown else piece.lstrip())
                 self.out.flush()

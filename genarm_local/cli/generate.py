@@ -65,8 +65,8 @@ def main(args: argparse.Namespace) -> None:
                 if index:
                     print("\n" + "-" * 40)
                 stream = model.stream(prompt, seed=sample_seed, **sampling)
-                for piece in stream:
-                    print(piece, end="", flush=True)
+                for response in stream:
+                    print(response.text, end="", flush=True)
                 print()
                 result = stream.result
             sys.stdout.flush()

@@ -49,17 +49,33 @@ class ChatPrompt:
 class GenerationResult:
     text: str = ""
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "eos", "stop" (a stop string), "length" or "cancelled"
+    finish_reason: str | None = None  # "stop" (end of generation or a stop string), "length" or "cancelled"
     timings: Timings = field(default_factory=Timings)
     logprobs: list[float] | None = None  # per generated token, under the guided distribution (on request)
     top_logprobs: list[dict[int, float]] | None = None
     error: GenArmError | None = None  # generate_many only: why this request failed (finish_reason "error")
 
 
-class Stream(Iterator[str]):
-    """A generation in progress: iterating yields its text as it is generated (whole UTF-8 characters, stop strings
-    left out); ``result`` fills in as it goes and is complete when iteration ends; ``close()`` (or leaving a ``with``
-    block, or dropping the stream) cancels what is left. An error in the generation is raised by the iteration."""
+@dataclass(frozen=True)
+class GenerationResponse:
+    """One step of a Stream, as mlx-lm's stream_generate yields them: the text that became final with it (whole
+    UTF-8 characters, stop strings left out; "" while a character or a possible stop string is still incomplete),
+    the token sampled, its log-prob under the guided distribution and the top alternatives (with ``logprobs=N``),
+    and on the last response of a stream the finish reason ("stop", "length" or "cancelled") and the timings."""
+
+    text: str
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finish_reason: str | None = None
+    timings: Timings | None = None
+
+
+class Stream(Iterator[GenerationResponse]):
+    """A generation in progress: iterating yields a GenerationResponse per step (``"".join(r.text for r in
+    stream)`` is the text); ``result`` fills in as it goes and is complete when iteration ends; ``close()`` (or
+    leaving a ``with`` block, or dropping the stream) cancels what is left. An error in the generation is raised by
+    the iteration. Each stream has its own result: threads streaming at once never see each other's."""
 
     def __init__(self, model: GuidedModel, job: Job, poll: Callable[[], bool] | None = None):
         self._model = model  # the model lives as long as its streams
@@ -72,13 +88,20 @@ class Stream(Iterator[str]):
         if job.config.logprobs is not None:
             self.result.logprobs, self.result.top_logprobs = [], []
 
-    def __next__(self) -> str:
-        while not self._done:
-            event = self._next_event()
-            text = self._take(event)
-            if text:
-                return text
-        raise StopIteration
+    def __next__(self) -> GenerationResponse:
+        if self._done:
+            raise StopIteration
+        event = self._next_event()
+        self._take(event)
+        asked = self.result.logprobs is not None
+        return GenerationResponse(
+            text=event.text,
+            token=event.token,
+            logprob=event.logprob if asked else None,
+            top_logprobs=event.top_logprobs if asked else None,
+            finish_reason=event.finish_reason,
+            timings=self.result.timings if event.finish_reason else None,
+        )
 
     def _next_event(self) -> Event:
         try:
@@ -95,7 +118,7 @@ class Stream(Iterator[str]):
             self.close()
             raise
 
-    def _take(self, event: Event) -> str:
+    def _take(self, event: Event) -> None:
         result = self.result
         if event.finish_reason is not None:
             self._done = True
@@ -109,7 +132,6 @@ class Stream(Iterator[str]):
                 result.logprobs.append(event.logprob)
                 result.top_logprobs.append(event.top_logprobs)
         result.text += event.text
-        return event.text
 
     def close(self) -> None:
         if not self._done:
@@ -232,8 +254,9 @@ class GuidedModel:
 
     def stream(self, prompt: Prompt, *, weights=None, cancel: Cancel = None, **sampling) -> Stream:
         """Start generating a completion of ``prompt`` (text, or token ids) with the sampling options of
-        SamplingConfig; iterate the Stream for its text, read ``stream.result`` for tokens, finish reason, timings
-        and logprobs. ``cancel``: a threading.Event, or a function polled while waiting."""
+        SamplingConfig; iterate the Stream for GenerationResponses (text, token, log-probs; the finish reason and
+        timings on the last), or read ``stream.result`` when it is done. ``cancel``: a threading.Event, or a
+        function polled while waiting."""
         config = SamplingConfig.from_options(sampling, seed=self.seed)
         job, poll = self._job(self._prompt_tokens(prompt), config, weights, cancel)
         stream = Stream(self, job, poll)

@@ -76,8 +76,9 @@ class Timings:
 @dataclass
 class Event:
     """What one step gave a job: a sampled token and the text that became final with it (whole characters, stop
-    strings left out), or, on the last event, why the job ended: "eos", "stop" (a stop string), "length", "cancelled",
-    "logprobs" (a next_token_logprobs job, done) or "error" (with ``error``)."""
+    strings left out), or, on the last event, why the job ended: "stop" (end of generation or a stop string, as
+    OpenAI says it), "length", "cancelled", "logprobs" (a next_token_logprobs job, done) or "error" (with
+    ``error``)."""
 
     token: int | None = None
     text: str = ""
@@ -421,7 +422,7 @@ class Scheduler:
         job.timings.generation_s = time.perf_counter() - state.started
         state.next_token = token
         if engine.base_model.is_eog(token):
-            return Event(text=state.text.flush(), finish_reason="eos")
+            return Event(text=state.text.flush(), finish_reason="stop")
         event.text, stopped = state.text.push(token)
         if stopped:
             event.finish_reason = "stop"

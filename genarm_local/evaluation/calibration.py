@@ -32,7 +32,7 @@ from ..core.config import SamplingConfig, option
 from ..core.errors import InputNotFoundError, InvalidOptionError
 
 # The grid: the recommended α is one of these. Up to 2, where the default temperature scaling samples at 3·T.
-DEFAULT_ALPHAS = (0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+DEFAULT_ALPHAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 MAX_TOKENS = 511
 
 Prompt = str | Sequence[int]
@@ -61,7 +61,7 @@ class CalibrationConfig:
         type=float,
         metavar="ALPHA",
     )
-    max_tokens: int = option(48, "tokens sampled per continuation")
+    max_tokens: int = option(40, "tokens sampled per continuation")
     max_prompts: int = option(24, "at most this many prompts (a seeded random subset of a larger set)")
     seed: int = option(0, "seed of the prompt subset and the sampling")
     n_threads: int | None = option(None, "CPU threads; default: all cores", flags=("-t", "--threads"))
@@ -197,7 +197,7 @@ def measure_kl(
             token_prompts, weights={**others, engine.arms[index].name: alpha}, max_tokens=max_tokens, seed=seed
         )
         # the end-of-sequence position counts too when one was sampled: its row is a choice like any other
-        sampled.append([(r.tokens, r.finish_reason == "eos") for r in results])
+        sampled.append([(r.tokens, r.finish_reason == "stop") for r in results])  # no stop strings here: EOS
         if progress:
             progress(f"sampled {len(results)} continuations at α = {alpha:g}")
     base_samples = sampled.pop(0)

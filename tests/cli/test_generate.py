@@ -30,7 +30,7 @@ def test_json_is_deterministic_under_seed(files, tmp_path):
     assert [row["seed"] for row in first] == [7, 8] and first[0]["tokens"] != first[1]["tokens"]
     for row in first:
         assert set(row) >= {"text", "tokens", "finish_reason", "timings"}
-        assert 0 < len(row["tokens"]) <= 10 and row["finish_reason"] in {"length", "eos"}
+        assert 0 < len(row["tokens"]) <= 10 and row["finish_reason"] in {"length", "stop"}
         assert row["timings"]["generated_tokens"] == len(row["tokens"])
         assert row["weights"] == {files["lora"].stem: 1.5}
     plain = run_cli(*args[:-1], "--seed", 7, "--temp", 1.0, cwd=tmp_path)

@@ -114,13 +114,13 @@ def test_grammar_constrains_guided_output(model):
     for seed in range(4):
         result = model.generate(PROMPT, max_tokens=10, seed=seed, grammar=grammar, **SAMPLED)
         assert result.text in {"yes", "no", "maybe"}
-        assert result.finish_reason == "eos"
+        assert result.finish_reason == "stop"
     # A grammar that must end within the token budget: the output is complete, then the grammar allows only EOS.
     bounded = 'root ::= [0-9] [0-9]? [0-9]? " km"'
     for seed in range(3):
         digits = model.generate(PROMPT, max_tokens=16, seed=seed, grammar=bounded, **SAMPLED)
         assert re.fullmatch(r"[0-9]{1,3} km", digits.text), digits.text
-        assert digits.finish_reason == "eos"
+        assert digits.finish_reason == "stop"
 
 
 def test_stop_strings_spanning_tokens_are_never_emitted(model):
@@ -134,14 +134,14 @@ def test_stop_strings_spanning_tokens_are_never_emitted(model):
     assert result.finish_reason == "stop"
     assert result.text == full.text[: full.text.find(stop)]
     stream = model.stream(PROMPT, max_tokens=40, temperature=0.0, stop=stop)
-    assert "".join(stream) == result.text
+    assert "".join(r.text for r in stream) == result.text
     assert stream.result.finish_reason == "stop" and stream.result.text == result.text
 
 
 def test_stream_equals_generate(model):
     result = model.generate(PROMPT, max_tokens=30, seed=4, **SAMPLED)
-    assert "".join(model.stream(PROMPT, max_tokens=30, seed=4, **SAMPLED)) == result.text
-    assert result.finish_reason in {"length", "eos"}
+    assert "".join(r.text for r in model.stream(PROMPT, max_tokens=30, seed=4, **SAMPLED)) == result.text
+    assert result.finish_reason in {"length", "stop"}
     assert result.timings.generated_tokens >= len(result.tokens)
     assert result.timings.generated_tokens_per_s > 0
 
@@ -213,12 +213,53 @@ def test_threads_share_the_decode_loops_steps(model):
     assert max(running) > 1  # they shared steps rather than queueing one after another
 
 
+def test_stream_yields_a_response_per_step_with_the_finish_and_timings_on_the_last(model):
+    from genarm_local import GenerationResponse
+
+    result = model.generate(PROMPT, max_tokens=12, seed=5, logprobs=2, **SAMPLED)
+    responses = list(model.stream(PROMPT, max_tokens=12, seed=5, logprobs=2, **SAMPLED))
+    assert all(isinstance(r, GenerationResponse) for r in responses)
+    assert [r.token for r in responses if r.token is not None] == result.tokens
+    assert "".join(r.text for r in responses) == result.text
+    assert [r.logprob for r in responses if r.token is not None] == result.logprobs
+    assert [r.top_logprobs for r in responses if r.token is not None] == result.top_logprobs
+    assert all(len(r.top_logprobs) == 2 for r in responses if r.token is not None)
+    assert all(r.finish_reason is None and r.timings is None for r in responses[:-1])
+    last = responses[-1]
+    assert last.finish_reason == result.finish_reason and last.finish_reason in {"length", "stop"}
+    assert last.timings.generated_tokens == len(result.tokens)
+    plain = list(model.stream(PROMPT, max_tokens=4, seed=5, **SAMPLED))  # log-probs only when asked
+    assert all(r.logprob is None and r.top_logprobs is None for r in plain) and plain[-1].finish_reason
+
+
+def test_two_threads_streaming_at_once_each_get_their_own_results(model):
+    alone = {seed: model.generate(PROMPT, max_tokens=16, seed=seed, logprobs=1, **SAMPLED) for seed in (21, 22)}
+    got = {}
+    start = threading.Barrier(2)
+
+    def run(seed):
+        stream = model.stream(PROMPT, max_tokens=16, seed=seed, logprobs=1, **SAMPLED)
+        start.wait()
+        responses = list(stream)
+        got[seed] = ([r.token for r in responses if r.token is not None], stream.result)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in alone]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed, (tokens, result) in got.items():
+        assert tokens == result.tokens == alone[seed].tokens
+        np.testing.assert_allclose(result.logprobs, alone[seed].logprobs, atol=1e-4)  # batched: rounded apart
+    assert got[21][0] != got[22][0]
+
+
 def test_streams_in_one_thread_interleave_each_with_its_own_result(model):
     first = model.stream(PROMPT, max_tokens=10, seed=1, **SAMPLED)
     second = model.stream(PROMPT, max_tokens=10, seed=2, **SAMPLED)
-    pieces = [next(first), next(second)]
-    pieces[0] += "".join(first)
-    pieces[1] += "".join(second)
+    pieces = [next(first).text, next(second).text]
+    pieces[0] += "".join(r.text for r in first)
+    pieces[1] += "".join(r.text for r in second)
     assert pieces == [first.result.text, second.result.text]
     alone = [model.generate(PROMPT, max_tokens=10, seed=seed, **SAMPLED) for seed in (1, 2)]
     assert [first.result.tokens, second.result.tokens] == [r.tokens for r in alone]
@@ -267,10 +308,10 @@ def test_close_with_a_stream_open_in_the_same_thread_returns_at_once(paths):
 
     with GuidedModel(paths[0], {str(paths[1]): 1.0}, n_ctx=256, n_threads=1) as guided:
         stream = guided.stream(PROMPT, max_tokens=200, **SAMPLED)
-        first = next(stream)
+        first = next(stream).text
         start = time.perf_counter()
     assert time.perf_counter() - start < 1.0
-    rest = "".join(stream)  # what was generated before the close, then the end
+    rest = "".join(r.text for r in stream)  # what was generated before the close, then the end
     assert stream.result.finish_reason == "cancelled" and stream.result.text == first + rest
     assert len(stream.result.tokens) < 200
 
@@ -315,7 +356,7 @@ def chat_turns(model, chunk: int) -> None:
     for turn in (1, 2):
         assert decoded[turn] < prompt_lengths[turn] - prompt_lengths[turn - 1] + chunk
         assert decoded[turn] <= prompt_lengths[turn] - chunk
-    streamed = "".join(model.chat(messages, max_tokens=12, seed=7, stream=True, **SAMPLED))
+    streamed = "".join(r.text for r in model.chat(messages, max_tokens=12, seed=7, stream=True, **SAMPLED))
     assert streamed == model.chat(messages, max_tokens=12, seed=7, **SAMPLED).text
 
 
@@ -343,7 +384,7 @@ def test_generate_batch_matches_one_at_a_time(paths):
         assert len(stop) == 3
         greedy = model.generate_batch(prompts, max_tokens=10, temperature=0.0, stop=stop)
         assert greedy[1].finish_reason == "stop" and greedy[1].text == alone[: alone.find(stop)]
-        assert greedy[0].finish_reason in {"length", "eos"}
+        assert greedy[0].finish_reason in {"length", "stop"}
         unguided = model.generate_batch(prompts[:2], max_tokens=6, seed=2, weights={paths[1].stem: 0}, **SAMPLED)
         assert [r.tokens for r in unguided] == [
             model.generate(p, max_tokens=6, seed=2 + i, weights={paths[1].stem: 0}, **SAMPLED).tokens
@@ -362,3 +403,14 @@ def test_no_memory_growth_over_1000_calls(model):
     for _ in range(1000):
         model.generate(PROMPT, max_tokens=2, logprobs=2, stop="zz")
     assert rss_kib() - before < 4096
+
+
+def test_generate_batch_returns_log_probs_when_asked(model):
+    prompts = [PROMPT, PROMPT + " It"]
+    batch = model.generate_batch(prompts, max_tokens=8, seeds=[3, 4], logprobs=2, **SAMPLED)
+    for prompt, seed, result in zip(prompts, (3, 4), batch, strict=True):
+        alone = model.generate(prompt, max_tokens=8, seed=seed, logprobs=2, **SAMPLED)
+        assert result.tokens == alone.tokens and len(result.logprobs) == len(result.tokens)
+        np.testing.assert_allclose(result.logprobs, alone.logprobs, atol=1e-4)
+        assert [set(t) for t in result.top_logprobs] == [set(t) for t in alone.top_logprobs]
+    assert model.generate_batch(prompts, max_tokens=2, **SAMPLED)[0].logprobs is None

@@ -71,13 +71,13 @@ def test_recommend_alpha_is_the_largest_fluent_weight_before_the_first_that_is_n
 
     alphas = [0.125, 0.25, 0.5, 1.0, 2.0]
     base = (0.80, 0.010, 0.03)  # distinct-2, rep-4, degenerate rate of the base's own text
-    distinct_2 = [0.80, 0.78, 0.72, 0.69, 0.60]  # 0.85 × 0.80 = 0.68: α = 2 repeats itself across texts
-    rep_4 = [0.01, 0.01, 0.02, 0.035, 0.01]
+    distinct_2 = [0.80, 0.78, 0.72, 0.65, 0.60]  # 0.8 × 0.80 = 0.64: α = 2 repeats itself across texts
+    rep_4 = [0.01, 0.01, 0.02, 0.055, 0.01]
     degenerate = [0.03, 0.0, 0.08, 0.08, 0.0]  # 0.08 ≤ 0.03 + 0.05
     assert fluent(distinct_2, rep_4, degenerate, base) == [True, True, True, True, False]
     assert recommend_alpha(alphas, fluent(distinct_2, rep_4, degenerate, base)) == 1.0
     # each bound on its own; the first failure counts even when a larger α passes again (noise)
-    assert recommend_alpha(alphas, fluent(distinct_2, [0.01, 0.05, 0.01, 0.01, 0.01], degenerate, base)) == 0.125
+    assert recommend_alpha(alphas, fluent(distinct_2, [0.01, 0.07, 0.01, 0.01, 0.01], degenerate, base)) == 0.125
     assert recommend_alpha(alphas, fluent(distinct_2, rep_4, [0.03, 0.03, 0.09, 0.0, 0.0], base)) == 0.25
     assert recommend_alpha(alphas, [True] * 5) == 2.0  # fluent everywhere: the grid's largest
     assert recommend_alpha(alphas, [False, True, True, True, True]) == 0.0  # too sharp even at the smallest
