@@ -1,9 +1,8 @@
-"""`genarm-local calibrate`: sample the base and the ARM-guided model at a grid of weights α, judge each α's text
-against the base's (distinct-2, rep-4, degenerate rate; the KL to the base beside them), and store the largest α
-whose text stays as fluent as the base's in the ARM's GGUF, where an ARM given without a weight finds it; then show
-a few of the prompts continued by the base and by the guided model at that α (evaluation/showcase.py).
+"""`genarm-local calibrate`: measure how far an ARM moves its base (mean per-token KL against α) and store the α
+that spends the KL budget in the ARM's GGUF, where an ARM given without a weight finds it; then show a few of
+the prompts continued by the base and by the guided model at that α (evaluation/showcase.py).
 
-    genarm-local calibrate ARM.gguf [--base BASE.gguf] [--prompts FILE] [--alphas A ...] [--show N]
+    genarm-local calibrate ARM.gguf [--base BASE.gguf] [--prompts FILE] [--budget KL] [--show N]
 
 The flags are generated from CalibrationConfig (genarm_local/evaluation/calibration.py); the measuring is
 evaluation.calibration.calibrate, the writing convert.write_calibration (atomic: the file is rewritten whole or

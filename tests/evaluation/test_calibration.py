@@ -66,21 +66,17 @@ def test_kl_curve_matches_an_independent_float64_computation(files, hf_model, lo
     assert 0 < curve.kl[0] < curve.kl[1] < curve.kl[2]
 
 
-def test_recommend_alpha_is_the_largest_fluent_weight_before_the_first_that_is_not():
-    from genarm_local.core.arm_metadata import fluent, recommend_alpha
+def test_recommend_alpha():
+    from genarm_local.core.arm_metadata import interpolate_kl, recommend_alpha
 
     alphas = [0.125, 0.25, 0.5, 1.0, 2.0]
-    base = (0.80, 0.010, 0.03)  # distinct-2, rep-4, degenerate rate of the base's own text
-    distinct_2 = [0.80, 0.78, 0.72, 0.65, 0.60]  # 0.8 × 0.80 = 0.64: α = 2 repeats itself across texts
-    rep_4 = [0.01, 0.01, 0.02, 0.055, 0.01]
-    degenerate = [0.03, 0.0, 0.08, 0.08, 0.0]  # 0.08 ≤ 0.03 + 0.05
-    assert fluent(distinct_2, rep_4, degenerate, base) == [True, True, True, True, False]
-    assert recommend_alpha(alphas, fluent(distinct_2, rep_4, degenerate, base)) == 1.0
-    # each bound on its own; the first failure counts even when a larger α passes again (noise)
-    assert recommend_alpha(alphas, fluent(distinct_2, [0.01, 0.07, 0.01, 0.01, 0.01], degenerate, base)) == 0.125
-    assert recommend_alpha(alphas, fluent(distinct_2, rep_4, [0.03, 0.03, 0.09, 0.0, 0.0], base)) == 0.25
-    assert recommend_alpha(alphas, [True] * 5) == 2.0  # fluent everywhere: the grid's largest
-    assert recommend_alpha(alphas, [False, True, True, True, True]) == 0.0  # too sharp even at the smallest
+    kl = [0.3 * a**2 for a in alphas]  # a pure α² law: log-log interpolation is exact
+    assert math.isclose(recommend_alpha(alphas, kl, 0.3 * 0.7**2), 0.7, rel_tol=1e-9)
+    assert math.isclose(recommend_alpha(alphas, kl, 0.3 * 0.05**2), 0.05, rel_tol=1e-9)  # below the grid: α² law
+    assert recommend_alpha(alphas, kl, 10.0) == 2.0  # the curve never reaches the budget: capped at the grid
+    assert math.isclose(interpolate_kl(alphas, kl, 0.7), 0.3 * 0.49, rel_tol=1e-9)
+    # a noisy, non-monotone curve: the first crossing counts
+    assert recommend_alpha([0.25, 0.5, 1.0], [0.05, 0.2, 0.15], 0.1) < 0.5
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +88,7 @@ def calibrated(files, tmp_path_factory):
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "chosen": " a", "rejected": " b"}) + "\n" for p in PROMPTS))
     result = run_cli(
-        "calibrate", arm, "--base", files["base"], "--prompts", prompts, "--max-tokens", 8, "--alphas", 0.25, 1, 2,
+        "calibrate", arm, "--base", files["base"], "--prompts", prompts, "--max-tokens", 8, "--budget", 0.05,
         "-t", 1, cwd=work, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -100,24 +96,20 @@ def calibrated(files, tmp_path_factory):
 
 
 def test_calibrate_writes_the_curve_into_the_arm(calibrated, files):
-    from genarm_local.core.arm_metadata import read_calibration
-    from genarm_local.evaluation.calibration import file_sha256
+    from genarm_local.core.arm_metadata import read_calibration, recommend_alpha
+    from genarm_local.evaluation.calibration import DEFAULT_ALPHAS, file_sha256
 
     arm, stdout, _ = calibrated
     calibration = read_calibration(arm)
-    assert calibration.alphas == pytest.approx((0.25, 1.0, 2.0))
+    assert calibration.alphas == pytest.approx(DEFAULT_ALPHAS)
     assert calibration.prompts == len(PROMPTS) and calibration.max_tokens == 8
-    assert all(n > 0 for n in calibration.tokens) and 0 < calibration.kl[0] < calibration.kl[-1]
-    for name in ("distinct_2", "rep_4", "degenerate"):
-        values = (*getattr(calibration, name), getattr(calibration, f"base_{name}"))
-        assert len(values) == 4 and all(0 <= v <= 1 for v in values)
-    # the recommendation is the largest α before the first one whose text is less fluent than the base's
-    fluent = calibration.fluent()
-    first_failure = fluent.index(False) if False in fluent else len(fluent)
-    assert calibration.recommended_alpha == (calibration.alphas[first_failure - 1] if first_failure else 0.0)
+    assert all(n > 0 for n in calibration.tokens)
+    assert calibration.budget == pytest.approx(0.05)
+    assert calibration.recommended_alpha == pytest.approx(
+        recommend_alpha(calibration.alphas, calibration.kl, 0.05), rel=1e-6
+    )
     assert calibration.base_sha256 == file_sha256(files["base"]) and calibration.base_file == files["base"].name
     assert f"recommended α {calibration.recommended_alpha:.3g}:" in stdout
-    assert stdout.count("\n") >= 5 and "base" in stdout  # the base's row, then one row per α
     assert read_calibration(files["adapter"]) is None  # the original was not touched
 
 
@@ -164,8 +156,8 @@ def test_an_empty_prompt_file_fails_and_leaves_the_arm(calibrated, files):
     assert digest(arm) == before
     missing = run_cli("calibrate", arm, "--base", files["base"], "--prompts", work / "nope.txt", cwd=work)
     assert_one_line_error(missing, "nope.txt")
-    bad_alphas = run_cli("calibrate", arm, "--base", files["base"], "--alphas", "0", "1", cwd=work)
-    assert_one_line_error(bad_alphas, "--alphas")
+    bad_budget = run_cli("calibrate", arm, "--base", files["base"], "--budget", "0", cwd=work)
+    assert_one_line_error(bad_budget, "--budget")
     assert digest(arm) == before
 
 
@@ -176,9 +168,8 @@ def test_chat_shows_the_recommended_alpha_and_its_kl(calibrated, files):
     calibration = read_calibration(arm)
     result = run_cli("chat", "-m", files["base"], "--arm", arm, "--verbose", "-t", 1, cwd=work, input="/weights\n")
     assert result.returncode == 0, result.stderr
-    recommended = f"recommended α={calibration.recommended_alpha:.3g} (the largest as fluent as the base)"
-    # --verbose at the start and /weights: the ARM runs at its recommended α, and the KL there is the curve's
+    recommended = f"recommended α={calibration.recommended_alpha:.3g} (KL {calibration.budget:g})"
+    # --verbose at the start and /weights: the ARM runs at its recommended α, which spends the budget
     shown = [line for line in result.stderr.splitlines() if recommended in line]
     assert len(shown) == 2, result.stderr
-    alpha = calibration.recommended_alpha
-    assert f"arm: α={alpha:.3g}, KL {calibration.kl_at(alpha):.3g} nats/token" in shown[0]
+    assert f"arm: α={calibration.recommended_alpha:.3g}, KL {calibration.budget:.3g} nats/token" in shown[0]
