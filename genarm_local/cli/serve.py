@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    from ..core.errors import require
+
+    for module in ("fastapi", "uvicorn", "pydantic"):  # the HTTP stack is an extra: say so before anything loads
+        require(module, "serve")
     settings = ServeConfig(**config_options(ServeConfig, args))
     settings.key()  # a missing key file fails now
     sampling = sampling_options(args)
