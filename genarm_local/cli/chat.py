@@ -54,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = _HelpFormatter
     parser.epilog = "commands in the chat:\n" + COMMANDS
     parser.add_argument("-sys", "--system-prompt", help="system message at the start of the conversation")
-    parser.add_argument("--verbose", action="store_true", help="print timings after each reply (prompt and gen tok/s)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="print timings after each reply (prompt and gen tok/s)"
+    )
     parser.add_argument(
         "--compare", action="store_true", help="each turn also shows the unguided base reply (all ARM weights 0)"
     )

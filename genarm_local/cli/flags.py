@@ -87,6 +87,11 @@ def add_sampling_arguments(
     add_config_arguments(group, SamplingConfig, defaults, exclude)
     if "grammar" not in exclude:
         group.add_argument("--grammar-file", metavar="FILE", help="read the GBNF grammar from FILE")
+        group.add_argument(
+            "-j", "--json-schema", metavar="SCHEMA",
+            help='output JSON that follows this JSON Schema (e.g. \'{"type": "object"}\'; {} for any JSON object), '
+            "turned into a grammar",
+        )  # fmt: skip
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
@@ -98,6 +103,19 @@ def sampling_options(args: argparse.Namespace) -> dict:
         if not path.is_file():
             raise InputNotFoundError(f"--grammar-file {path}: no such file")
         options["grammar"] = path.read_text(encoding="utf-8")
+    schema = getattr(args, "json_schema", None)
+    if schema is not None:
+        import json
+
+        from ..core.sampling import json_grammar
+
+        if options.get("grammar"):
+            raise InvalidOptionError("give a grammar or --json-schema, not both")
+        try:
+            parsed = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise InvalidOptionError(f"--json-schema is not JSON: {exc.msg} (at character {exc.pos})") from None
+        options["grammar"] = json_grammar(parsed or None)
     SamplingConfig.from_options(options)  # range checks now, not after loading
     return options
 

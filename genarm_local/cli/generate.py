@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object per sample: text, tokens, finish_reason, timings"
     )
-    parser.add_argument("--verbose", action="store_true", help="print timings to stderr after each sample")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr after each sample")
     add_model_arguments(parser)
     add_sampling_arguments(parser)
 

@@ -58,6 +58,9 @@ class SamplingConfig:
         "stop after this many generated tokens; -1 or None: at end of generation, a stop, or the end of the context",
         flags=("-n", "--max-tokens", "--n-predict"),
     )
+    ignore_eos: bool = option(
+        False, "never end at the end-of-generation token: generate until -n or the end of the context"
+    )
     stop: tuple[str, ...] = option((), "strings that end generation (never emitted)")
     stop_at_turns: bool = option(
         False, 'end at a new line that opens with a speaker\'s label ("User:", "Student:"); plain chat turns it on'
@@ -285,7 +288,12 @@ class LoadConfig:
         "(arms/defaults.json), with any other base none",
         cli=False,
     )
-    n_ctx: int = option(2048, "context size in tokens, of each sequence", flags=("-c", "--ctx-size"))
+    n_ctx: int = option(
+        2048,
+        "context size in tokens OF EACH SEQUENCE (slot): unlike llama-server, which splits -c across its -np slots, "
+        "every slot gets -c",
+        flags=("-c", "--ctx-size"),
+    )
     # Each slot holds its own KV cache of n_ctx cells (per-sequence streams keep a sequence's numbers independent of
     # the others'): with the embedded base and one ARM, about 75 MiB per slot at n_ctx 2048. Two let two threads
     # share steps; `serve` defaults to 4, `batch` to its --batch-size.
@@ -298,7 +306,12 @@ class LoadConfig:
         flags=("-ngl", "--n-gpu-layers", "--gpu-layers"),
     )
     n_threads: int | None = option(None, "CPU threads; default: all cores", flags=("-t", "--threads"))
-    kv_cache_type: str = option("f16", "KV cache type", choices=tuple(KV_CACHE_TYPES))
+    kv_cache_type: str = option(
+        "f16",
+        "KV cache type, of K and V alike (llama.cpp's -ctk/-ctv; given twice, the last wins)",
+        flags=("-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "--kv-cache-type"),
+        choices=tuple(KV_CACHE_TYPES),
+    )
     flash_attn: bool | None = option(
         None, "llama.cpp flash attention (auto: llama.cpp decides)", flags=("-fa", "--flash-attn")
     )

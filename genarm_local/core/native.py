@@ -106,6 +106,7 @@ class Model:
         if not self._ptr:
             raise CorruptModelError(f"llama.cpp could not load {self.path}: {last_native_error()}")
         self.vocab = lc.llama_model_get_vocab(self._ptr)
+        self._eog_tokens: tuple[int, ...] | None = None
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
 
     @property
@@ -154,6 +155,12 @@ class Model:
     def is_eog(self, token: int) -> bool:
         """End of generation: EOS, EOT and the other tokens llama.cpp treats as the end of a turn."""
         return bool(lc.llama_vocab_is_eog(self.vocab, token))
+
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token of the vocabulary (looked up once per model)."""
+        if self._eog_tokens is None:
+            self._eog_tokens = tuple(t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self.vocab, t))
+        return self._eog_tokens
 
     @property
     def chat_template(self) -> str | None:

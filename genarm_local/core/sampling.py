@@ -48,11 +48,14 @@ class SamplerChain:
         self, config: SamplingConfig, model: Model, temperature_factor: float, history: Sequence[int], n_ctx: int
     ) -> None:
         add = lambda sampler: lc.llama_sampler_chain_add(self._ptr, sampler)  # noqa: E731
-        if config.logit_bias:
-            bad = sorted(token for token in config.logit_bias if not 0 <= token < model.n_vocab)
-            if bad:
-                raise InvalidOptionError(f"logit_bias: token id {bad[0]} is not in the vocabulary [0, {model.n_vocab})")
-            biases = (lc.llama_logit_bias * len(config.logit_bias))(*config.logit_bias.items())
+        bias = dict(config.logit_bias or {})
+        bad = sorted(token for token in bias if not 0 <= token < model.n_vocab)
+        if bad:
+            raise InvalidOptionError(f"logit_bias: token id {bad[0]} is not in the vocabulary [0, {model.n_vocab})")
+        if config.ignore_eos:  # as llama.cpp's --ignore-eos: the end-of-generation tokens can never be sampled
+            bias.update(dict.fromkeys(model.eog_tokens(), float("-inf")))
+        if bias:
+            biases = (lc.llama_logit_bias * len(bias))(*bias.items())
             add(lc.llama_sampler_init_logit_bias(model.n_vocab, len(biases), biases))
         if config.repeat_penalty != 1.0 or config.frequency_penalty != 0.0 or config.presence_penalty != 0.0:
             last_n = n_ctx if config.repeat_last_n == -1 else config.repeat_last_n

@@ -136,3 +136,22 @@ def test_flag_defaults_are_the_apis():
     tristate = {"on": True, "off": False, "auto": None}
     assert tristate[args.concurrent] == LoadConfig().concurrent and tristate[args.flash_attn] == LoadConfig().flash_attn
     assert build_parser().parse_args(["generate", "--debug"]).traceback is True
+
+
+def test_llama_cpp_flag_names(files, tmp_path):
+    """-n -1 with --ignore-eos runs to the end of the context; -j makes the output follow a JSON Schema; -ctk/-ctv
+    set the KV cache type, -v the timings."""
+    base = ["generate", "-m", files["base"], "-p", PROMPT, "--json", "--seed", 3, "--temp", 1.0]
+    (row,) = json_rows(run_cli(*base, "-n", -1, "--ignore-eos", "-c", 64, "-ctk", "f32", "-ctv", "f32", cwd=tmp_path))
+    prompt_tokens = row["timings"]["prompt_tokens"]
+    # every cell of the context used (the last token sampled needs none of its own)
+    assert row["finish_reason"] == "length" and len(row["tokens"]) == 64 - prompt_tokens + 1
+    schema = '{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}'
+    (row,) = json_rows(run_cli(*base, "-n", 40, "-j", schema, cwd=tmp_path))
+    if row["finish_reason"] == "stop":  # the grammar ended it: the whole object is there
+        assert isinstance(json.loads(row["text"])["n"], int)
+    else:
+        assert row["text"].lstrip().startswith('{"n"') or row["text"].lstrip().startswith('{ "n"')
+    verbose = run_cli(*base[:-1], "-n", 4, "-v", cwd=tmp_path)
+    assert verbose.returncode == 0 and "tok/s" in verbose.stderr
+    assert_one_line_error(run_cli(*base, "-j", "{not json", cwd=tmp_path), "--json-schema")
