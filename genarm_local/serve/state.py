@@ -53,8 +53,10 @@ class ServerState:
     def _build_models(self, model: GuidedModel) -> dict[str, dict[str, float]]:
         loaded = model.arm_weights()
         off = {name: 0.0 for name in loaded}
-        # an ARM loaded at α = 0 (shipped but off by default) gets α = 1 in the names that switch it on
-        on = {name: alpha if alpha != 0.0 else 1.0 for name, alpha in loaded.items()}
+        # an ARM loaded at α = 0 (shipped but off by default) gets its recommended α (1 uncalibrated) in the names
+        # that switch it on
+        recommended = {arm.name: arm.recommended_alpha for arm in model.engine.arms}
+        on = {name: alpha if alpha != 0.0 else recommended[name] for name, alpha in loaded.items()}
         base = model_id(model)
         models = {base: dict(off)}
         for name in loaded:
