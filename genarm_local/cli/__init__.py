@@ -28,18 +28,29 @@ VERBS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help, where it says something: not for switches, empty lists and None (the
+    help says what those mean), nor where the help already states its default. Epilogs (chat's command list) are
+    printed as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unsaid = action.default is None or action.default == [] or action.default is argparse.SUPPRESS
+        if action.nargs == 0 or unsaid or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genarm-local",
         description="GenARM test-time alignment on llama.cpp.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--traceback", "--debug", action="store_true", help="show the full traceback on errors")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, (module, help_text) in VERBS.items():
-        sub = subparsers.add_parser(
-            verb, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
+        sub = subparsers.add_parser(verb, help=help_text, description=help_text, formatter_class=HelpFormatter)
         # also accepted after the verb; SUPPRESS keeps the subparser from resetting a value given before it
         sub.add_argument(
             "--traceback", "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback"

@@ -46,12 +46,7 @@ COMMANDS = """  /weights [NAME=ALPHA ...]  show or change ARM weights (0 switche
   /quit                      leave (also Ctrl-D, or Ctrl-C at the prompt)"""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Flag defaults shown, and the epilog's command list as written."""
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = _HelpFormatter
     parser.epilog = "commands in the chat:\n" + COMMANDS
     parser.add_argument("-sys", "--system-prompt", help="system message at the start of the conversation")
     parser.add_argument(

@@ -138,7 +138,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, 
     group.add_argument(
         "--arm", dest="arms", action=_ArmAction, const="arm", default=[], metavar="[NAME=]PATH[:ALPHA]",
         help="an ARM (GGUF model with the base's vocabulary, or GGUF LoRA adapter of the base) and its weight α "
-        "(default: the ARM's recommended α, else 1); PATH may be the name of a shipped ARM; repeatable",
+        "(default: the ARM's recommended α, else 1); PATH may be the name of a shipped ARM; repeatable. Without -m "
+        "and --arm: the embedded base with the ARMs of genarm_local/arms/defaults.json (positive on, concise at 0)",
     )  # fmt: skip
     group.add_argument(
         "--arm-name", dest="arms", action=_ArmAction, const="name", metavar="NAME",
