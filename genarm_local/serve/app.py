@@ -121,7 +121,7 @@ def create_app(settings: ServeConfig, load: LoadConfig, sampling: dict | None = 
     app.include_router(ollama_router)  # the Ollama API (/api/...) on the same port
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD /: how Ollama's CLI checks a server
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 

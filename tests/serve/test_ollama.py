@@ -230,3 +230,4 @@ def test_show_ps_version(server, client, base):
     assert all(model.context_length == N_CTX and model.expires_at.year == 9999 for model in running)
     assert client.show(base).modelinfo == shown.modelinfo
     assert server.request("GET", "/api/version")[2] == {"version": genarm_local.__version__}
+    assert server.request("HEAD", "/")[0] == 200  # how Ollama's CLI checks that a server is up
