@@ -4,9 +4,8 @@ Layers, each importing only those below it: core (llama.cpp, the kernel, the eng
 train, batch, serve ← cli. See the README's architecture section.
 """
 
+from .core import __version__
 from .core.errors import GenArmError
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ArmSpec",

@@ -65,6 +65,11 @@ def last_native_error() -> str:
     return _recent_log[-1] if _recent_log else "no details from llama.cpp"
 
 
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp build can offload layers to a GPU (CUDA, Metal, ...)."""
+    return bool(lc.llama_supports_gpu_offload())
+
+
 def check_gguf_path(path: str | os.PathLike) -> Path:
     """Fail early, with a clear message, on a missing path or a file that is not GGUF at all."""
     path = Path(path)
@@ -114,6 +119,11 @@ class Model:
         if self._ptr is None:
             raise InvalidOptionError(f"model {self.path} is closed")
         return self._ptr
+
+    @property
+    def n_params(self) -> int:
+        """The model's parameter count, as llama.cpp counts it."""
+        return int(lc.llama_model_n_params(self.ptr))
 
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value as llama.cpp sees it (as a string), or None if absent."""

@@ -30,7 +30,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import gguf
-import llama_cpp as lc
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -39,9 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .. import __version__
+from ..core import __version__
 from ..core.config import SamplingConfig
 from ..core.errors import ContextOverflowError, InvalidOptionError, UnknownModelError
+from ..core.native import supports_gpu_offload
 from ..core.requests import Prepared, check_option_types, prepare
 from ..core.sampling import json_grammar
 from .errors import error_body
@@ -235,7 +235,7 @@ def details(state: ServerState) -> dict:
     """Ollama's "details" of the base: format, family, parameter size, quantization."""
     base = state.model.engine.base_model
     family = base.meta("general.architecture") or ""
-    n_params = lc.llama_model_n_params(base.ptr)
+    n_params = base.n_params
     size = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
     file_type = base.meta("general.file_type")
     try:
@@ -434,7 +434,7 @@ async def tags(request: Request) -> dict:
 async def ps(request: Request) -> dict:
     """Every name is served by the one loaded model, so all are loaded; in GPU memory as far as layers are offloaded."""
     state = state_of(request)
-    on_gpu = state.worker.load.n_gpu_layers != 0 and lc.llama_supports_gpu_offload()
+    on_gpu = state.worker.load.n_gpu_layers != 0 and supports_gpu_offload()
     n_ctx = state.model.engine.n_ctx
     models = []
     for name, v1_name in ollama_names(state).items():
@@ -455,7 +455,7 @@ async def show(body: ShowRequest, request: Request) -> dict:
     model_info = {
         "general.architecture": family,
         "general.name": base.meta("general.name"),
-        "general.parameter_count": lc.llama_model_n_params(base.ptr),
+        "general.parameter_count": base.n_params,
         "general.file_type": base.meta("general.file_type"),
         f"{family}.context_length": base.meta(f"{family}.context_length"),
     }

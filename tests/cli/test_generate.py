@@ -152,6 +152,6 @@ def test_llama_cpp_flag_names(files, tmp_path):
         assert isinstance(json.loads(row["text"])["n"], int)
     else:
         assert row["text"].lstrip().startswith('{"n"') or row["text"].lstrip().startswith('{ "n"')
-    verbose = run_cli(*base[:-1], "-n", 4, "-v", cwd=tmp_path)
+    verbose = run_cli("generate", "-m", files["base"], "-p", PROMPT, "-n", 4, "-v", cwd=tmp_path)
     assert verbose.returncode == 0 and "tok/s" in verbose.stderr
     assert_one_line_error(run_cli(*base, "-j", "{not json", cwd=tmp_path), "--json-schema")
