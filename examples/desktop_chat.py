@@ -53,7 +53,7 @@ class ChatWindow:
         sliders.pack(fill=tk.X)
         self.sliders: dict[str, tk.Scale] = {}
         for name, alpha in self.model.arm_weights().items():
-            scale = tk.Scale(sliders, label=f"ARM {name}: α", from_=-2, to=3, resolution=0.05, length=220)
+            scale = tk.Scale(sliders, label=f"ARM {name}: α", from_=-2, to=3, resolution=0.01, length=220)
             scale.configure(orient=tk.HORIZONTAL)
             scale.set(alpha)
             scale.pack(side=tk.LEFT, padx=6)
