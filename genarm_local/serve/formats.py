@@ -12,6 +12,21 @@ from .state import ServerState
 from .worker import Finished, Piece
 
 
+def token_logprobs(state: ServerState, pieces: list[Piece]) -> list[dict]:
+    """Each generated token of ``pieces`` with its log-prob and top alternatives, in the shape OpenAI's chat
+    logprobs and Ollama's share: {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}."""
+    entries = []
+    for piece in pieces:
+        for token, logprob, top in zip(piece.tokens, piece.logprobs, piece.top_logprobs, strict=True):
+            text, raw = state.token_text(token)
+            alternatives = []
+            for other, other_logprob in top.items():
+                other_text, other_raw = state.token_text(other)
+                alternatives.append({"token": other_text, "logprob": other_logprob, "bytes": other_raw})
+            entries.append({"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": alternatives})
+    return entries
+
+
 def usage(done: Finished) -> schemas.Usage:
     prompt = len(done.job.tokens)
     return schemas.Usage(
@@ -67,16 +82,7 @@ class ChatFormat(_Format):
     def logprobs(self, pieces: list[Piece]) -> schemas.ChatLogprobs | None:
         if not pieces or pieces[0].logprobs is None:
             return None
-        content = []
-        for piece in pieces:
-            for token, logprob, top in zip(piece.tokens, piece.logprobs, piece.top_logprobs, strict=True):
-                text, raw = self.state.token_text(token)
-                alternatives = []
-                for other, other_logprob in top.items():
-                    other_text, other_raw = self.state.token_text(other)
-                    alternatives.append(schemas.TopLogprob(token=other_text, logprob=other_logprob, bytes=other_raw))
-                content.append(schemas.TokenLogprob(token=text, logprob=logprob, bytes=raw, top_logprobs=alternatives))
-        return schemas.ChatLogprobs(content=content)
+        return schemas.ChatLogprobs.model_validate({"content": token_logprobs(self.state, pieces)})
 
     def chunk(self, piece: Piece, so_far: schemas.Timings | None = None) -> schemas.ChatCompletionChunk:
         delta = schemas.Delta(role="assistant" if self._first else None, content=piece.text)

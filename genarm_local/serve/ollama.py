@@ -45,6 +45,7 @@ from ..core.native import supports_gpu_offload
 from ..core.requests import Prepared, check_option_types, prepare
 from ..core.sampling import json_grammar
 from .errors import error_body
+from .formats import token_logprobs
 from .routes import events, state_of
 from .state import ServerState, model_id
 from .worker import Finished, Piece
@@ -286,16 +287,7 @@ class Reply:
         """Ollama's "logprobs": one entry per token with its top alternatives, when the request asked for them."""
         if not pieces or pieces[0].logprobs is None:
             return {}
-        entries = []
-        for piece in pieces:
-            for token, logprob, top in zip(piece.tokens, piece.logprobs, piece.top_logprobs, strict=True):
-                text, raw = self.state.token_text(token)
-                alternatives = []
-                for other, other_logprob in top.items():
-                    other_text, other_raw = self.state.token_text(other)
-                    alternatives.append({"token": other_text, "logprob": other_logprob, "bytes": other_raw})
-                entries.append({"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": alternatives})
-        return {"logprobs": entries}
+        return {"logprobs": token_logprobs(self.state, pieces)}
 
     def chunk(self, pieces: list[Piece], done: Finished | None = None) -> dict:
         text = "".join(piece.text for piece in pieces)
@@ -388,40 +380,38 @@ async def answer(request: Request, state: ServerState, prepared: Prepared, body:
 # ---- routes ---------------------------------------------------------------------------------------------------------
 
 
-@router.post("/api/generate")
-async def generate(body: GenerateRequest, request: Request):
+async def respond(request: Request, body: GenerateRequest | ChatRequest, chat: bool, request_input: dict | None):
+    """The two routes' one path: resolve the model, answer an empty request as Ollama's load answer, else prepare
+    ``request_input`` (a prompt or messages) with the body's weights and options and answer it."""
     started = time.perf_counter_ns()
     state = state_of(request)
     name, v1_name = resolve(state, body.model)
     body.refuse_unsupported(name)
-    reply = Reply(state, name, chat=False, started=started)
-    if not body.prompt:
+    reply = Reply(state, name, chat=chat, started=started)
+    if request_input is None:
         return JSONResponse(reply.loaded())
     weights = state.weights(v1_name, body.weights())
     options = body.sampling_options(state)
-    if body.raw:
-        request_input = {"prompt": body.prompt}
-    else:
-        system = [{"role": "system", "content": body.system}] if body.system else []
-        request_input = {"messages": [*system, {"role": "user", "content": body.prompt}]}
     prepared = await run_in_threadpool(prepare, state.model, weights=weights, options=options, **request_input)
     return await answer(request, state, fit_context(state, prepared, body), body, reply)
 
 
+@router.post("/api/generate")
+async def generate(body: GenerateRequest, request: Request):
+    if not body.prompt:
+        request_input = None
+    elif body.raw:
+        request_input = {"prompt": body.prompt}
+    else:
+        system = [{"role": "system", "content": body.system}] if body.system else []
+        request_input = {"messages": [*system, {"role": "user", "content": body.prompt}]}
+    return await respond(request, body, False, request_input)
+
+
 @router.post("/api/chat")
 async def chat(body: ChatRequest, request: Request):
-    started = time.perf_counter_ns()
-    state = state_of(request)
-    name, v1_name = resolve(state, body.model)
-    body.refuse_unsupported(name)
-    reply = Reply(state, name, chat=True, started=started)
-    if not body.messages:
-        return JSONResponse(reply.loaded())
-    weights = state.weights(v1_name, body.weights())
-    options = body.sampling_options(state)
     messages = [{"role": message.role, "content": message.content} for message in body.messages]
-    prepared = await run_in_threadpool(prepare, state.model, messages=messages, weights=weights, options=options)
-    return await answer(request, state, fit_context(state, prepared, body), body, reply)
+    return await respond(request, body, True, {"messages": messages} if messages else None)
 
 
 @router.get("/api/tags")
