@@ -218,8 +218,10 @@ def arm_lines(model, weights: Mapping[str, float]) -> list[str]:
             lines.append(f"  {arm.name}: α={alpha:.3g} (not calibrated: genarm-local calibrate {arm.spec.path})")
             continue
         beyond = "≥ " if abs(alpha) > max(calibration.alphas) else ""
+        # calibration measures α > 0; a negative α steers away one-sidedly, a distribution it did not measure
+        kl = f"KL {beyond}{calibration.kl_at(alpha):.3g} nats/token" if alpha >= 0 else "steering away"
         lines.append(
-            f"  {arm.name}: α={alpha:.3g}, KL {beyond}{calibration.kl_at(alpha):.3g} nats/token; recommended "
+            f"  {arm.name}: α={alpha:.3g}, {kl}; recommended "
             f"α={calibration.recommended_alpha:.3g} (KL {calibration.budget:g})"
         )
     return lines
