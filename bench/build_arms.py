@@ -266,8 +266,7 @@ def train_arm(base: str, pairs: Path, output_dir: Path, export: Path, args) -> d
         eos=False,  # the continuations were cut at --tokens, not ended
     )  # fmt: skip
     result = train(config)  # also calibrates the export on its training prompts (genarm.calibration.* keys)
-    calibration = result.calibration and {"recommended_alpha": result.calibration.recommended_alpha,
-                                          "kl_budget": result.calibration.budget}  # fmt: skip
+    calibration = result.calibration and {"recommended_alpha": result.calibration.recommended_alpha}
     return {
         "steps": result.steps,
         "train_pairs": result.train_pairs,

@@ -5,7 +5,11 @@ sentiment; 48 TRL pairs each), train with `train`'s defaults and with 3× the de
 at the recommended α: the preferred behaviour's rate, distinct-2, rep-4 and degenerate rate.
 
     python bench/preference_bench.py [--tasks sky brief kind] [--out docs/preference_tasks.json]
+    python bench/preference_bench.py --arms-dir DIR           # keep the trained ARMs in DIR; reuse those there
     python bench/preference_bench.py --table [--out FILE]     # the README's table
+
+With --arms-dir a second run skips training (each ARM's training record is kept beside it) and only calibrates
+and measures again: what a change to calibration needs.
 
 The bar (issue 21): feature rate ≥ the base's + 25 points (or ≥ 90%), distinct-2 ≥ 0.8 × the base's, rep-4 ≤ the
 base's + 0.05; the table's last column says whether a row meets it.
@@ -26,10 +30,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and llama.cpp in on
 
 from preference_tasks import TASKS  # noqa: E402
 from stamp import describe, measurement_stamp  # noqa: E402
-from train_experiments import measure, train_arm  # noqa: E402
+from train_experiments import calibrate_arm, measure, train_only  # noqa: E402
 
 RUNS = {"defaults": {}, "3× steps": {"epochs": 3}}  # TrainConfig overrides; the default is 1 epoch
+RUN_SLUGS = {"defaults": "defaults", "3× steps": "steps3"}
 SEED = 1
+
+
+def trained(task, overrides: dict, work: Path) -> tuple[Path, dict]:
+    """The ARM trained on ``task`` with ``overrides`` in ``work``: trained there now, or by an earlier run."""
+    record = work / "training.json"
+    if record.is_file():
+        return work / "arm.gguf", json.loads(record.read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    arm, training = train_only(task, overrides, work)
+    record.write_text(json.dumps(training, indent=1) + "\n")
+    return arm, training
 
 
 def meets_bar(row: dict, base: dict) -> bool:
@@ -67,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["sky", "brief", "kind"], choices=TASKS)
     parser.add_argument("--out", default="docs/preference_tasks.json")
+    parser.add_argument("--arms-dir", help="keep the trained ARMs here, and reuse those already there")
     parser.add_argument("--table", action="store_true", help="only print --out as the README's table")
     parser.add_argument("--allow-dirty", action="store_true", help="stamp results of an uncommitted tree as such")
     args = parser.parse_args()
@@ -90,8 +107,10 @@ def main() -> None:
             base = measure(model, task, 0.0, SEED)
         record = {"task": name, "feature": task.feature, "pairs": len(task.pairs), "base": base, "runs": []}
         for run_name, overrides in RUNS.items():
-            with tempfile.TemporaryDirectory(prefix="genarm-pref-") as work:
-                arm, training = train_arm(task, overrides, Path(work), None)
+            with tempfile.TemporaryDirectory(prefix="genarm-pref-") as scratch:
+                work = Path(args.arms_dir or scratch) / f"{name}-{RUN_SLUGS[run_name]}"
+                arm, training = trained(task, overrides, work)
+                training.update(calibrate_arm(task, arm, training["seed"], None))
                 alpha = read_calibration(arm).recommended_alpha
                 with GuidedModel(arms={str(arm): None}, n_ctx=4096, seed=SEED) as model:
                     guided = measure(model, task, alpha, SEED)

@@ -1,6 +1,6 @@
 """Train an ARM on a small saturating preference task (bench/preference_tasks.py) and measure guided generation on
 the task's held-out prompts: the preferred feature's rate, distinct-2 and rep-4 at each weight α, the base's at
-α = 0. The experiments behind the training defaults and the calibration budget (README, "Train your own ARM").
+α = 0. The experiments behind the training defaults (README, "Train your own ARM").
 
     python bench/train_experiments.py --task sky --name paper-e2b4 --train epochs=2 batch_size=4 \
         --alphas 0 1 recommended --out docs/train_experiments.json
@@ -52,11 +52,14 @@ def measure(model, task, alpha: float, seed: int) -> dict:
 
 
 def train_arm(task, overrides: dict, workdir: Path, threads: int) -> tuple[Path, dict]:
-    """Train with TrainConfig's defaults but ``overrides``, then calibrate as `train --export` does (on the
-    training prompts, the default budget), here with ``threads`` llama.cpp threads."""
-    from genarm_local.convert import write_calibration
+    """Train with TrainConfig's defaults but ``overrides``, then calibrate as `train --export` does."""
+    arm, training = train_only(task, overrides, workdir)
+    training.update(calibrate_arm(task, arm, training["seed"], threads))
+    return arm, training
 
-    from genarm_local.evaluation.calibration import CalibrationConfig, calibrate
+
+def train_only(task, overrides: dict, workdir: Path) -> tuple[Path, dict]:
+    """Train with TrainConfig's defaults but ``overrides`` into ``workdir`` (arm.gguf, not calibrated)."""
     from genarm_local.train import TrainConfig, train
 
     config = TrainConfig(
@@ -68,17 +71,26 @@ def train_arm(task, overrides: dict, workdir: Path, threads: int) -> tuple[Path,
         **overrides,
     )
     result = train(config)
-    started = time.perf_counter()
-    settings = CalibrationConfig(arm=str(result.export), seed=config.seed, n_threads=threads)
-    calibration = calibrate(settings, prompts=[p["prompt"] for p in task.pairs])
-    write_calibration(result.export, calibration)
     return Path(result.export), {
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
-        "calibration_seconds": round(time.perf_counter() - started, 1),
         "eval": result.eval,
-        "calibration": vars(calibration),
+        "seed": config.seed,
     }
+
+
+def calibrate_arm(task, arm: Path, seed: int, threads: int | None) -> dict:
+    """Calibrate ``arm`` as `train --export` does (on the task's training prompts, the default settings), here
+    with ``threads`` llama.cpp threads, and store the result in the file."""
+    from genarm_local.convert import write_calibration
+
+    from genarm_local.evaluation.calibration import CalibrationConfig, calibrate
+
+    started = time.perf_counter()
+    settings = CalibrationConfig(arm=str(arm), seed=seed, n_threads=threads)
+    calibration = calibrate(settings, prompts=[p["prompt"] for p in task.pairs])
+    write_calibration(arm, calibration)
+    return {"calibration_seconds": round(time.perf_counter() - started, 1), "calibration": vars(calibration)}
 
 
 def table(runs: list[dict]) -> str:

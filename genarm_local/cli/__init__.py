@@ -24,7 +24,7 @@ VERBS = {
     "batch": ("genarm_local.cli.batch", "guided completions of a JSONL file of prompts, resumable"),
     "serve": ("genarm_local.cli.serve", "an OpenAI-compatible HTTP server with per-request ARM weights and a web chat"),
     "train": ("genarm_local.cli.train", "train an ARM (LoRA, GenARM loss) from preference data"),
-    "calibrate": ("genarm_local.cli.calibrate", "measure an ARM's KL against α and store its recommended weight"),
+    "calibrate": ("genarm_local.cli.calibrate", "find the strongest weight at which an ARM stays fluent; store it"),
 }
 
 

@@ -1,8 +1,9 @@
-"""`genarm-local calibrate`: measure how far an ARM moves its base (mean per-token KL against α) and store the α
-that spends the KL budget in the ARM's GGUF, where an ARM given without a weight finds it; then show a few of
-the prompts continued by the base and by the guided model at that α (evaluation/showcase.py).
+"""`genarm-local calibrate`: sample the base and the ARM-guided model at a grid of weights α, judge each α's text
+against the base's (distinct-2, rep-4, degenerate rate; the KL to the base beside them), and store the largest α
+whose text stays as fluent as the base's in the ARM's GGUF, where an ARM given without a weight finds it; then show
+a few of the prompts continued by the base and by the guided model at that α (evaluation/showcase.py).
 
-    genarm-local calibrate ARM.gguf [--base BASE.gguf] [--prompts FILE] [--budget KL] [--show N]
+    genarm-local calibrate ARM.gguf [--base BASE.gguf] [--prompts FILE] [--alphas A ...] [--show N]
 
 The flags are generated from CalibrationConfig (genarm_local/evaluation/calibration.py); the measuring is
 evaluation.calibration.calibrate, the writing convert.write_calibration (atomic: the file is rewritten whole or
@@ -49,7 +50,7 @@ def main(args: argparse.Namespace) -> None:
     if args.show:
         # the first of the prompts calibrate() measured on
         prompts = read_prompts(config.prompts) if config.prompts else list(BUILTIN_PROMPTS)
-        prompts = subset(prompts, config.max_prompts, config.seed)[: args.show]
+        prompts = subset(prompts, config.samples, config.seed)[: args.show]
         alpha = calibration.recommended_alpha
         samples = show(config.base, config.arm, alpha, prompts, seed=config.seed, n_threads=config.n_threads)
         print(f"\ncalibration prompts, continued by the base and by the ARM at its recommended α {alpha:.3g}:")

@@ -222,7 +222,7 @@ def arm_lines(model, weights: Mapping[str, float]) -> list[str]:
         kl = f"KL {beyond}{calibration.kl_at(alpha):.3g} nats/token" if alpha >= 0 else "steering away"
         lines.append(
             f"  {arm.name}: α={alpha:.3g}, {kl}; recommended "
-            f"α={calibration.recommended_alpha:.3g} (KL {calibration.budget:g})"
+            f"α={calibration.recommended_alpha:.3g} (the largest as fluent as the base)"
         )
     return lines
 

@@ -1,11 +1,12 @@
 """An ARM's calibration as it travels in its GGUF file: the `genarm.calibration.*` metadata keys.
 
-Calibration (measured by evaluation/calibration.py) says how far an ARM moves its base: the mean per-token
-KL(guided_α ‖ base) on continuations sampled from the guided distribution, for a grid of weights α, and the
-largest α whose KL stays within a budget — the weight an ARM given without one runs at. The record is written
-into the GGUF by convert.write_calibration and read back here without loading the model; llama.cpp ignores keys
-it does not know, and its quantizer copies them.
-"""
+Calibration (measured by evaluation/calibration.py) samples continuations of a set of prompts from the base alone
+and from the guided distribution at a grid of weights α, and records, at each α, the fluency of the guided text
+against the base's (distinct-2, rep-4, degenerate rate: evaluation/fluency.py) and, as a diagnostic, the mean
+per-token KL(guided_α ‖ base). The recommended α, the weight an ARM given without one runs at, is the largest α
+whose text stays as fluent as the base's (recommend_alpha): the effect grows with α, so that is the most an ARM
+does without costing the reader anything. The record is written into the GGUF by convert.write_calibration and
+read back here without loading the model; llama.cpp ignores keys it does not know, and its quantizer copies them."""
 
 from __future__ import annotations
 
@@ -17,19 +18,35 @@ from dataclasses import dataclass
 from .errors import CorruptModelError
 
 PREFIX = "genarm.calibration."
-VERSION = 1
+VERSION = 3  # 1 chose α by a KL budget, 2 by fluency at grid points only: not read (calibrate the ARM again)
+
+# What "as fluent as the base" means: guided samples add at most this much rep-4 (share of repeated word 4-grams
+# per text, the bound the README's evaluations hold guided text to) and this much to the share of degenerate texts
+# (one of calibration's 48 texts is 2 points: 10 leaves room for sampling noise and catches an ARM that breaks
+# text), and keep this share of the base's distinct-2. Distinct-2 pools every text, so it falls as the corpus grows
+# (an ARM's stock phrases recur across prompts): measured on 48 texts it reads higher than on an evaluation's 72,
+# hence a stricter share than the evaluations' 0.8 (bench/preference_bench.py checks the result).
+DISTINCT_2_SHARE = 0.85
+REP_4_MARGIN = 0.05
+DEGENERATE_MARGIN = 0.1
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """One ARM's KL curve against one base, and the weight recommended for a KL budget."""
+    """One ARM's fluency and KL curves against one base, and the weight they recommend."""
 
-    alphas: tuple[float, ...]  # the grid of weights, increasing
+    alphas: tuple[float, ...]  # the weights measured, increasing: the grid up to its first point outside a bound
     kl: tuple[float, ...]  # mean per-token KL(guided_α ‖ base) in nats at each α
     tokens: tuple[int, ...]  # sampled continuation tokens the mean is over, at each α
-    budget: float  # the KL the recommended α spends (nats per token)
+    distinct_2: tuple[float, ...]  # of the guided continuations at each α (all of them together)
+    rep_4: tuple[float, ...]  # mean share of repeated word 4-grams per continuation, at each α
+    degenerate: tuple[float, ...]  # share of degenerate continuations, at each α
+    base_distinct_2: float  # the same three of the base's own continuations
+    base_rep_4: float
+    base_degenerate: float
     recommended_alpha: float
     prompts: int  # calibration prompts
+    samples: int  # continuations sampled at each α (each prompt continued as often, or as near as can be)
     base_name: str  # general.name of the base it was measured on
     base_file: str  # the base's file name
     base_sha256: str  # of the base's file: which base, exactly
@@ -37,8 +54,44 @@ class Calibration:
     seed: int
 
     def kl_at(self, alpha: float) -> float:
-        """The KL the curve gives at ``alpha`` (interpolated like the recommendation)."""
+        """The KL the curve gives at ``alpha`` (interpolated between grid points)."""
         return interpolate_kl(self.alphas, self.kl, alpha)
+
+    def fluent(self) -> list[bool]:
+        """Whether the guided text at each α of the grid is as fluent as the base's."""
+        return [min(s) >= 0 for s in self.slack()]
+
+    def slack(self) -> list[tuple[float, float, float]]:
+        """Per α of the grid: how far each fluency measure is inside its bound (negative: outside)."""
+        return slack(self.distinct_2, self.rep_4, self.degenerate,
+                     (self.base_distinct_2, self.base_rep_4, self.base_degenerate))  # fmt: skip
+
+
+def slack(
+    distinct_2: Sequence[float], rep_4: Sequence[float], degenerate: Sequence[float], base: tuple[float, float, float]
+) -> list[tuple[float, float, float]]:
+    """Per grid point, (distinct-2 / the base's − DISTINCT_2_SHARE, the base's rep-4 + REP_4_MARGIN − rep-4, the
+    base's degenerate rate + DEGENERATE_MARGIN − degenerate rate): all ≥ 0 where the text is as fluent as the
+    base's."""
+    base_distinct_2, base_rep_4, base_degenerate = base
+    return [
+        (d2 / max(base_distinct_2, 1e-9) - DISTINCT_2_SHARE, base_rep_4 + REP_4_MARGIN - r4,
+         base_degenerate + DEGENERATE_MARGIN + 1e-9 - dg)
+        for d2, r4, dg in zip(distinct_2, rep_4, degenerate, strict=True)
+    ]  # fmt: skip
+
+
+def recommend_alpha(alphas: Sequence[float], slacks: Sequence[tuple[float, ...]]) -> float:
+    """The largest α whose guided text is as fluent as the base's: walking up the grid from α = 0 (the base itself,
+    inside every bound), the first grid point outside a bound ends the walk, and the α where that measure crossed
+    its bound is interpolated linearly from the point before; the grid's largest α when every point is inside."""
+    previous_alpha, previous = 0.0, [1.0 - DISTINCT_2_SHARE, REP_4_MARGIN, DEGENERATE_MARGIN]
+    for alpha, current in sorted(zip(alphas, slacks, strict=True)):
+        if min(current) < 0:
+            crossings = [p / (p - c) for p, c in zip(previous, current, strict=True) if c < 0]
+            return previous_alpha + min(crossings) * (alpha - previous_alpha)
+        previous_alpha, previous = alpha, list(current)
+    return previous_alpha
 
 
 def interpolate_kl(alphas: Sequence[float], kl: Sequence[float], alpha: float) -> float:
@@ -59,31 +112,20 @@ def interpolate_kl(alphas: Sequence[float], kl: Sequence[float], alpha: float) -
     return points[-1][1]
 
 
-def recommend_alpha(alphas: Sequence[float], kl: Sequence[float], budget: float) -> float:
-    """The largest α whose KL stays within ``budget``: the first crossing of the curve, interpolated in log-log
-    between grid points; below the grid by the α² law through the first point; the largest grid α when the whole
-    curve stays within the budget (the ARM moves its base little, guidance is capped at the measured range)."""
-    points = [(a, max(k, 1e-12)) for a, k in zip(alphas, kl, strict=True) if a > 0]
-    if not points:
-        return 0.0
-    a0, k0 = points[0]
-    if k0 > budget:
-        return a0 * math.sqrt(budget / k0)
-    for (a0, k0), (a1, k1) in zip(points, points[1:], strict=False):
-        if k1 > budget:
-            t = (math.log(budget) - math.log(k0)) / (math.log(k1) - math.log(k0))
-            return math.exp(math.log(a0) + t * (math.log(a1) - math.log(a0)))
-    return points[-1][0]
-
-
 # key (after PREFIX) -> GGUF value kind; the Calibration field is the key with "." as "_"
 FIELDS = {
     "alphas": "f32[]",
     "kl": "f32[]",
     "tokens": "u32[]",
-    "budget": "f32",
+    "distinct_2": "f32[]",
+    "rep_4": "f32[]",
+    "degenerate": "f32[]",
+    "base.distinct_2": "f32",
+    "base.rep_4": "f32",
+    "base.degenerate": "f32",
     "recommended_alpha": "f32",
     "prompts": "u32",
+    "samples": "u32",
     "base.name": "str",
     "base.file": "str",
     "base.sha256": "str",

@@ -1,16 +1,20 @@
-"""Calibration: how far an ARM moves its base, as a function of its weight α, and the α that spends a KL budget.
+"""Calibration: the weight α at which an ARM has the most effect while its text stays as fluent as the base's.
 
-For each α of a grid, continuations of the calibration prompts are sampled from the guided distribution
-p_α ∝ p_base · p_arm^α (generate_batch with the product's default sampling settings), then each continuation is
-scored in one decode per context (Context.decode_outputs): at every position the engine's own mixing gives the
-guided row and the base's normalised row, and
+Continuations of the calibration prompts are sampled from the base alone and from the guided distribution
+p_α ∝ p_base · p_arm^α at α = 0.25, 0.5, … (generate_batch with the product's default sampling settings; 48
+continuations at each α, a prompt continued more than once when there are fewer). The guided text at each α is
+judged against the base's by the fluency measures of evaluation/fluency.py (distinct-2, rep-4, degenerate rate);
+the recommended α is where the first of them leaves its bound (core/arm_metadata.py), interpolated between the
+last grid point inside and the first outside, and the grid stops there. The effect grows with α, so that is the
+strongest weight a reader does not pay for; a KL budget instead reads a sharp ARM's large KL as danger when the
+text is far from the base because it says what the user asked for (README, "Train your own ARM").
+
+Beside it, as a diagnostic, each continuation is scored in one decode per context (Context.decode_outputs): at
+every position the engine's own mixing gives the guided row and the base's normalised row, and
 
     KL(p_α ‖ p_base) = Σ_v p_α(v) · (log p_α(v) − log p_base(v))
 
-is averaged over every sampled token (and the end-of-sequence position when one was sampled). The curve grows from
-0 at α = 0; the recommended α is the largest one whose KL stays within the budget (core/arm_metadata.py). The same
-budget gives every ARM the same strength, whatever scale its training left it at.
-"""
+is averaged over every sampled token (and the end-of-sequence position when one was sampled)."""
 
 from __future__ import annotations
 
@@ -23,15 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.arm_metadata import Calibration, recommend_alpha
+from ..core.arm_metadata import Calibration, recommend_alpha, slack
 from ..core.config import SamplingConfig, option
 from ..core.errors import InputNotFoundError, InvalidOptionError
 
-# Chosen by measurement (README, "The shipped ARMs"): on bench/evaluate.py's held-out prompts the best weights
-# within the fluency bounds were α ≈ 0.6 for the positive ARM and α ≈ 0.5 for the concise one, where their KL
-# curves (on their training prompts) read 0.155 and 0.157 nats/token.
-DEFAULT_BUDGET = 0.16
-DEFAULT_ALPHAS = (0.0625, 0.125, 0.25, 0.5, 0.75, 1.0, 2.0)
+# The grid, walked up to its first point outside a bound. Up to 2, where the default temperature scaling samples
+# at 3·T.
+DEFAULT_ALPHAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 MAX_TOKENS = 511
 
 Prompt = str | Sequence[int]
@@ -53,12 +55,19 @@ class CalibrationConfig:
         "input); default: a built-in set of everyday openings. `train` uses its own training prompts",
         metavar="FILE",
     )
-    budget: float = option(DEFAULT_BUDGET, "KL budget in nats per token: the recommended α moves the base this far")
     alphas: tuple[float, ...] = option(
-        DEFAULT_ALPHAS, "the grid of weights α the KL is measured at (> 0)", nargs="+", type=float, metavar="ALPHA"
+        DEFAULT_ALPHAS,
+        "the grid of weights α (> 0), measured up to the first whose text is less fluent than the base's",
+        nargs="+",
+        type=float,
+        metavar="ALPHA",
     )
-    max_tokens: int = option(24, "tokens sampled per continuation")
-    max_prompts: int = option(16, "at most this many prompts (a seeded random subset of a larger set)")
+    max_tokens: int = option(32, "tokens sampled per continuation")
+    samples: int = option(
+        48,
+        "continuations sampled at each α: as many prompts (a seeded random subset of a larger set), or each "
+        "prompt continued as often when there are fewer",
+    )
     seed: int = option(0, "seed of the prompt subset and the sampling")
     n_threads: int | None = option(None, "CPU threads; default: all cores", flags=("-t", "--threads"))
     write: bool = option(
@@ -116,11 +125,9 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def check_config(config: CalibrationConfig) -> list[float]:
     """The grid, sorted; bad settings refused before anything loads."""
-    if not config.budget > 0:
-        raise InvalidOptionError(f"--budget must be > 0 (nats per token), got {config.budget}")
     if not config.alphas or any(not a > 0 for a in config.alphas):
         raise InvalidOptionError(f"--alphas must be weights > 0, got {config.alphas}")
-    for name in ("max_tokens", "max_prompts"):
+    for name in ("max_tokens", "samples"):
         if getattr(config, name) < 1:
             raise InvalidOptionError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(config, name)}")
     if config.max_tokens > MAX_TOKENS:  # a continuation is scored in one batch
@@ -137,6 +144,13 @@ def subset(prompts: Sequence[Prompt], limit: int, seed: int) -> list[Prompt]:
     return [unique[i] for i in chosen]
 
 
+def continued(prompts: Sequence[Prompt], samples: int, seed: int) -> list[Prompt]:
+    """``samples`` prompts to continue: a subset of that many distinct ones, or each of fewer repeated in turn
+    (generate_batch gives every sequence its own seed, so repeats are different continuations)."""
+    chosen = subset(prompts, samples, seed)
+    return [chosen[i % len(chosen)] for i in range(samples)] if chosen else []
+
+
 @dataclass
 class KLCurve:
     alphas: list[float]
@@ -145,6 +159,7 @@ class KLCurve:
     per_token: list[np.ndarray] = field(default_factory=list)  # every scored position's KL, at each α
     # the sampled continuations at each α: (tokens, whether it ended with end-of-sequence)
     samples: list[list[tuple[list[int], bool]]] = field(default_factory=list)
+    base_samples: list[tuple[list[int], bool]] = field(default_factory=list)  # the base's own, alone
 
 
 def _position_kl(engine, arm: int, alpha: float, rows: int, contexts, guided: np.ndarray, base: np.ndarray):
@@ -178,8 +193,11 @@ def measure_kl(
     max_tokens: int = 24,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    keep_going: Callable[[float, list[tuple[list[int], bool]]], bool] | None = None,
 ) -> KLCurve:
-    """The KL curve of the ARM named ``arm`` of a loaded GuidedModel over ``prompts`` (text or token ids)."""
+    """The KL curve of the ARM named ``arm`` of a loaded GuidedModel over ``prompts`` (text or token ids).
+    ``keep_going(α, samples)`` sees the samples of each α (0 first: the base's) and ends the grid there when it
+    says False; the curve then has the α measured so far."""
     engine = model.engine
     index = next((i for i, a in enumerate(engine.arms) if a.spec.matches(arm)), None)
     if index is None:
@@ -189,7 +207,7 @@ def measure_kl(
         raise InvalidOptionError("calibration needs at least one prompt, and no empty prompt")
     others = {a.name: 0.0 for a in engine.arms if a.name != engine.arms[index].name}
     sampled = []
-    for alpha in alphas:
+    for alpha in [0.0, *alphas]:
         results = model.generate_batch(
             token_prompts, weights={**others, engine.arms[index].name: alpha}, max_tokens=max_tokens, seed=seed
         )
@@ -197,6 +215,10 @@ def measure_kl(
         sampled.append([(r.tokens, r.finish_reason == "stop") for r in results])  # no stop strings here: EOS
         if progress:
             progress(f"sampled {len(results)} continuations at α = {alpha:g}")
+        if keep_going is not None and not keep_going(alpha, sampled[-1]):
+            break
+    base_samples = sampled.pop(0)
+    alphas = list(alphas)[: len(sampled)]
     guided = np.empty(engine.n_vocab, dtype=np.float32)
     base = np.empty(engine.n_vocab, dtype=np.float32)
     per_alpha: list[list[np.ndarray]] = [[] for _ in alphas]
@@ -224,6 +246,7 @@ def measure_kl(
         tokens=[len(k) for k in per_token],
         per_token=per_token,
         samples=sampled,
+        base_samples=base_samples,
     )
 
 
@@ -240,7 +263,7 @@ def calibrate(
     prompts: Sequence[Prompt] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Calibration:
-    """Measure the ARM's KL curve against the base and recommend α for the budget (convert.write_calibration
+    """Measure the ARM's fluency and KL curves against the base and recommend α (convert.write_calibration
     stores the result in the ARM's file). ``prompts`` (text or token ids) override config.prompts."""
     from ..core.api import GuidedModel
     from ..core.config import ArmSpec, LoadConfig
@@ -248,44 +271,68 @@ def calibrate(
     alphas = check_config(config)
     if prompts is None:
         prompts = read_prompts(config.prompts) if config.prompts else list(BUILTIN_PROMPTS)
-    prompts = subset(prompts, config.max_prompts, config.seed)
+    prompts = continued(prompts, config.samples, config.seed)
     if not prompts:
         raise InvalidOptionError("calibration needs at least one prompt")
     spec = ArmSpec.of(config.arm, alpha=1.0)
     load = LoadConfig(base=config.base, arms=(spec,), n_threads=config.n_threads)
     base_path = load.base_path()
+    measured: dict[float, tuple[float, float, float]] = {}  # α -> (distinct-2, rep-4, degenerate rate)
+
+    def keep_going(alpha: float, samples: list[tuple[list[int], bool]]) -> bool:
+        measured[alpha] = distinct_2, rep_4, degenerate = fluency_of(model, samples)
+        return alpha == 0 or min(slack([distinct_2], [rep_4], [degenerate], measured[0.0])[0]) >= 0
+
     with GuidedModel(config=load) as model:
         n_ctx = max(len(model.tokenize(p)) if isinstance(p, str) else len(p) for p in prompts) + config.max_tokens
         if n_ctx > model.engine.n_ctx:
             raise InvalidOptionError(f"a calibration prompt + --max-tokens needs {n_ctx} tokens of context")
-        curve = measure_kl(model, spec.name, prompts, alphas, config.max_tokens, config.seed, progress)
+        curve = measure_kl(model, spec.name, prompts, alphas, config.max_tokens, config.seed, progress, keep_going)
         base_name = model.engine.base_model.meta("general.name") or ""
-    calibration = Calibration(
+    base = measured[0.0]
+    distinct_2, rep_4, degenerate = (tuple(measured[a][k] for a in curve.alphas) for k in range(3))
+    return Calibration(
         alphas=tuple(curve.alphas),
         kl=tuple(curve.kl),
         tokens=tuple(curve.tokens),
-        budget=float(config.budget),
-        recommended_alpha=recommend_alpha(curve.alphas, curve.kl, config.budget),
-        prompts=len(prompts),
+        distinct_2=distinct_2,
+        rep_4=rep_4,
+        degenerate=degenerate,
+        base_distinct_2=base[0],
+        base_rep_4=base[1],
+        base_degenerate=base[2],
+        recommended_alpha=recommend_alpha(curve.alphas, slack(distinct_2, rep_4, degenerate, base)),
+        prompts=len({p if isinstance(p, str) else tuple(p) for p in prompts}),
+        samples=len(prompts),
         base_name=base_name,
         base_file=base_path.name,
         base_sha256=file_sha256(base_path),
         max_tokens=config.max_tokens,
         seed=config.seed,
     )
-    return calibration
+
+
+def fluency_of(model, samples: Sequence[tuple[list[int], bool]]) -> tuple[float, float, float]:
+    """(distinct-2, rep-4, degenerate rate) of sampled continuations (evaluation/fluency.py)."""
+    from .fluency import fluency_summary
+
+    summary = fluency_summary([model.detokenize(tokens) for tokens, _ in samples])
+    return summary["distinct_2"], summary["rep_4"], summary["degenerate"]
 
 
 def curve_lines(calibration: Calibration) -> list[str]:
-    """The calibration as a few lines of text: the KL curve, and the recommended α with what it was measured on."""
-    lines = ["       α   KL (nats/token)   tokens"]
-    below = [a for a in calibration.alphas if a <= calibration.recommended_alpha]
-    for alpha, kl, tokens in zip(calibration.alphas, calibration.kl, calibration.tokens, strict=True):
-        mark = "   ◀ recommended α lies here" if below and alpha == below[-1] else ""
-        lines.append(f"  {alpha:6.3g}   {kl:15.4f}   {tokens:6d}{mark}")
+    """The calibration as a few lines of text: fluency and KL at each α, and the recommended α."""
+    lines = ["       α   distinct-2   rep-4   degenerate   KL (nats/token)",
+             f"  {'base':>6}   {calibration.base_distinct_2:10.3f}   {calibration.base_rep_4:5.3f}   "
+             f"{calibration.base_degenerate:10.3f}"]  # fmt: skip
+    rows = zip(calibration.alphas, calibration.distinct_2, calibration.rep_4, calibration.degenerate,
+               calibration.kl, calibration.fluent(), strict=True)  # fmt: skip
+    for alpha, d2, r4, dg, kl, ok in rows:
+        mark = "" if ok else "   less fluent: the grid stops here"
+        lines.append(f"  {alpha:6.3g}   {d2:10.3f}   {r4:5.3f}   {dg:10.3f}   {kl:15.4f}{mark}")
     lines.append(
-        f"recommended α {calibration.recommended_alpha:.3g}: KL budget {calibration.budget:g} nats/token "
-        f"({calibration.prompts} prompts × {calibration.max_tokens} tokens; base {calibration.base_name or '?'}, "
-        f"{calibration.base_file})"
+        f"recommended α {calibration.recommended_alpha:.3g}: the largest α whose text stays as fluent as the base's "
+        f"({calibration.samples} continuations of {calibration.prompts} prompts × {calibration.max_tokens} tokens; "
+        f"base {calibration.base_name or '?'}, {calibration.base_file})"
     )
     return lines

@@ -133,8 +133,8 @@ def _prepare_output(output: Path, config: TrainConfig) -> None:
     output.mkdir(exist_ok=True)
 
 
-# An ARM whose budget is spent below this weight moves the base far per unit of α: its training overshot.
-EXTREME_ALPHA = 0.1
+# An ARM that moves its base less than this far (KL, nats/token) at the grid's largest α has learned little.
+WEAK_KL = 0.05
 
 
 def _calibrate(config: TrainConfig, export: Path, pairs: list, notify) -> Calibration | None:
@@ -173,14 +173,15 @@ def _show(config: TrainConfig, export: Path, alpha: float, rows: list, pairs: li
 
 def warnings(final: dict[str, float], calibration: Calibration | None) -> list[str]:
     notes = []
-    if calibration is not None and calibration.recommended_alpha < EXTREME_ALPHA:
+    if calibration is not None and not calibration.fluent()[0]:
         notes.append(
-            f"extreme ARM: its KL budget is spent at α = {calibration.recommended_alpha:.3g} (α = 1 moves the base "
-            f"{calibration.kl_at(1.0):.2f} nats/token); train fewer steps or on more varied pairs"
+            f"extreme ARM: its text is less fluent than the base's already at α = {calibration.alphas[0]:g} "
+            f"(recommended α {calibration.recommended_alpha:.3g}); train fewer steps or on more varied pairs"
         )
-    if calibration is not None and calibration.recommended_alpha >= max(calibration.alphas):
+    if calibration is not None and calibration.kl[-1] < WEAK_KL:
         notes.append(
-            f"weak ARM: even α = {max(calibration.alphas):g} stays within the KL budget; it may have learned little"
+            f"weak ARM: even α = {max(calibration.alphas):g} moves the base only {calibration.kl[-1]:.3f} nats/token; "
+            "it may have learned little"
         )
     if final and final.get("accuracy", 1.0) < 0.6:
         notes.append(f"held-out accuracy {final['accuracy']:.2f}: the ARM barely separates the held-out pairs")

@@ -16,9 +16,15 @@ CALIBRATION = Calibration(
     alphas=(0.125, 0.25, 0.5, 1.0),
     kl=(0.01, 0.04, 0.15, 0.5),
     tokens=(100, 101, 102, 103),
-    budget=0.1,
+    distinct_2=(0.8, 0.78, 0.7, 0.6),
+    rep_4=(0.01, 0.0, 0.02, 0.05),
+    degenerate=(0.0, 0.0625, 0.0, 0.125),
+    base_distinct_2=0.81,
+    base_rep_4=0.015,
+    base_degenerate=0.03125,
     recommended_alpha=0.41,
     prompts=4,
+    samples=8,
     base_name="tiny",
     base_file="tiny.gguf",
     base_sha256="ab" * 32,
@@ -28,7 +34,8 @@ CALIBRATION = Calibration(
 
 
 def same_calibration(a: Calibration, b: Calibration) -> bool:
-    floats = ("alphas", "kl", "budget", "recommended_alpha")
+    floats = ("alphas", "kl", "distinct_2", "rep_4", "degenerate", "base_distinct_2", "base_rep_4",
+              "base_degenerate", "recommended_alpha")  # fmt: skip
     exact = all(getattr(a, k) == getattr(b, k) for k in vars(a) if k not in floats)
     return exact and all(np.allclose(getattr(a, k), getattr(b, k), rtol=1e-6) for k in floats)
 

@@ -66,17 +66,31 @@ def test_kl_curve_matches_an_independent_float64_computation(files, hf_model, lo
     assert 0 < curve.kl[0] < curve.kl[1] < curve.kl[2]
 
 
-def test_recommend_alpha():
-    from genarm_local.core.arm_metadata import interpolate_kl, recommend_alpha
+def test_recommend_alpha_is_where_the_first_measure_leaves_its_bound():
+    from genarm_local.core.arm_metadata import recommend_alpha, slack
 
-    alphas = [0.125, 0.25, 0.5, 1.0, 2.0]
-    kl = [0.3 * a**2 for a in alphas]  # a pure α² law: log-log interpolation is exact
-    assert math.isclose(recommend_alpha(alphas, kl, 0.3 * 0.7**2), 0.7, rel_tol=1e-9)
-    assert math.isclose(recommend_alpha(alphas, kl, 0.3 * 0.05**2), 0.05, rel_tol=1e-9)  # below the grid: α² law
-    assert recommend_alpha(alphas, kl, 10.0) == 2.0  # the curve never reaches the budget: capped at the grid
-    assert math.isclose(interpolate_kl(alphas, kl, 0.7), 0.3 * 0.49, rel_tol=1e-9)
-    # a noisy, non-monotone curve: the first crossing counts
-    assert recommend_alpha([0.25, 0.5, 1.0], [0.05, 0.2, 0.15], 0.1) < 0.5
+    alphas = [0.25, 0.5, 1.0, 2.0]
+    base = (0.80, 0.010, 0.03)  # distinct-2, rep-4, degenerate rate of the base's own text
+    # distinct-2's bound is 0.85 × 0.80 = 0.68: inside at 0.5 (0.72), outside at 1 (0.64), crossed at 0.75
+    distinct_2 = [0.78, 0.72, 0.64, 0.50]
+    rep_4 = [0.01, 0.02, 0.03, 0.30]  # inside (≤ 0.06) up to 1
+    degenerate = [0.0, 0.05, 0.13, 0.5]  # inside (≤ 0.13) up to 1
+    fluent = [min(s) >= 0 for s in slack(distinct_2, rep_4, degenerate, base)]
+    assert fluent == [True, True, False, False]
+    assert math.isclose(recommend_alpha(alphas, slack(distinct_2, rep_4, degenerate, base)), 0.75, rel_tol=1e-6)
+    # rep-4 leaves first: 0.02 → 0.10 crosses 0.06 halfway between 0.5 and 1
+    rep_first = [0.01, 0.02, 0.10, 0.30]
+    assert math.isclose(recommend_alpha(alphas, slack(distinct_2, rep_first, degenerate, base)), 0.75, rel_tol=1e-6)
+    rep_first = [0.01, 0.02, 0.14, 0.30]  # crosses a third of the way: before distinct-2 does
+    assert math.isclose(recommend_alpha(alphas, slack(distinct_2, rep_first, degenerate, base)), 2 / 3, rel_tol=1e-6)
+    # outside already at the first grid point: interpolated from the base itself (α = 0, inside every bound)
+    sharp = slack([0.60, 0.5, 0.4, 0.3], rep_4, degenerate, base)  # 0.60/0.80 = 0.75: 0.15 → -0.10
+    assert math.isclose(recommend_alpha(alphas, sharp), 0.25 * 0.15 / 0.25, rel_tol=1e-6)
+    # the first point outside ends the walk, even when a larger α is inside again (noise)
+    noisy = slack([0.78, 0.60, 0.75, 0.75], rep_4, degenerate, base)
+    assert recommend_alpha(alphas, noisy) < 0.5
+    # inside everywhere: the grid's largest (a weak ARM; guidance is capped at the measured range)
+    assert recommend_alpha(alphas, slack([0.8] * 4, [0.01] * 4, [0.03] * 4, base)) == 2.0
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +102,7 @@ def calibrated(files, tmp_path_factory):
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "chosen": " a", "rejected": " b"}) + "\n" for p in PROMPTS))
     result = run_cli(
-        "calibrate", arm, "--base", files["base"], "--prompts", prompts, "--max-tokens", 8, "--budget", 0.05,
+        "calibrate", arm, "--base", files["base"], "--prompts", prompts, "--max-tokens", 8, "--alphas", 0.25, 1, 2,
         "-t", 1, cwd=work, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -97,19 +111,25 @@ def calibrated(files, tmp_path_factory):
 
 def test_calibrate_writes_the_curve_into_the_arm(calibrated, files):
     from genarm_local.core.arm_metadata import read_calibration, recommend_alpha
-    from genarm_local.evaluation.calibration import DEFAULT_ALPHAS, file_sha256
+    from genarm_local.evaluation.calibration import CalibrationConfig, file_sha256
 
     arm, stdout, _ = calibrated
     calibration = read_calibration(arm)
-    assert calibration.alphas == pytest.approx(DEFAULT_ALPHAS)
+    # the grid, walked up to its first point whose text is less fluent than the base's
+    fluent = calibration.fluent()
+    assert calibration.alphas == pytest.approx((0.25, 1.0, 2.0)[: len(fluent)])
+    assert all(fluent[:-1]) and (len(fluent) == 3 or not fluent[-1])
     assert calibration.prompts == len(PROMPTS) and calibration.max_tokens == 8
-    assert all(n > 0 for n in calibration.tokens)
-    assert calibration.budget == pytest.approx(0.05)
-    assert calibration.recommended_alpha == pytest.approx(
-        recommend_alpha(calibration.alphas, calibration.kl, 0.05), rel=1e-6
-    )
+    assert calibration.samples == CalibrationConfig.samples  # each prompt continued several times
+    assert all(n > 0 for n in calibration.tokens) and 0 < calibration.kl[0] <= calibration.kl[-1]
+    for name in ("distinct_2", "rep_4", "degenerate"):
+        values = (*getattr(calibration, name), getattr(calibration, f"base_{name}"))
+        assert len(values) == len(fluent) + 1 and all(0 <= v <= 1 for v in values)
+    assert calibration.recommended_alpha == pytest.approx(recommend_alpha(calibration.alphas, calibration.slack()))
+    assert 0 < calibration.recommended_alpha <= 2
     assert calibration.base_sha256 == file_sha256(files["base"]) and calibration.base_file == files["base"].name
     assert f"recommended α {calibration.recommended_alpha:.3g}:" in stdout
+    assert stdout.count("\n") >= 5 and "base" in stdout  # the base's row, then one row per α
     assert read_calibration(files["adapter"]) is None  # the original was not touched
 
 
@@ -156,8 +176,8 @@ def test_an_empty_prompt_file_fails_and_leaves_the_arm(calibrated, files):
     assert digest(arm) == before
     missing = run_cli("calibrate", arm, "--base", files["base"], "--prompts", work / "nope.txt", cwd=work)
     assert_one_line_error(missing, "nope.txt")
-    bad_budget = run_cli("calibrate", arm, "--base", files["base"], "--budget", "0", cwd=work)
-    assert_one_line_error(bad_budget, "--budget")
+    bad_alphas = run_cli("calibrate", arm, "--base", files["base"], "--alphas", "0", "1", cwd=work)
+    assert_one_line_error(bad_alphas, "--alphas")
     assert digest(arm) == before
 
 
@@ -168,8 +188,9 @@ def test_chat_shows_the_recommended_alpha_and_its_kl(calibrated, files):
     calibration = read_calibration(arm)
     result = run_cli("chat", "-m", files["base"], "--arm", arm, "--verbose", "-t", 1, cwd=work, input="/weights\n")
     assert result.returncode == 0, result.stderr
-    recommended = f"recommended α={calibration.recommended_alpha:.3g} (KL {calibration.budget:g})"
-    # --verbose at the start and /weights: the ARM runs at its recommended α, which spends the budget
+    recommended = f"recommended α={calibration.recommended_alpha:.3g} (the largest as fluent as the base)"
+    # --verbose at the start and /weights: the ARM runs at its recommended α, and the KL there is the curve's
     shown = [line for line in result.stderr.splitlines() if recommended in line]
     assert len(shown) == 2, result.stderr
-    assert f"arm: α={calibration.recommended_alpha:.3g}, KL {calibration.budget:.3g} nats/token" in shown[0]
+    alpha = calibration.recommended_alpha
+    assert f"arm: α={alpha:.3g}, KL {calibration.kl_at(alpha):.3g} nats/token" in shown[0]
