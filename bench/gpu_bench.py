@@ -1,6 +1,6 @@
 """Issue 23's measurements on a lent CUDA machine: batch-cost curves and guided speed with every layer on the GPU.
 
-Here, once (stages what the machine cannot download into .gpu/, about 45 MiB, ignored by git):
+Here, once (stages what the machine cannot download into .gpu/, about 10 MiB, ignored by git):
     python bench/gpu_bench.py prepare [--sdist llama_cpp_python-0.3.36.tar.gz]
 There, through the device tool (carry [".gpu"]; python3 is the machine's own, with torch and transformers):
     python3 bench/gpu_bench.py run --out $OUT
