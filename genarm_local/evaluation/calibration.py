@@ -2,8 +2,9 @@
 
 Continuations of the calibration prompts are sampled from the base alone and from the guided distribution
 p_α ∝ p_base · p_arm^α at α = 0.25, 0.5, … (generate_batch with the product's default sampling settings; 48
-continuations at each α, a prompt continued more than once when there are fewer). The guided text at each α is
-judged against the base's by the fluency measures of evaluation/fluency.py (distinct-2, rep-4, degenerate rate);
+continuations at each α, a prompt continued more than once when there are fewer). The guided text at each α, as
+far as a reader gets it (a chat reply up to the next speaker's label, where chat stops), is judged against the
+base's by the fluency measures of evaluation/fluency.py (distinct-2, rep-4, degenerate rate);
 the recommended α is where the first of them leaves its bound (core/arm_metadata.py), interpolated between the
 last grid point inside and the first outside, and the grid stops there. The effect grows with α, so that is the
 strongest weight a reader does not pay for; a KL budget instead reads a sharp ARM's large KL as danger when the
@@ -280,10 +281,11 @@ def calibrate(
     measured: dict[float, tuple[float, float, float]] = {}  # α -> (distinct-2, rep-4, degenerate rate)
 
     def keep_going(alpha: float, samples: list[tuple[list[int], bool]]) -> bool:
-        measured[alpha] = distinct_2, rep_4, degenerate = fluency_of(model, samples)
+        measured[alpha] = distinct_2, rep_4, degenerate = fluency_of(model, samples, texts)
         return alpha == 0 or min(slack([distinct_2], [rep_4], [degenerate], measured[0.0])[0]) >= 0
 
     with GuidedModel(config=load) as model:
+        texts = [p if isinstance(p, str) else model.detokenize(p) for p in prompts]
         n_ctx = max(len(model.tokenize(p)) if isinstance(p, str) else len(p) for p in prompts) + config.max_tokens
         if n_ctx > model.engine.n_ctx:
             raise InvalidOptionError(f"a calibration prompt + --max-tokens needs {n_ctx} tokens of context")
@@ -312,11 +314,13 @@ def calibrate(
     )
 
 
-def fluency_of(model, samples: Sequence[tuple[list[int], bool]]) -> tuple[float, float, float]:
-    """(distinct-2, rep-4, degenerate rate) of sampled continuations (evaluation/fluency.py)."""
-    from .fluency import fluency_summary
+def fluency_of(model, samples: Sequence[tuple[list[int], bool]], prompts: Sequence[str]) -> tuple[float, float, float]:
+    """(distinct-2, rep-4, degenerate rate) of sampled continuations of ``prompts``, each judged as far as a reader
+    gets it (fluency.reply: a chat reply ends at the next speaker's label, as chat stops it)."""
+    from .fluency import fluency_summary, reply
 
-    summary = fluency_summary([model.detokenize(tokens) for tokens, _ in samples])
+    texts = [reply(model.detokenize(tokens), prompt) for (tokens, _), prompt in zip(samples, prompts, strict=True)]
+    summary = fluency_summary(texts)
     return summary["distinct_2"], summary["rep_4"], summary["degenerate"]
 
 

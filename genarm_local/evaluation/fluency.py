@@ -159,6 +159,20 @@ def _prompt_tail(prompt: str) -> str:
     return "" if SPEAKER_LABEL.match(tail) else tail
 
 
+def reply(text: str, prompt: str) -> str:
+    """What a reader gets of a continuation of ``prompt``: after a transcript that ends in a speaker's label
+    ("User: …\nAssistant:"), the reply up to the next line opening with a label, where chat stops
+    (SamplingConfig.stop_at_turns); any other continuation whole. Cutting a sample where the product stops
+    it leaves the text it shows with the same distribution."""
+    from ..core.text import TURN_LABEL
+
+    last_line = prompt.rsplit("\n", 1)[-1]
+    if not SPEAKER_LABEL.match(last_line):
+        return text
+    label = TURN_LABEL.search(text)
+    return text[: label.start()] if label else text
+
+
 def finished_sentences(text: str, prompt: str = "") -> list[str]:
     """The sentences the continuation ``text`` finishes, the first one including the prompt's unfinished tail;
     a last sentence left unfinished (cut at a length limit) is not one."""

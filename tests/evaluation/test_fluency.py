@@ -142,3 +142,15 @@ def test_fluency_summary():
     # ("I love", "love it!", "it! I"); "lovely. It." has 1 -> 4 of 9
     assert summary["distinct_2"] == pytest.approx(4 / 9)
     assert summary["markup_spam"] == 0.0 and summary["script_switch"] == 0.0 and summary["repeated_lines"] == 0.0
+
+
+def test_reply_is_what_chat_shows_of_a_transcript_continuation():
+    from genarm_local.evaluation.fluency import reply
+
+    transcript = "User: How fast is light?\nAssistant:"
+    # the base writes on past its turn; chat stops at the next speaker's label, whoever it is
+    assert reply(" Very fast.\nUser: How fast?\nAssistant: Very fast.", transcript) == " Very fast."
+    assert reply(" It depends.\n\nStudent: Why?", transcript) == " It depends.\n"
+    assert reply(" Fast, about 300,000 km/s. Note: roughly.", transcript) == " Fast, about 300,000 km/s. Note: roughly."
+    # a plain continuation is judged whole, labels and all
+    assert reply(" was late.\nUser: hi", "The train") == " was late.\nUser: hi"
