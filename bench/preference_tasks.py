@@ -1,5 +1,5 @@
 """Small saturating preference tasks for ARM training experiments (bench/train_experiments.py, the README's
-"Train your own ARM"): a few dozen TRL pairs whose chosen and rejected responses differ by one easy feature, the
+"Your own preference"): a few dozen TRL pairs whose chosen and rejected responses differ by one easy feature, the
 kind of data a user brings, and held-out prompts with a judge that tells whether a continuation shows the feature.
 
     sky   — prompts end at "the sky"; chosen: "... turned orange and pink", rejected: "... changed" (the data of

@@ -1,6 +1,6 @@
 """Train an ARM on a small saturating preference task (bench/preference_tasks.py) and measure guided generation on
 the task's held-out prompts: the preferred feature's rate, distinct-2 and rep-4 at each weight α, the base's at
-α = 0. The experiments behind the training defaults (README, "Train your own ARM").
+α = 0. The experiments behind the training defaults (README, "Your own preference").
 
     python bench/train_experiments.py --task sky --name paper-e2b4 --train epochs=2 batch_size=4 \
         --alphas 0 1 recommended --out docs/train_experiments.json

@@ -58,7 +58,7 @@ class TrainConfig:
         "conservative (cDPO) label smoothing ε of the loss, −(1−ε)·log σ(z) − ε·log σ(−z): its optimum margin "
         "z = log((1−ε)/ε) is finite, so steps past saturation do not inflate the ARM's scale (0: the paper's loss)",
     )
-    # On by default, by measurement (README, "Train your own ARM"): without it the tests' marker task (accuracy
+    # On by default, by measurement (README, "Your own preference"): without it the tests' marker task (accuracy
     # 0.975 either way) raised the marker's share of guided samples at α = 2 from 0 to 0.21 only, the ARM's top
     # token being a comma no response has; with λ = 0.1, to 0.875. On a saturating task (2 epochs at batch 4)
     # distinct-2 at α = 1 went from 0.009 to 0.37.

@@ -7,7 +7,7 @@ reward, with no reference model:
     L = − log σ( β · ( log π_r(y_w|x) − log π_r(y_l|x) ) − γ ),   log π_r(y|x) = Σ_t log π_r(y_t | x, y_<t)
 
 summed over response tokens only. Two additions keep an ARM trained on a small, easy preference set from
-overshooting (bench/train_experiments.py measures them; README, "Train your own ARM"): conservative label smoothing
+overshooting (bench/train_experiments.py measures them; README, "Your own preference"): conservative label smoothing
 in ``genarm_loss`` and a likelihood anchor on chosen responses (``anchor_penalty``).
 """
 
