@@ -36,7 +36,7 @@ function buildSliders(arms) {
     const label = document.createElement("label");
     const output = document.createElement("output");
     const input = document.createElement("input");
-    // step 0.01: an ARM's recommended α (e.g. 0.77) is shown and sent as it is, not rounded to a coarser step
+    // step 0.01: an ARM's recommended α (e.g. 0.68) is shown and sent as it is, not rounded to a coarser step
     Object.assign(input, { type: "range", min: -3, max: 3, step: 0.01, value: alpha, id: `arm-${name}` });
     input.dataset.arm = name;
     label.htmlFor = input.id;
