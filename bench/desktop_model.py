@@ -45,7 +45,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from fixture_models import CHAT_TEMPLATE, CONFIG_CLASSES, DATA, QWEN2_SPLIT, SPECIALS  # noqa: E402
+from fixture_models import CONFIG_CLASSES, build_tokenizer  # noqa: E402
 
 # name -> (HF class, vocabulary rows, config kwargs): the published configs' shapes.
 SHAPES = {
@@ -109,30 +109,8 @@ def output_paths(out: Path, shape: str) -> tuple[Path, Path]:
 
 
 def fixture_tokenizer(out: Path):
-    """The test fixtures' tokenizer (tests/conftest.py tokenizer_dir): byte-level BPE with the qwen2 pre-tokenizer
-    regex, trained on tests/data/corpus.txt (deterministic: same corpus, same merges), saved to ``out``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train([str(DATA / "corpus.txt")], trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
-    )
-    fast.chat_template = CHAT_TEMPLATE
+    """The test fixtures' tokenizer (tests/fixture_models.build_tokenizer), saved to ``out``."""
+    fast = build_tokenizer()
     fast.save_pretrained(out)
     return fast
 

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from fixture_models import CHAT_TEMPLATE, COMMON, CONFIG_CLASSES, DATA, MODEL_SPECS, QWEN2_SPLIT, SPECIALS  # noqa: E402
+from fixture_models import COMMON, CONFIG_CLASSES, DATA, MODEL_SPECS, build_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,28 +29,8 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(workdir) -> Path:
     """Byte-level BPE (qwen2 pre-tokenizer regex) trained on the test corpus, saved as an HF fast tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    # BPE training is deterministic: same corpus, same merges.
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train([str(DATA / "corpus.txt")], trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
-    )
-    fast.chat_template = CHAT_TEMPLATE
     out = workdir / "tokenizer"
-    fast.save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
     return out
 
 
