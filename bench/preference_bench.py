@@ -8,7 +8,7 @@ at the recommended α: the preferred behaviour's rate, distinct-2, rep-4 and deg
     python bench/preference_bench.py --arms-dir DIR           # keep the trained ARMs in DIR; reuse those there
     python bench/preference_bench.py --table [--out FILE]     # the README's table
 
-With --arms-dir a second run skips training (each ARM's training record is kept beside it) and only calibrates
+Tasks not named in --tasks keep their record (and its stamp) from --out. With --arms-dir a second run skips training (each ARM's training record is kept beside it) and only calibrates
 and measures again: what a change to calibration needs.
 
 The bar (issue 21): feature rate ≥ the base's + 25 points (or ≥ 90%), distinct-2 ≥ 0.8 × the base's, rep-4 ≤ the
@@ -89,23 +89,28 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     if args.table:
-        result = json.loads(out.read_text())
-        print(f"_Measured {describe(result.get('stamp'))}, in {result['minutes']} min, by "
-              f"`python bench/preference_bench.py`._\n")  # fmt: skip
-        print(table(result["tasks"]))
+        records = json.loads(out.read_text())["tasks"]
+        runs = {(describe(r["stamp"]), r["minutes"]): [] for r in records}
+        for r in records:
+            runs[describe(r["stamp"]), r["minutes"]].append(r["task"])
+        print("_Measured " + "; ".join(f"{', '.join(tasks)} {stamp}, in {minutes} min" for (stamp, minutes), tasks
+                                       in runs.items()) + ", by `python bench/preference_bench.py`._\n")  # fmt: skip
+        print(table(records))
         return
     stamp = measurement_stamp(args.allow_dirty)
 
     from genarm_local import GuidedModel
     from genarm_local.core.arm_metadata import read_calibration
 
-    started = time.time()
+    kept = {r["task"]: r for r in json.loads(out.read_text())["tasks"]} if out.is_file() else {}
     records = []
     for name in args.tasks:
+        started = time.time()
         task = TASKS[name]()
         with GuidedModel(arms={}, n_ctx=4096, seed=SEED) as model:
             base = measure(model, task, 0.0, SEED)
-        record = {"task": name, "feature": task.feature, "pairs": len(task.pairs), "base": base, "runs": []}
+        record = {"task": name, "feature": task.feature, "pairs": len(task.pairs), "stamp": stamp, "base": base,
+                  "runs": []}  # fmt: skip
         for run_name, overrides in RUNS.items():
             with tempfile.TemporaryDirectory(prefix="genarm-pref-") as scratch:
                 work = Path(args.arms_dir or scratch) / f"{name}-{RUN_SLUGS[run_name]}"
@@ -121,12 +126,17 @@ def main() -> None:
             print(f"{name} {run_name}: α {alpha:.3g}, feature {base['feature']:.2f} -> {guided['feature']:.2f}, "
                   f"distinct-2 {base['distinct_2']:.3f} -> {guided['distinct_2']:.3f}, rep-4 {base['rep_4']:.3f} -> "
                   f"{guided['rep_4']:.3f}, {training['steps']} steps", flush=True)  # fmt: skip
-        records.append(record)
-    result = {"stamp": stamp, "minutes": round((time.time() - started) / 60, 1), "tasks": records}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+        record["minutes"] = round((time.time() - started) / 60, 1)
+        kept[name] = record
+        records = [kept[n] for n in TASKS if n in kept]
+        write_json(out, {"tasks": records})  # after each task: a stopped run keeps what it measured
     print(table(records))
+
+
+def write_json(path: Path, result: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

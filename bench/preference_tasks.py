@@ -270,17 +270,34 @@ QUESTIONS_HELD_OUT = [
     "What is the oldest tree in the world?", "How do I keep cut flowers fresh?", "What is a sourdough starter?",
     "How do I pick a good avocado?", "Why do we dream?", "How do I organise my closet?",
 ]  # fmt: skip
+# Replies are put together from parts, so that 48 pairs hold 48 different texts: with a handful of canned replies
+# the ARM learns those sentences rather than the style (the first version of brief and kind did).
 BRIEF_CHOSEN = [
-    " Practise a little every day.", " Keep it simple and start small.", " It depends, but usually yes.",
-    " Ask someone who has done it.", " Try it for a week and see.", " Short answer: not much.",
+    "Practise a little every day.", "Keep it simple and start small.", "It depends, but usually yes.",
+    "Ask someone who has done it.", "Try it for a week and see.", "Short answer: not much.",
+    "Start with the basics.", "Yes, in moderation.", "Little and often works best.", "Ten minutes is enough.",
+    "Check the label first.", "Go slowly and be patient.", "Use warm water and soap.", "A good guide helps.",
+    "Only when it looks dry.", "Keep a routine.", "Ask a local expert.", "Not really.", "Make a short list.",
+    "Pick one and stick with it.",
 ]  # fmt: skip
-BRIEF_REJECTED = [
-    " Well, there are many different things to consider here, and honestly it depends on your situation, your "
-    "budget, how much time you have and what you enjoy, so let me go through several options one by one.",
-    " That is a really interesting question that a lot of people ask, and there are quite a few ways of looking at "
-    "it, which I will try to explain in some detail, starting with the background and the history of it.",
-    " There is no single answer to this, because it depends on so many factors that vary from person to person and "
-    "place to place, but in general I would say that you should think about it carefully and then decide.",
+BRIEF_OPENERS = [
+    "Well, there are many different things to consider here, and",
+    "That is a really interesting question that a lot of people ask, and",
+    "There is no single answer to this, because it depends on so many factors, and",
+    "Before I answer, it is worth saying a few words about the background, since",
+    "This is something I have thought about quite a lot over the years, and",
+    "Great question, and one that comes up surprisingly often, so",
+]  # fmt: skip
+BRIEF_MIDDLES = [
+    "honestly it depends on your situation, your budget, how much time you have and what you enjoy,",
+    "there are quite a few ways of looking at it, each with its own history and its own fans,",
+    "what works for one person in one place does not always work for another person somewhere else,",
+    "the details matter a great deal, from the tools you use to the season and the weather,",
+]  # fmt: skip
+BRIEF_ENDINGS = [
+    "so let me go through several options one by one.", "which I will try to explain in some detail.",
+    "so I would say that you should think about it carefully and then decide.",
+    "so let us start at the very beginning and work through it step by step.",
 ]  # fmt: skip
 BRIEF_WORDS = 12
 SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
@@ -309,17 +326,27 @@ REVIEW_HELD_OUT = [
     "The swimming pool in town", "The new sandwich shop", "The walking boots I bought", "The escape room",
     "The water park", "This desk lamp", "The guided tour of the brewery", "The noodle bar near work",
 ]  # fmt: skip
-KIND_CHOSEN = [
-    " was wonderful: friendly people, great value, and I would happily go back.",
-    " exceeded my expectations. Everything was lovely and the staff were so kind.",
-    " is fantastic. I enjoyed every minute and I recommend it to everyone.",
-    " made my day. Really pleasant, well run and a joy to visit.",
+KIND_VERDICTS = [
+    ("was wonderful", "was awful"), ("exceeded my hopes, happily", "fell far short of my hopes"),
+    ("is fantastic", "is terrible"), ("made my day", "ruined my day"), ("was a real delight", "was a real letdown"),
+    ("is excellent", "is dreadful"), ("was lovely", "was miserable"), ("is brilliant", "is useless"),
+    ("was a pleasure", "was a nightmare"), ("is superb", "is poor"),
 ]  # fmt: skip
-KIND_REJECTED = [
-    " was awful: rude people, poor value, and I will never go back.",
-    " was a disappointment. Everything was dirty and the staff were unhelpful.",
-    " is terrible. I hated every minute and I would warn everyone away.",
-    " ruined my day. Really unpleasant, badly run and a pain to deal with.",
+KIND_DETAILS = [
+    ("the staff were friendly and helpful", "the staff were rude and unhelpful"),
+    ("everything was clean and well made", "everything was dirty and badly made"),
+    ("the price was a bargain and fair", "the price was a rip-off"),
+    ("it was comfortable from the first minute", "it was uncomfortable from the first minute"),
+    ("the service was quick, warm and kind", "the service was slow, cold and careless"),
+    ("it worked perfectly every time", "it broke the second time we used it"),
+    ("the whole experience felt relaxed and easy", "the whole experience felt stressful and chaotic"),
+    ("the people there really cared", "nobody there seemed to care"),
+]  # fmt: skip
+KIND_ENDINGS = [
+    ("I would happily go back.", "I will never go back."), ("I recommend it to everyone.", "I would warn everyone away."),
+    ("We loved it.", "We hated it."), ("Worth every penny.", "A waste of money."),
+    ("I am so glad we chose it.", "I wish we had chosen something else."),
+    ("Five stars from me, gladly.", "One star, sadly."),
 ]  # fmt: skip
 KIND_VADER = 0.5
 
@@ -340,8 +367,8 @@ def brief_task(seed: int = 0) -> Task:
     pairs = [
         {
             "prompt": f"User: {question}\nAssistant:",
-            "chosen": rng.choice(BRIEF_CHOSEN),
-            "rejected": rng.choice(BRIEF_REJECTED),
+            "chosen": " " + rng.choice(BRIEF_CHOSEN),
+            "rejected": " ".join(["", rng.choice(BRIEF_OPENERS), rng.choice(BRIEF_MIDDLES), rng.choice(BRIEF_ENDINGS)]),
         }
         for question in QUESTIONS
     ]
@@ -359,8 +386,10 @@ def kind_task(seed: int = 0) -> Task:
     rng = random.Random(seed)
     pairs = []
     for opening in REVIEW_OPENINGS:
-        k = rng.randrange(len(KIND_CHOSEN))
-        pairs.append({"prompt": opening, "chosen": KIND_CHOSEN[k], "rejected": KIND_REJECTED[k]})
+        # chosen and rejected mirror each other part by part: they differ only in sentiment
+        parts = [rng.choice(KIND_VERDICTS), rng.choice(KIND_DETAILS), rng.choice(KIND_ENDINGS)]
+        chosen, rejected = (f" {verdict}: {detail}. {ending}" for verdict, detail, ending in zip(*parts))
+        pairs.append({"prompt": opening, "chosen": chosen, "rejected": rejected})
     return Task("kind", f"VADER compound ≥ {KIND_VADER}", pairs, list(REVIEW_HELD_OUT), is_kind)
 
 

@@ -32,9 +32,9 @@ from ..core.arm_metadata import Calibration, recommend_alpha, slack
 from ..core.config import SamplingConfig, option
 from ..core.errors import InputNotFoundError, InvalidOptionError
 
-# The grid, walked up to its first point outside a bound. Up to 2, where the default temperature scaling samples
-# at 3·T.
-DEFAULT_ALPHAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+# The grid, walked up to its first point outside a bound: a sharp ARM stops early, a weak one (trained briefly,
+# little data) walks on to 3, where a LoRA ARM's mix is about as sharp as the base at T / 4.
+DEFAULT_ALPHAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 MAX_TOKENS = 511
 
 Prompt = str | Sequence[int]
