@@ -320,6 +320,13 @@ class LoadConfig:
         "decode the base and ARM contexts on parallel threads, each with its share of -t (auto: on the CPU when "
         "every context gets a thread)",
     )
+    draft_max: int = option(
+        0,
+        "speculative guided decoding: the base drafts up to N tokens alone and each ARM checks them in one batch; "
+        "a draft is kept with probability min(1, p_guided/p_draft), so the text follows the same guided "
+        "distribution (a given seed gives other text than without); 0: off",
+        flags=("--draft-max", "--draft", "--draft-n"),
+    )
     chat_template: str | None = option(
         None,
         "chat template: a name (plain, or one of llama.cpp's built-ins such as chatml, gemma, llama3) or a Jinja "
@@ -338,6 +345,7 @@ class LoadConfig:
             "n_parallel": self.n_parallel >= 1,
             "n_gpu_layers": self.n_gpu_layers >= -1,
             "n_threads": self.n_threads is None or self.n_threads >= 1,
+            "draft_max": 0 <= self.draft_max <= 64,
         }
         for name, ok in checks.items():
             if not ok:

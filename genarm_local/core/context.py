@@ -66,8 +66,10 @@ class Context:
         # Single-sequence use (decode, decode_outputs, logits_all): the tokens whose keys and values sit in the cache
         # of sequence 0, in order, which decode_outputs' prefix reuse compares.
         self.tokens: list[int] = []
-        # Tokens pushed through llama_decode since creation: how tests see what was decoded.
+        # Tokens pushed through llama_decode since creation, and how many calls: how tests and benches see what was
+        # decoded.
         self.n_decoded = 0
+        self.n_calls = 0
 
     @property
     def ptr(self):
@@ -145,6 +147,7 @@ class Context:
         with sync/decode on the same context)."""
         self._check(lc.llama_decode(self._ptr, batch.batch))
         self.n_decoded += batch.batch.n_tokens
+        self.n_calls += 1
 
     def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
         """Threads for single-token decode and for batches (by default batches keep theirs)."""

@@ -19,6 +19,17 @@ clock. What a row computes depends on the others only where llama.cpp makes it s
 (CPU, default settings), a row's logits are bit-identical alone and among any others, except that llama.cpp's
 flash attention splits a lone row's keys across threads once its cache passes 256 cells, which rounds differently.
 
+Speculation (LoadConfig.draft_max = k > 0, for a sampling job with an ARM at α ≠ 0): in step 3 the base decodes the
+newest token and then drafts k tokens alone, one decode each, from the guided formula with every ARM replaced by the
+base (base · Π base^α: what an ARM that agrees with the base would give), through the job's sampling options; each ARM
+decodes the newest token and the k drafts in one batch; then, position by position, a draft is kept with probability
+min(1, p/q) (p: the guided distribution there, q: the draft's, both after the job's sampling options, grammar and
+penalties at that point of the text) and the first one refused is replaced by a draw from max(0, p − q), normalised;
+when all k are kept, one more token is drawn from p after them (Leviathan et al. 2023; Chen et al. 2023). The tokens
+so emitted follow the guided distribution exactly. Refused drafts leave every cache (llama_memory_seq_rm). Such a job
+draws with a generator of its own, seeded from its seed, rather than llama.cpp's dist sampler, so a seed gives the
+same text on every run, but not the text it gives without speculation.
+
 Prompts. A prompt's tokens but the last are decoded in chunks that start at multiples of PREFILL_CHUNK, each chunk of
 one sequence alone, and the last token with the job's first step. llama.cpp's numbers depend on how a sequence's
 tokens were grouped into decodes (the same prefix decoded as 8 + 72 or as 10 × 8 tokens differs by up to 1 in a
@@ -118,12 +129,20 @@ class _Running:
     job: Job
     contexts: list[int]
     active: list[tuple[Arm, float]]
-    chain: SamplerChain | None
+    chain: SamplerChain | None  # built with picks=False when the job speculates
     text: StopText
     logprob_scale: float
+    draft_max: int = 0  # speculation: up to this many drafted tokens a step; 0: one token a step
+    rng: np.random.Generator | None = None  # a speculating job's draws
     next_token: int = 0
     generated: int = 0
     started: float = 0.0
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """A token drawn from the (unnormalised, non-negative) weights ``probs``."""
+    cumulative = np.cumsum(probs)
+    return int(min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), len(probs) - 1))
 
 
 class Cancelled(Exception):
@@ -173,6 +192,7 @@ class Scheduler:
         self._clock = 0
         self._scratch = np.empty(engine.n_vocab, dtype=np.float32)  # reported log-probs
         self.waiting: deque[Job] = deque()
+        self.drafted = self.refused = 0  # speculation: drafts checked, and of those refused (an acceptance rate)
         self.stopping = threading.Event()  # set by the engine when it closes: a long prefill stops between chunks
         try:
             self._context(0)  # a base context that cannot be created fails here, not in the first request
@@ -224,14 +244,19 @@ class Scheduler:
         running = [(slot, state) for slot, state in enumerate(self._slots) if state is not None]
         if not running:
             return events
-        rows = self._decode(running, events)
-        if rows is None:  # a decode failed: every running job has failed
-            return events
-        for slot, state in running:
-            event = self._sample(slot, state, rows)
-            events.append((state.job, event))
-            if event.finish_reason:
-                self._free(slot)
+        plain = [(slot, state) for slot, state in running if not state.draft_max]
+        if plain:
+            rows = self._decode(plain, events)
+            if rows is None:  # a decode failed: every running job has failed
+                return events
+            for slot, state in plain:
+                event = self._sample(slot, state, rows)
+                events.append((state.job, event))
+                if event.finish_reason:
+                    self._free(slot)
+        speculating = [(slot, state) for slot, state in running if state.draft_max and self._slots[slot] is state]
+        if speculating:
+            self._speculate(speculating, events)
         return events
 
     def cancel_all(self, reason: GenArmError | None = None) -> list[tuple[Job, Event]]:
@@ -307,13 +332,18 @@ class Scheduler:
         for index in contexts:
             self._context(index)
         config = job.config
-        chain = None
+        chain, rng = None, None
+        draft_max = engine.config.draft_max if job.logprobs_into is None and active else 0
         if job.logprobs_into is None:
             scale = engine.temperature_factor(config, active)
-            chain = SamplerChain(config, engine.base_model, scale, history=job.tokens, n_ctx=self.n_ctx)
+            chain = SamplerChain(
+                config, engine.base_model, scale, history=job.tokens, n_ctx=self.n_ctx, picks=not draft_max
+            )
+            if draft_max:
+                rng = np.random.default_rng(config.seed)
         logprob_scale = 1.0 / engine.normalizer([alpha for _, alpha in active]) if config.normalized else 1.0
         text = StopText(engine.base_model.token_bytes, config.stop, config.stop_at_turns)
-        return _Running(job, contexts, active, chain, text, logprob_scale)
+        return _Running(job, contexts, active, chain, text, logprob_scale, draft_max, rng)
 
     def _pick_slot(self, tokens: Sequence[int]) -> int:
         """The free slot whose base cache keeps the most of this prompt; among equals the least recently used."""
@@ -414,33 +444,166 @@ class Scheduler:
             token = state.chain.sample(base, row)
             event = Event(token)
             if config.logprobs is not None:
-                event.logprob, event.top_logprobs = self._logprobs(base, row, token, config.logprobs, state)
+                event.logprob, event.top_logprobs = self._logprobs(base.logits_address(row), token, state)
         except GenArmError as exc:
             return Event(finish_reason="error", error=exc)
+        return self._emit(state, event, len(self._cached[0][slot]))
+
+    def _emit(self, state: _Running, event: Event, n_cached: int) -> Event:
+        """The job's ``event`` for its sampled token, with the text it completes and whether the job ends there
+        (end of generation, a stop string, max_tokens, or ``n_cached`` tokens before it filling the context)."""
+        job, token = state.job, event.token
         state.generated += 1
         job.timings.generated_tokens = state.generated
         job.timings.generation_s = time.perf_counter() - state.started
         state.next_token = token
-        if engine.base_model.is_eog(token):
-            return Event(text=state.text.flush(), finish_reason="stop")
+        if self.engine.base_model.is_eog(token):
+            event.text, event.finish_reason = state.text.flush(), "stop"
+            return event
         event.text, stopped = state.text.push(token)
         if stopped:
             event.finish_reason = "stop"
-        elif state.generated == config.max_tokens or len(self._cached[0][slot]) >= self.n_ctx:
+        elif state.generated == job.config.max_tokens or n_cached >= self.n_ctx:
             event.text += state.text.flush()
             event.finish_reason = "length"
         return event
 
-    def _logprobs(self, base: Context, row: int, token: int, top_n: int, state: _Running):
+    def _logprobs(self, row, token: int, state: _Running):
         """The sampled token's log-prob under the guided distribution (before penalties and temperature) and the
-        top_n alternatives."""
-        values = self._scratch
-        log_softmax(values, base.logits_address(row), n_vocab=self.engine.n_vocab, scale=state.logprob_scale)
+        top_n alternatives, from the guided logits ``row`` (an address or an array)."""
+        values, top_n = self._scratch, state.job.config.logprobs
+        log_softmax(values, row, n_vocab=self.engine.n_vocab, scale=state.logprob_scale)
         top: dict[int, float] = {}
         if top_n:
             best = np.argpartition(values, -top_n)[-top_n:]
             top = {int(t): float(values[t]) for t in best[np.argsort(values[best])[::-1]]}
         return float(values[token]), top
+
+    # ---- 3, 4, 5 for speculating jobs (module docstring) -------------------------------------------------------------
+
+    def _speculate(self, running: list[tuple[int, _Running]], events: list) -> None:
+        """One speculative round for each of these jobs: draft in the base, check in every ARM, keep or replace."""
+        drafts: dict[int, list[int]] = {}
+        base_rows: dict[int, list[np.ndarray]] = {}
+        draft_probs: dict[int, list[np.ndarray]] = {}
+        try:
+            self._draft(running, drafts, base_rows, draft_probs)
+            arm_rows = self._check_drafts(running, drafts)
+        except GenArmError as exc:  # the caches are in an unknown state: these jobs fail, as in _decode
+            for slot, state in running:
+                events.append((state.job, Event(finish_reason="error", error=exc)))
+                self._free(slot)
+            self.reset()
+            return
+        for slot, state in running:
+            start = len(self._cached[0][slot]) - len(drafts[slot]) - 1  # where this round's first token went
+            kept = 0
+            for position, row in enumerate(base_rows[slot]):
+                try:
+                    event, drafted = self._verify(slot, state, position, row, arm_rows, drafts[slot], draft_probs[slot])
+                except GenArmError as exc:
+                    event, drafted = Event(finish_reason="error", error=exc), False
+                if event.finish_reason != "error":
+                    event = self._emit(state, event, start + position + 1)
+                events.append((state.job, event))
+                if position < len(drafts[slot]) and event.finish_reason != "error":
+                    self.drafted += 1
+                    self.refused += not drafted
+                kept = position + 1  # the round's first token and the drafts kept before this one stay cached
+                if event.finish_reason or not drafted:
+                    break
+            for index in state.contexts:  # refused drafts leave every cache
+                cached = self._cached[index][slot]
+                if len(cached) > start + kept:
+                    if not self._contexts[index].truncate(slot, start + kept):
+                        self._forget(slot, state.contexts)
+                        events.append((state.job, Event(finish_reason="error",
+                                                        error=GenArmError("llama.cpp could not drop refused drafts"))))
+                        break
+                    del cached[start + kept :]
+            if events[-1][1].finish_reason:
+                self._free(slot)
+
+    def _draft(self, running, drafts: dict, base_rows: dict, draft_probs: dict) -> None:
+        """Decode each job's newest token in the base, then draft its tokens one decode at a time; keep a copy of
+        every base row (the ARMs' check mixes them) and each draft's distribution."""
+        base, batch = self._contexts[0], self._batches[0]
+        limits, drafters = {}, {}
+        for slot, state in running:
+            room = self.n_ctx - len(self._cached[0][slot]) - 1  # the newest token and the drafts must fit
+            left = (state.job.config.max_tokens or 1 << 30) - state.generated - 1  # the round emits up to k + 1
+            limits[slot] = max(0, min(state.draft_max, room, left))
+            drafts[slot], base_rows[slot], draft_probs[slot] = [], [], []
+            drafters[slot] = state.chain.clone()
+        try:
+            for depth in range(max(limits.values()) + 1):
+                batch.clear()
+                members = [(slot, state) for slot, state in running if depth <= limits[slot]]
+                for slot, state in members:
+                    token = drafts[slot][-1] if depth else state.next_token
+                    batch.add(token, len(self._cached[0][slot]), slot, True)
+                    self._cached[0][slot].append(token)
+                base.decode_batch(batch)
+                for row, (slot, state) in enumerate(members):
+                    logits = base.logits_row(row).copy()
+                    base_rows[slot].append(logits)
+                    if depth == limits[slot]:
+                        continue
+                    # the draft: the guided formula with every ARM replaced by the base itself
+                    mixed = logits.copy()
+                    if state.active or state.job.config.guard_min_p > 0.0:
+                        guide(mixed, mixed, [logits] * len(state.active), [alpha for _, alpha in state.active],
+                              guard_min_p=state.job.config.guard_min_p)  # fmt: skip
+                    probs = drafters[slot].probabilities(mixed)
+                    token = draw(probs, state.rng)
+                    drafters[slot].accept(token)
+                    drafts[slot].append(token)
+                    draft_probs[slot].append(probs)
+        finally:
+            for drafter in drafters.values():
+                drafter.close()
+
+    def _check_drafts(self, running, drafts: dict) -> list[dict[int, int]]:
+        """Each ARM context decodes, per job, its newest token and drafts in one batch; per context, slot → the
+        logits row of its first token (the others follow it)."""
+        rows: list[dict[int, int]] = [{} for _ in self._contexts]
+        used = sorted({index for _, state in running for index in state.contexts[1:]})
+        for index in used:
+            batch = self._batches[index]
+            batch.clear()
+            for slot, state in running:
+                if index in state.contexts:
+                    rows[index][slot] = batch.batch.n_tokens
+                    for token in [state.next_token, *drafts[slot]]:
+                        batch.add(token, len(self._cached[index][slot]), slot, True)
+                        self._cached[index][slot].append(token)
+        contexts = [self._contexts[index] for index in used]
+        with self.engine.thread_shares(contexts):
+            self.engine.each(contexts, lambda context: context.decode_batch(self._batches[self._index(context)]))
+        return rows
+
+    def _verify(self, slot, state: _Running, position: int, row: np.ndarray, arm_rows, drafts, draft_probs):
+        """The token at ``position`` of the round and whether it is the draft there, kept with probability
+        min(1, p/q); else a draw from max(0, p − q), or after the last draft a draw from p. ``row`` (the base's
+        logits there) becomes the guided logits."""
+        config = state.job.config
+        arms = [self._contexts[index].logits_address(arm_rows[index][slot] + position) for index in state.contexts[1:]]
+        guide(row, row, arms, [alpha for _, alpha in state.active], guard_min_p=config.guard_min_p)
+        p = state.chain.probabilities(row)
+        drafted = position < len(drafts)
+        if drafted:
+            token, q = drafts[position], draft_probs[position]
+            drafted = state.rng.random() * q[token] < p[token]
+            if not drafted:
+                residual = np.maximum(p - q, 0.0)
+                token = draw(residual if residual.sum() > 0.0 else p, state.rng)
+        else:
+            token = draw(p, state.rng)
+        state.chain.accept(token)
+        event = Event(token)
+        if config.logprobs is not None:
+            event.logprob, event.top_logprobs = self._logprobs(row, token, state)
+        return event, drafted
 
     # ---- slots and contexts ----------------------------------------------------------------------------------------
 
