@@ -1,0 +1,202 @@
+"""Guided decoding speed on the product path — GuidedModel, as chat, serve and apps call it — idle and shared (issue 23).
+
+    python bench/speed.py [--tokens 64] [--rounds 3] [--draft 4] [--desktop DIR] [--json docs/speed.json]
+    python bench/speed.py --acceptance [--draft 4] [--json docs/speculation.json]
+
+Speed: for each model (the embedded Gemma-3-270M with the shipped ARMs; with --desktop, also the synthetic
+Llama-3.2-1B-shaped base and LoRA ARM of bench/desktop_model.py, its second ARM a copy of the first) and each
+configuration — base only; 1 ARM; 2 ARMs; the ARM configurations plain and speculative (--draft-max) — one model is
+loaded and generates ``--tokens`` tokens from after the prompt (chat's default sampling, end of generation ignored),
+best of ``--rounds``, first on the idle machine, then while one other process keeps a core busy (a Python loop, as
+a browser tab or an indexer would). Every figure of one model comes from the same run; the table gives each
+configuration's tok/s, its share of base-only on the same machine state, and its loaded ÷ idle share.
+
+--acceptance: what speculation saves at each α, on the evaluation's held-out prompts (24 of them, 48 tokens each):
+the share of drafts kept, tokens per round, and ARM decode calls per output token (without speculation: 1), for the
+shipped positive ARM along α and the shipped defaults. Counts, not time: any machine state gives the same numbers.
+
+Run it with nothing else busy and without OMP_WAIT_POLICY in the environment (it changes how llama.cpp's threads
+wait).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from stamp import describe, measurement_stamp  # noqa: E402
+
+PROMPT = "User: What should I pack for a weekend in the mountains?\nAssistant:"
+ALPHAS = (0.25, 0.5, 0.68, 1.0, 1.5, 2.0)
+
+
+class Busy:
+    """One other process keeping one core busy while the block runs."""
+
+    def __enter__(self) -> Busy:
+        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def arm_calls(model) -> int:
+    return sum(context.n_calls for context in model.engine.scheduler.contexts[1:] if context is not None)
+
+
+def run(model, tokens: int, rounds: int, seed: int = 0) -> dict:
+    """Best generation tok/s of ``rounds`` (timed from after the prefill), and ARM decode calls per token."""
+    model.generate(PROMPT, max_tokens=8, seed=seed)  # contexts created, caches warm
+    best, calls, made = 0.0, 0, 0
+    for round_ in range(rounds):
+        before = arm_calls(model)
+        result = model.generate(PROMPT, max_tokens=tokens, seed=seed + round_, ignore_eos=True)
+        calls += arm_calls(model) - before
+        made += len(result.tokens)
+        best = max(best, result.timings.generated_tokens_per_s)
+    return {"tok_s": round(best, 2), "arm_calls_per_token": round(calls / made, 3)}
+
+
+def configurations(arms: list[str], draft: int) -> dict[str, tuple[dict, int]]:
+    """name → (the ARMs and their weights, draft_max)."""
+    one, two = {arms[0]: None}, {arm: None for arm in arms[:2]}
+    return {
+        "base only": ({}, 0),
+        "1 ARM": (one, 0),
+        f"1 ARM, speculative (k={draft})": (one, draft),
+        "2 ARMs": (two, 0),
+        f"2 ARMs, speculative (k={draft})": (two, draft),
+    }
+
+
+def speed(base: str | None, arms: list[str], args) -> list[dict]:
+    from genarm_local import GuidedModel
+
+    rows = []
+    for name, (weights, draft) in configurations(arms, args.draft).items():
+        row = {"configuration": name}
+        with GuidedModel(base, weights, draft_max=draft) as model:
+            row["idle"] = run(model, args.tokens, args.rounds)
+            with Busy():
+                row["loaded"] = run(model, args.tokens, args.rounds)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def acceptance(args) -> list[dict]:
+    from build_arms import load_prompts
+
+    from genarm_local import GuidedModel
+    from genarm_local.core.config import default_arms
+
+    prompts = load_prompts("held-out")[:24]
+    shipped = default_arms()
+    positive = next(iter(shipped))
+    settings = [(f"{positive} α={alpha:g}", {positive: alpha}) for alpha in ALPHAS]
+    settings.append(("shipped defaults", dict(shipped)))
+    settings.append(("every shipped ARM at its recommended α", dict.fromkeys(shipped)))
+    rows = []
+    with GuidedModel(None, {name: None for name in shipped}, draft_max=args.draft) as model:
+        for name, weights in settings:
+            scheduler = model.engine.scheduler
+            drafted, refused, calls = scheduler.drafted, scheduler.refused, arm_calls(model)
+            # one stream at a time, as chat and an app's request run: each ARM decode call is one round
+            results = [
+                model.generate(prompt, weights=weights, max_tokens=48, seed=seed, ignore_eos=True)
+                for seed, prompt in enumerate(prompts)
+            ]
+            made = sum(len(r.tokens) for r in results)
+            drafted, refused = scheduler.drafted - drafted, scheduler.refused - refused
+            calls = arm_calls(model) - calls
+            active = sum(1 for alpha in model.arm_weights(weights).values() if alpha != 0)
+            row = {
+                "setting": name + ("" if "α=" in name else " (" + ", ".join(
+                    f"{arm} {alpha:.2f}" for arm, alpha in model.arm_weights(weights).items()) + ")"),
+                "kept": round(1 - refused / drafted, 3),
+                "tokens_per_round": round(made * active / calls, 2),
+                "arm_calls_per_token": round(calls / active / made, 3),
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def speed_table(result: dict) -> str:
+    lines = []
+    for model in result["models"]:
+        lines += [f"\n{model['name']}:\n", "| configuration | idle tok/s | × base only | loaded tok/s | × base only "
+                  "(loaded) | loaded ÷ idle | ARM calls per token |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        base = next(r for r in model["rows"] if r["configuration"] == "base only")
+        for r in model["rows"]:
+            idle, loaded = r["idle"]["tok_s"], r["loaded"]["tok_s"]
+            lines.append(
+                f"| {r['configuration']} | {idle:.1f} | {idle / base['idle']['tok_s']:.2f} | {loaded:.1f} | "
+                f"{loaded / base['loaded']['tok_s']:.2f} | {loaded / idle:.2f} | {r['idle']['arm_calls_per_token']:g} |"
+            )
+    return "\n".join(lines)
+
+
+def acceptance_table(result: dict) -> str:
+    lines = ["| ARM weights | drafts kept | tokens per round | ARM decode calls per token |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['setting']} | {r['kept']:.2f} | {r['tokens_per_round']:.2f} | {r['arm_calls_per_token']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--draft", type=int, default=4, help="draft_max of the speculative configurations")
+    parser.add_argument("--desktop", type=Path, help="bench/desktop_model.py's output folder: measure its model too")
+    parser.add_argument("--acceptance", action="store_true", help="measure speculation's acceptance along α instead")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--table", action="store_true", help="only print --json as the README's table")
+    parser.add_argument("--allow-dirty", action="store_true", help="stamp results of an uncommitted tree as such")
+    args = parser.parse_args()
+    if args.table:
+        result = json.loads(args.json.read_text())
+        command = "python bench/speed.py " + ("--acceptance" if "rows" in result else "")
+        print(f"_Measured {describe(result['stamp'])}, in {result['minutes']} min, by `{command.strip()}`._\n")
+        print(acceptance_table(result) if "rows" in result else speed_table(result))
+        return
+    stamp = measurement_stamp(args.allow_dirty)
+    started = time.time()
+    if args.acceptance:
+        result = {"stamp": stamp, "draft": args.draft, "rows": acceptance(args)}
+    else:
+        from genarm_local.core.config import default_arms
+
+        models = [{"name": "embedded Gemma-3-270M Q4_K_M, shipped ARMs", "rows": speed(None, list(default_arms()), args)}]
+        if args.desktop:
+            base = next(args.desktop.glob("*-random-q4_k_m.gguf"))
+            lora = next(args.desktop.glob("*-random-lora-r8.gguf"))
+            with tempfile.TemporaryDirectory() as scratch:
+                second = Path(scratch) / "second-arm.gguf"
+                shutil.copyfile(lora, second)
+                rows = speed(str(base), [str(lora), str(second)], args)
+            models.append({"name": f"synthetic {base.name.split('-random')[0]} (random weights, Q4_K_M), LoRA rank 8",
+                           "rows": rows})  # fmt: skip
+        result = {"stamp": stamp, "tokens": args.tokens, "rounds": args.rounds, "models": models}
+    result["minutes"] = round((time.time() - started) / 60, 1)
+    if args.json:
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        tmp.replace(args.json)
+    print(acceptance_table(result) if args.acceptance else speed_table(result))
+
+
+if __name__ == "__main__":
+    main()
