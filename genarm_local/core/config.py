@@ -272,6 +272,14 @@ def resolve_base(base: str | os.PathLike | None, announce: bool = False) -> Path
     return path
 
 
+def default_threads() -> int:
+    """All the cores this process may use but one. llama.cpp's threads of one decode meet at a barrier after every
+    operation: when another process takes one of their cores, the others wait for it at each barrier, and a step
+    that used every core slows down 2-5× (measured: README, speed section). One core left free absorbs that."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """What to load and how llama.cpp runs it. ``base`` None is the embedded Gemma-3-270M Q4_K_M."""
@@ -305,7 +313,11 @@ class LoadConfig:
         "layers to offload to the GPU (llama.cpp built with CUDA or Metal)",
         flags=("-ngl", "--n-gpu-layers", "--gpu-layers"),
     )
-    n_threads: int | None = option(None, "CPU threads; default: all cores", flags=("-t", "--threads"))
+    n_threads: int | None = option(
+        None,
+        "CPU threads; default: all cores but one (left to the rest of the machine: see the README's speed section)",
+        flags=("-t", "--threads"),
+    )
     kv_cache_type: str = option(
         "f16",
         "KV cache type, of K and V alike (llama.cpp's -ctk/-ctv; given twice, the last wins)",
@@ -317,8 +329,8 @@ class LoadConfig:
     )
     concurrent: bool | None = option(
         None,
-        "decode the base and ARM contexts on parallel threads, each with its share of -t (auto: on the CPU when "
-        "every context gets a thread)",
+        "decode the base and ARM contexts on parallel threads, each with its share of -t, at least one (auto: on "
+        "the CPU)",
     )
     draft_max: int = option(
         0,
@@ -358,7 +370,7 @@ class LoadConfig:
 
     @property
     def threads(self) -> int:
-        return self.n_threads or max(1, os.cpu_count() or 1)
+        return self.n_threads or default_threads()
 
     def base_path(self, announce: bool = False) -> Path:
         return resolve_base(self.base, announce)

@@ -89,10 +89,12 @@ class Engine:
     def __init__(self, config: LoadConfig):
         self.config = config
         self.n_threads = config.threads
-        # Concurrent: each active context decodes on its own thread with its share of the cores (llama_decode
-        # releases the GIL). None decides per step: on the CPU, when every context gets at least one core -- a
-        # small model's decode scales sublinearly across threads, so side by side on a share each is a little
-        # faster than one after the other on all (bench/bench_engine.py measures it).
+        # Concurrent: each active context decodes on its own thread with its share of the threads, at least one
+        # (llama_decode releases the GIL). None: on the CPU, always -- a small model's decode scales sublinearly
+        # across threads, so side by side each is faster than one after the other on all; and a context on one
+        # thread never waits at a barrier for a thread another process took, so three contexts on two cores
+        # (two ARMs) keep their speed beside a busy process where one after the other on two threads each lost
+        # 3-5× (bench/speed.py measures it).
         self.concurrent = config.concurrent
         self._pool: ThreadPoolExecutor | None = None
         base = config.base_path()
@@ -302,7 +304,7 @@ class Engine:
             return False
         if self.concurrent is not None:
             return self.concurrent
-        return self.config.n_gpu_layers == 0 and len(contexts) <= self.n_threads
+        return self.config.n_gpu_layers == 0
 
     def each(self, contexts: Sequence[Context], work: Callable[[Context], T]) -> list[T]:
         """``work(context)`` for every context: one after the other, or concurrently on the pool's threads. Returns

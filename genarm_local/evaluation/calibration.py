@@ -70,7 +70,7 @@ class CalibrationConfig:
         "prompt continued as often when there are fewer",
     )
     seed: int = option(0, "seed of the prompt subset and the sampling")
-    n_threads: int | None = option(None, "CPU threads; default: all cores", flags=("-t", "--threads"))
+    n_threads: int | None = option(None, "CPU threads; default: all cores but one", flags=("-t", "--threads"))
     write: bool = option(
         True, "store the result in the ARM file (--no-write: only measure and print)", flags=("--no-write",)
     )
