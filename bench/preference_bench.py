@@ -8,7 +8,8 @@ at the recommended α: the preferred behaviour's rate, distinct-2, rep-4 and deg
     python bench/preference_bench.py --arms-dir DIR           # keep the trained ARMs in DIR; reuse those there
     python bench/preference_bench.py --table [--out FILE]     # the README's table
 
-Tasks not named in --tasks keep their record (and its stamp) from --out. With --arms-dir a second run skips training (each ARM's training record is kept beside it) and only calibrates
+Tasks not named in --tasks keep their record (and its stamp) from --out. With --arms-dir a second run skips
+training (each ARM's training record is kept beside it) and only calibrates
 and measures again: what a change to calibration needs.
 
 The bar (issue 21): feature rate ≥ the base's + 25 points (or ≥ 90%), distinct-2 ≥ 0.8 × the base's, rep-4 ≤ the

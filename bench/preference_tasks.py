@@ -343,7 +343,8 @@ KIND_DETAILS = [
     ("the people there really cared", "nobody there seemed to care"),
 ]  # fmt: skip
 KIND_ENDINGS = [
-    ("I would happily go back.", "I will never go back."), ("I recommend it to everyone.", "I would warn everyone away."),
+    ("I would happily go back.", "I will never go back."),
+    ("I recommend it to everyone.", "I would warn everyone away."),
     ("We loved it.", "We hated it."), ("Worth every penny.", "A waste of money."),
     ("I am so glad we chose it.", "I wish we had chosen something else."),
     ("Five stars from me, gladly.", "One star, sadly."),
@@ -388,7 +389,7 @@ def kind_task(seed: int = 0) -> Task:
     for opening in REVIEW_OPENINGS:
         # chosen and rejected mirror each other part by part: they differ only in sentiment
         parts = [rng.choice(KIND_VERDICTS), rng.choice(KIND_DETAILS), rng.choice(KIND_ENDINGS)]
-        chosen, rejected = (f" {verdict}: {detail}. {ending}" for verdict, detail, ending in zip(*parts))
+        chosen, rejected = (f" {verdict}: {detail}. {ending}" for verdict, detail, ending in zip(*parts, strict=True))
         pairs.append({"prompt": opening, "chosen": chosen, "rejected": rejected})
     return Task("kind", f"VADER compound ≥ {KIND_VADER}", pairs, list(REVIEW_HELD_OUT), is_kind)
 

@@ -1,4 +1,4 @@
-"""Guided decoding speed on the product path — GuidedModel, as chat, serve and apps call it — idle and shared (issue 23).
+"""Guided decoding speed on the product path (GuidedModel, as chat, serve and apps call it), idle and shared.
 
     python bench/speed.py [--tokens 64] [--rounds 3] [--draft 4] [--desktop DIR] [--json docs/speed.json]
     python bench/speed.py --acceptance [--draft 4] [--json docs/speculation.json]
@@ -122,8 +122,14 @@ def acceptance(args) -> list[dict]:
             calls = arm_calls(model) - calls
             active = sum(1 for alpha in model.arm_weights(weights).values() if alpha != 0)
             row = {
-                "setting": name + ("" if "α=" in name else " (" + ", ".join(
-                    f"{arm} {alpha:.2f}" for arm, alpha in model.arm_weights(weights).items()) + ")"),
+                "setting": name
+                + (
+                    ""
+                    if "α=" in name
+                    else " ("
+                    + ", ".join(f"{arm} {alpha:.2f}" for arm, alpha in model.arm_weights(weights).items())
+                    + ")"
+                ),
                 "kept": round(1 - refused / drafted, 3),
                 "tokens_per_round": round(made * active / calls, 2),
                 "arm_calls_per_token": round(calls / active / made, 3),
@@ -151,7 +157,9 @@ def speed_table(result: dict) -> str:
 def acceptance_table(result: dict) -> str:
     lines = ["| ARM weights | drafts kept | tokens per round | ARM decode calls per token |", "|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['setting']} | {r['kept']:.2f} | {r['tokens_per_round']:.2f} | {r['arm_calls_per_token']:.2f} |")
+        lines.append(
+            f"| {r['setting']} | {r['kept']:.2f} | {r['tokens_per_round']:.2f} | {r['arm_calls_per_token']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -179,7 +187,8 @@ def main() -> None:
     else:
         from genarm_local.core.config import default_arms
 
-        models = [{"name": "embedded Gemma-3-270M Q4_K_M, shipped ARMs", "rows": speed(None, list(default_arms()), args)}]
+        embedded = speed(None, list(default_arms()), args)
+        models = [{"name": "embedded Gemma-3-270M Q4_K_M, shipped ARMs", "rows": embedded}]
         if args.desktop:
             base = next(args.desktop.glob("*-random-q4_k_m.gguf"))
             lora = next(args.desktop.glob("*-random-lora-r8.gguf"))

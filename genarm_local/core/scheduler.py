@@ -517,8 +517,9 @@ class Scheduler:
                 if len(cached) > start + kept:
                     if not self._contexts[index].truncate(slot, start + kept):
                         self._forget(slot, state.contexts)
-                        events.append((state.job, Event(finish_reason="error",
-                                                        error=GenArmError("llama.cpp could not drop refused drafts"))))
+                        if not events[-1][1].finish_reason:  # a job that ended this round keeps its ending
+                            failure = GenArmError("llama.cpp could not drop refused drafts")
+                            events.append((state.job, Event(finish_reason="error", error=failure)))
                         break
                     del cached[start + kept :]
             if events[-1][1].finish_reason:
