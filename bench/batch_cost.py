@@ -99,11 +99,11 @@ def batch_cost(
         point["ratio"] = point["ms"] / curve[0]["ms"]  # cost of k tokens in units of one single-token decode
         point["ms_per_token"] = point["ms"] / point["k"]
     return {
-        "model": str(path),
+        "model": path.name,  # the file name only: no path of this machine in the results
         "model_bytes": path.stat().st_size,
         "n_params": n_params,
         "n_vocab": n_vocab,
-        "lora": str(lora) if lora else None,
+        "lora": lora.name if lora else None,
         "threads": config.threads,
         "n_gpu_layers": n_gpu_layers,
         "gpu_offload": supports_gpu_offload(),

@@ -43,4 +43,4 @@ def test_tiny_desktop_model_guides_and_measures(tmp_path):
     )
     assert [point["k"] for point in report["curve"]] == [1, 2, 3]
     assert report["curve"][0]["ratio"] == 1.0 and all(point["ms"] > 0 for point in report["curve"])
-    assert report["n_vocab"] == 2048 and report["lora"] == str(arm)
+    assert report["n_vocab"] == 2048 and report["lora"] == arm.name
