@@ -33,7 +33,10 @@ from preference_tasks import TASKS  # noqa: E402
 from stamp import describe, measurement_stamp  # noqa: E402
 from train_experiments import calibrate_arm, measure, train_only  # noqa: E402
 
-RUNS = {"defaults": {}, "3× steps": {"epochs": 3}}  # TrainConfig overrides; the default is 1 epoch
+from genarm_local.train.config import TrainConfig  # noqa: E402
+
+# TrainConfig overrides. The default length is 1 epoch or min_steps, whichever is longer: 3× both is 3× it.
+RUNS = {"defaults": {}, "3× steps": {"epochs": 3, "min_steps": 3 * TrainConfig.min_steps}}
 RUN_SLUGS = {"defaults": "defaults", "3× steps": "steps3"}
 SEED = 1
 

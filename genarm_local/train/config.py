@@ -80,9 +80,15 @@ class TrainConfig:
     )
     weight_decay: float = _option(0.0, "AdamW weight decay")
     max_grad_norm: float = _option(1.0, "clip the gradient norm to this (0: no clipping)")
-    epochs: int = _option(1, "passes over the training pairs")
+    epochs: int = _option(1, "passes over the training pairs (but see --min-steps)")
+    # A small set needs several passes: 40 pairs at batch 8 are 5 steps an epoch, too few for LoRA to learn a
+    # preference (README, "Your own preference": the kind task's 1-epoch ARM, stopped at step 3, left the base's
+    # rate unchanged at its recommended α). The held-out stop still ends a run that saturates sooner.
+    min_steps: int = _option(
+        16, "train at least this many optimizer steps: a small set is passed over more than --epochs times (0: none)"
+    )
     max_steps: int | None = _option(
-        None, "train exactly this many optimizer steps instead (overrides --epochs)", type=int
+        None, "train exactly this many optimizer steps instead (overrides --epochs and --min-steps)", type=int
     )
     batch_size: int = _option(8, "pairs per forward pass (chosen and rejected of all of them in one batch)")
     grad_accum: int = _option(1, "forward passes per optimizer step")
@@ -166,6 +172,7 @@ _CHECKS = [
     ("max_grad_norm", lambda v: v >= 0, "≥ 0"),
     ("epochs", lambda v: v >= 1, "≥ 1"),
     ("max_steps", lambda v: v is None or v >= 1, "≥ 1"),
+    ("min_steps", lambda v: v >= 0, "≥ 0"),
     ("batch_size", lambda v: v >= 1, "≥ 1"),
     ("grad_accum", lambda v: v >= 1, "≥ 1"),
     ("max_length", lambda v: v >= 2, "≥ 2"),

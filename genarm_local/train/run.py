@@ -131,7 +131,7 @@ class Run:
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
         batches_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
         self.steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-        self.total = config.max_steps or config.epochs * self.steps_per_epoch
+        self.total = config.max_steps or max(config.epochs * self.steps_per_epoch, config.min_steps)
         self.warmup = warmup_steps(config.warmup, self.total)
         self.eval_interval = eval_interval(config.eval_every, self.total)
         self.selection = Selection(config.select if eval_pairs else "last", config.early_stopping_patience)

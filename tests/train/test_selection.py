@@ -235,3 +235,16 @@ def test_a_saturated_run_stops(hf_model, tmp_path):
     assert (stopped.steps, stopped.selected_step, stopped.stopped_early) == (stop, kept, "saturated")
     text = "\n".join(report(stopped))
     assert f"held-out accuracy 1.00 from step {stop - 1}: saturated, stopped at step {stop} of 16" in text
+
+
+def test_a_small_set_gets_min_steps(hf_model, tmp_path):
+    """One epoch of 32 training pairs at batch 4 is 8 steps; --min-steps 12 passes over the set again, and
+    --max-steps still overrides both."""
+    from genarm_local.train import train
+
+    longer = train(noisy_config(hf_model, tmp_path / "min", epochs=1, min_steps=12, eval_every=0, save_every=0))
+    assert (longer.steps, longer.total_steps) == (12, 12)
+    epochs = [r["epoch"] for r in log_records(longer.output) if "loss" in r]
+    assert epochs[7] == 1.0 and epochs[-1] == 1.5
+    exact = train(noisy_config(hf_model, tmp_path / "max", min_steps=12, max_steps=3, eval_every=0, save_every=0))
+    assert exact.steps == exact.total_steps == 3

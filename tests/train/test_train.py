@@ -292,6 +292,7 @@ def small_config(hf_model, out, **overrides):
         output=str(out),
         lr=2e-3,
         epochs=2,
+        min_steps=0,
         batch_size=8,
         eval_split=0.1,
         eval_every=4,
