@@ -5,7 +5,8 @@
 
 Speed: for each model (the embedded Gemma-3-270M with the shipped ARMs; with --desktop, also the synthetic
 Llama-3.2-1B-shaped base and LoRA ARM of bench/desktop_model.py, its second ARM a copy of the first) and each
-configuration — base only; 1 ARM; 2 ARMs; the ARM configurations plain and speculative (--draft-max) — one model is
+configuration — base only; 1 ARM; 2 ARMs; the ARM configurations plain and speculative (--draft-max), and 2 ARMs
+merged in one context (--merge-arms, approximate) — one model is
 loaded and generates ``--tokens`` tokens from after the prompt (chat's default sampling, end of generation ignored),
 best of ``--rounds``, first on the idle machine, then while one other process keeps a core busy (a Python loop, as
 a browser tab or an indexer would). Every figure of one model comes from the same run; the table gives each
@@ -68,15 +69,16 @@ def run(model, tokens: int, rounds: int, seed: int = 0) -> dict:
     return {"tok_s": round(best, 2), "arm_calls_per_token": round(calls / made, 3)}
 
 
-def configurations(arms: list[str], draft: int) -> dict[str, tuple[dict, int]]:
-    """name → (the ARMs and their weights, draft_max)."""
+def configurations(arms: list[str], draft: int) -> dict[str, tuple[dict, dict]]:
+    """name → (the ARMs and their weights, load options)."""
     one, two = {arms[0]: None}, {arm: None for arm in arms[:2]}
     return {
-        "base only": ({}, 0),
-        "1 ARM": (one, 0),
-        f"1 ARM, speculative (k={draft})": (one, draft),
-        "2 ARMs": (two, 0),
-        f"2 ARMs, speculative (k={draft})": (two, draft),
+        "base only": ({}, {}),
+        "1 ARM": (one, {}),
+        f"1 ARM, speculative (k={draft})": (one, {"draft_max": draft}),
+        "2 ARMs": (two, {}),
+        f"2 ARMs, speculative (k={draft})": (two, {"draft_max": draft}),
+        "2 ARMs, merged (approximate)": (two, {"merge_arms": True}),
     }
 
 
@@ -84,9 +86,9 @@ def speed(base: str | None, arms: list[str], args) -> list[dict]:
     from genarm_local import GuidedModel
 
     rows = []
-    for name, (weights, draft) in configurations(arms, args.draft).items():
+    for name, (weights, options) in configurations(arms, args.draft).items():
         row = {"configuration": name}
-        with GuidedModel(base, weights, draft_max=draft) as model:
+        with GuidedModel(base, weights, **options) as model:
             row["idle"] = run(model, args.tokens, args.rounds)
             with Busy():
                 row["loaded"] = run(model, args.tokens, args.rounds)

@@ -115,12 +115,22 @@ def gguf_model(workdir, hf_model):
 @pytest.fixture(scope="session")
 def lora_adapter(workdir, hf_model) -> Path:
     """A PEFT LoRA adapter on llama_small with random (non-zero) A and B on every linear layer."""
+    return random_lora(workdir / "lora_small", hf_model, seed=7)
+
+
+@pytest.fixture(scope="session")
+def second_lora_adapter(workdir, hf_model) -> Path:
+    """Another, as lora_adapter with other random weights."""
+    return random_lora(workdir / "lora_small_2", hf_model, seed=8)
+
+
+def random_lora(out: Path, hf_model, seed: int) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(hf_model("llama_small"), dtype=torch.float32)
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     config = LoraConfig(
         r=8,
         lora_alpha=16,
@@ -132,7 +142,6 @@ def lora_adapter(workdir, hf_model) -> Path:
         for pname, param in peft_model.named_parameters():
             if "lora_B" in pname:
                 param.mul_(4.0)
-    out = workdir / "lora_small"
     peft_model.save_pretrained(out)
     (out / "note.json").write_text(json.dumps({"base": "llama_small"}))
     return out

@@ -339,6 +339,12 @@ class LoadConfig:
         "distribution (a given seed gives other text than without); 0: off",
         flags=("--draft-max", "--draft", "--draft-n"),
     )
+    merge_arms: bool = option(
+        False,
+        "approximate: run the LoRA ARMs a request weights positively in one context of the base, each adapter at "
+        "α_i/Σα, mixed once at Σα: one ARM decode a token however many ARMs (equal to the exact product to first "
+        'order; README, "Several ARMs"); off: every ARM decoded on its own, exactly',
+    )
     chat_template: str | None = option(
         None,
         "chat template: a name (plain, or one of llama.cpp's built-ins such as chatml, gemma, llama3) or a Jinja "

@@ -189,6 +189,14 @@ class Engine:
         model = arm.model if arm is not None else self.base_model
         return Context(model, self.config, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch, adapters=adapters)
 
+    def new_merged_context(self, scales: Sequence[tuple[int, float]], n_ctx: int, n_seq_max: int, n_batch: int):
+        """A new context of the base with several LoRA ARMs' adapters set on it, ARM i at its scale
+        (LoadConfig.merge_arms), the caller's to close."""
+        adapters = [(self.arms[i].adapter, scale) for i, scale in scales]
+        return Context(
+            self.base_model, self.config, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch, adapters=adapters
+        )
+
     # ---- weights -------------------------------------------------------------------------------------------------
 
     def alphas(self, weights: Mapping[str, float | None] | None = None) -> list[float]:

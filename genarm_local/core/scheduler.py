@@ -66,6 +66,9 @@ if TYPE_CHECKING:
 # 512) while a chat turn re-decodes at most 127 tokens of the history before its new ones.
 PREFILL_CHUNK = 128
 
+# Merged contexts (LoadConfig.merge_arms) kept while no job uses them, for requests with the same ratio of weights.
+MERGED_CONTEXTS = 2
+
 
 @dataclass
 class Timings:
@@ -128,7 +131,7 @@ class _Running:
 
     job: Job
     contexts: list[int]
-    active: list[tuple[Arm, float]]
+    active: list[tuple[Arm | None, float]]  # in the order of contexts[1:]; None: the ARMs merged in one context
     chain: SamplerChain | None  # built with picks=False when the job speculates
     text: StopText
     logprob_scale: float
@@ -180,6 +183,10 @@ class Scheduler:
         self.n_slots = n_slots
         self.n_ctx = n_ctx
         n_models = 1 + len(engine.arms)
+        # What each context runs: None (the base), an ARM's index in engine.arms, or a merged key
+        # (LoadConfig.merge_arms: ((ARM index, adapter scale), ...)); and the way back.
+        self._owners: list[int | tuple | None] = [None, *range(len(engine.arms))]
+        self._where: dict[int | tuple | None, int] = {owner: index for index, owner in enumerate(self._owners)}
         self._stack = contextlib.ExitStack()
         self._contexts: list[Context | None] = [None] * n_models
         self._batches: list[Batch | None] = [None] * n_models
@@ -217,10 +224,17 @@ class Scheduler:
     def add_model(self) -> None:
         """Make room for the context of an ARM that was just loaded (Engine.add_arm, between two steps); like every
         context, it is created when a job first needs it."""
+        self._new_index(len(self.engine.arms))  # the engine appends the ARM after this
+
+    def _new_index(self, owner: int | tuple) -> int:
+        index = len(self._contexts)
+        self._owners.append(owner)
+        self._where[owner] = index
         self._contexts.append(None)
         self._batches.append(None)
         self._cached.append([[] for _ in range(self.n_slots)])
         self._exact.append([0] * self.n_slots)
+        return index
 
     @property
     def running(self) -> list[Job]:
@@ -327,8 +341,17 @@ class Scheduler:
         engine = self.engine
         # α = 0 for the ARMs loaded after the job was made; its weights stay in the engine's order of ARMs
         job.alphas = [*job.alphas, *[0.0] * (len(engine.arms) - len(job.alphas))]
-        active = engine.active_arms(job.alphas)
-        contexts = [0] + [index + 1 for index, alpha in enumerate(job.alphas) if alpha != 0.0]
+        weighted = [(index, alpha) for index, alpha in enumerate(job.alphas) if alpha != 0.0]
+        merged = [(i, alpha) for i, alpha in weighted if alpha > 0 and engine.arms[i].adapter is not None]
+        if not engine.config.merge_arms or len(merged) < 2:
+            merged = []
+        exact = [pair for pair in weighted if pair not in merged]
+        contexts = [0] + [self._where[i] for i, _ in exact]
+        active: list[tuple[Arm | None, float]] = [(engine.arms[i], alpha) for i, alpha in exact]
+        if merged:
+            total = sum(alpha for _, alpha in merged)
+            contexts.append(self._merged_index(tuple((i, alpha / total) for i, alpha in merged)))
+            active.append((None, total))
         for index in contexts:
             self._context(index)
         config = job.config
@@ -614,10 +637,47 @@ class Scheduler:
             # a decode holds a prompt chunk or a step's rows, never more: llama.cpp sizes its compute buffers and
             # the sliding-window layers' caches by n_batch, so a small one saves memory per slot
             n_batch = max(PREFILL_CHUNK, self.n_slots)
-            context = self.engine.new_context(index, self.n_ctx * self.n_slots, self.n_slots, n_batch)
+            owner = self._owners[index]
+            if isinstance(owner, tuple):  # closed on its own (_close_merged), not by the stack
+                context = self.engine.new_merged_context(owner, self.n_ctx * self.n_slots, self.n_slots, n_batch)
+                self._contexts[index] = context
+                try:
+                    self._batches[index] = Batch(context.n_batch)
+                except BaseException:
+                    self._close_merged(index)
+                    raise
+                return context
+            model = 0 if owner is None else owner + 1
+            context = self.engine.new_context(model, self.n_ctx * self.n_slots, self.n_slots, n_batch)
             self._contexts[index] = self._stack.enter_context(context)
             self._batches[index] = self._stack.enter_context(Batch(context.n_batch))
         return self._contexts[index]
+
+    def _merged_index(self, key: tuple) -> int:
+        """The context that runs the base with these adapters at these scales (LoadConfig.merge_arms): the one
+        made for an earlier job, else a new one, in place of a merged context no running job uses once there are
+        MERGED_CONTEXTS (each holds every slot's KV cache)."""
+        if key in self._where:
+            return self._where[key]
+        used = {index for state in self._slots if state is not None for index in state.contexts}
+        merged = [index for index, owner in enumerate(self._owners) if isinstance(owner, tuple)]
+        idle = [index for index in merged if index not in used]
+        if len(merged) < MERGED_CONTEXTS or not idle:
+            return self._new_index(key)
+        index = idle[0]
+        self._close_merged(index)
+        del self._where[self._owners[index]]
+        self._owners[index], self._where[key] = key, index
+        return index
+
+    def _close_merged(self, index: int) -> None:
+        for resource in (self._batches[index], self._contexts[index]):
+            if resource is not None:
+                resource.close()
+        self._contexts[index] = self._batches[index] = None
+        for slot in range(self.n_slots):
+            self._cached[index][slot].clear()
+            self._exact[index][slot] = 0
 
     def _index(self, context: Context) -> int:
         return next(index for index, c in enumerate(self._contexts) if c is context)
@@ -639,6 +699,9 @@ class Scheduler:
     def close(self) -> None:
         for slot in range(self.n_slots):
             self._free(slot)
+        for index, owner in enumerate(self._owners):
+            if isinstance(owner, tuple):
+                self._close_merged(index)
         self._stack.close()
 
     def __enter__(self) -> Scheduler:
