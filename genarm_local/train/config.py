@@ -83,7 +83,7 @@ class TrainConfig:
     epochs: int = _option(1, "passes over the training pairs (but see --min-steps)")
     # A small set needs several passes: 40 pairs at batch 8 are 5 steps an epoch, too few for LoRA to learn a
     # preference (README, "Your own preference": the kind task's 1-epoch ARM, stopped at step 3, left the base's
-    # rate unchanged at its recommended α). The held-out stop still ends a run that saturates sooner.
+    # rate unchanged at its recommended α). The held-out loss's patience still ends a run that stops generalizing.
     min_steps: int = _option(
         16, "train at least this many optimizer steps: a small set is passed over more than --epochs times (0: none)"
     )
@@ -128,8 +128,7 @@ class TrainConfig:
     )
     early_stopping_patience: int = _option(
         3,
-        "stop after N held-out evaluations in a row without a lower held-out loss, or at held-out accuracy 1.0 "
-        "(saturated: more steps would only grow the margin); 0: take every step",
+        "stop after N held-out evaluations in a row without a lower held-out loss; 0: take every step",
     )
     save_every: int = _option(100, "checkpoint (adapter + optimizer state) every N optimizer steps (0: never)")
     resume: bool = _option(False, "continue from the last checkpoint in OUT_DIR (same data and settings)")

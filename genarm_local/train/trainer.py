@@ -38,8 +38,8 @@ class TrainResult:
     total_steps: int = 0  # the steps planned (--epochs or --max-steps); more than ``steps`` if it stopped early
     selected_step: int = 0  # whose weights were saved and exported (TrainConfig.select)
     select: str = "best"  # "last" too when there was no held-out pair to choose by
-    # why it stopped before the last step (TrainConfig.early_stopping_patience): "loss" (no lower held-out loss) or
-    # "saturated" (held-out accuracy 1.0); None: it took every step
+    # why it stopped before the last step (TrainConfig.early_stopping_patience): "loss" (no lower held-out loss);
+    # None: it took every step
     stopped_early: str | None = None
     evaluations: list[dict] = field(default_factory=list)  # every held-out evaluation: step, loss, accuracy, ...
     samples: list[SideBySide] = field(default_factory=list)  # held-out prompts: base vs guided at the recommended α
