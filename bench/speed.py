@@ -2,6 +2,7 @@
 
     python bench/speed.py [--tokens 64] [--rounds 3] [--draft 4] [--desktop DIR] [--json docs/speed.json]
     python bench/speed.py --acceptance [--draft 4] [--json docs/speculation.json]
+    python bench/speed.py ... --against OLD.json          # also each figure of an earlier run beside this one's
 
 Speed: for each model (the embedded Gemma-3-270M with the shipped ARMs; with --desktop, also the synthetic
 Llama-3.2-1B-shaped base and LoRA ARM of bench/desktop_model.py, its second ARM a copy of the first) and each
@@ -156,6 +157,34 @@ def speed_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def reproduction_table(old: dict, new: dict) -> str:
+    """Each figure of ``old`` (an earlier run's JSON, e.g. the README's) beside this run's: do the claims reproduce
+    within 10%?"""
+    lines = [f"Against {describe(old['stamp'])}:\n", "| model | configuration | figure | then | now | now ÷ then |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    worst = 1.0
+    for then_model, now_model in zip(old["models"], new["models"], strict=False):
+        rows = {r["configuration"]: r for r in now_model["rows"]}
+        name = now_model["name"].split(",")[0].split(" (")[0]
+        bases = [next(r for r in m["rows"] if r["configuration"] == "base only") for m in (then_model, now_model)]
+        for then in then_model["rows"]:
+            now = rows.get(then["configuration"])
+            if now is None:
+                continue
+            for state in ("idle", "loaded"):
+                figures = {
+                    f"{state} tok/s": (then[state]["tok_s"], now[state]["tok_s"]),
+                    f"{state} × base only": (then[state]["tok_s"] / bases[0][state]["tok_s"],
+                                             now[state]["tok_s"] / bases[1][state]["tok_s"]),
+                }  # fmt: skip
+                for figure, (a, b) in figures.items():
+                    worst = min(worst, b / a, a / b)
+                    lines.append(f"| {name} | {then['configuration']} | {figure} | "
+                                 f"{a:.2f} | {b:.2f} | {b / a:.2f} |")  # fmt: skip
+    lines.append(f"\nFurthest apart: {1 / worst:.2f}× ({'within' if worst >= 1 / 1.1 else 'not within'} 10%)")
+    return "\n".join(lines)
+
+
 def acceptance_table(result: dict) -> str:
     lines = ["| ARM weights | drafts kept | tokens per round | ARM decode calls per token |", "|---|---|---|---|"]
     for r in result["rows"]:
@@ -174,6 +203,9 @@ def main() -> None:
     parser.add_argument("--acceptance", action="store_true", help="measure speculation's acceptance along α instead")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--table", action="store_true", help="only print --json as the README's table")
+    parser.add_argument(
+        "--against", type=Path, help="an earlier run's JSON: print each of its figures beside this run's"
+    )
     parser.add_argument("--allow-dirty", action="store_true", help="stamp results of an uncommitted tree as such")
     args = parser.parse_args()
     if args.table:
@@ -207,6 +239,8 @@ def main() -> None:
         tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
         tmp.replace(args.json)
     print(acceptance_table(result) if args.acceptance else speed_table(result))
+    if args.against:
+        print(reproduction_table(json.loads(args.against.read_text()), result))
 
 
 if __name__ == "__main__":
