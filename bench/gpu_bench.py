@@ -352,19 +352,22 @@ def guided(
     # speculative (draft_max 4) beside plain: where contexts decode one after the other, each ARM checks 4 drafts
     # in one decode. The random ARMs disagree with the base, so nearly every draft is refused: a lower bound, to
     # read with bench/speed.py --acceptance (the shipped ARMs keep about 2.9 tokens a round at k = 4).
-    runs = [(n_arms, 0) for n_arms in range(len(arms) + 1)] + [(n_arms, 4) for n_arms in range(1, len(arms) + 1)]
-    for n_arms, draft in runs:
+    # And the ARMs merged in one context (--merge-arms, approximate): one ARM decode a token for both.
+    runs = [(n_arms, 0, False) for n_arms in range(len(arms) + 1)]
+    runs += [(n_arms, 4, False) for n_arms in range(1, len(arms) + 1)] + [(len(arms), 0, True)] * (len(arms) > 1)
+    for n_arms, draft, merge in runs:
         chosen = {str(arm): 1.0 for arm in arms[:n_arms]}
         with GuidedModel(
             base, chosen, n_gpu_layers=n_gpu_layers, n_threads=threads, n_ctx=PROMPT_TOKENS + tokens, seed=0,
-            draft_max=draft,
+            draft_max=draft, merge_arms=merge,
         ) as model:  # fmt: skip
             model.generate(PROMPT, max_tokens=8)  # warm-up
             best = 0.0
             for attempt in range(repeats):
                 timings = model.generate(PROMPT, max_tokens=tokens, seed=attempt, **SAMPLING).timings
                 best = max(best, timings.generated_tokens_per_s)
-        report["tok_s"][f"{n_arms}_arms" + (f"_draft{draft}" if draft else "")] = round(best, 1)
+        key = f"{n_arms}_arms" + (f"_draft{draft}" if draft else "") + ("_merged" if merge else "")
+        report["tok_s"][key] = round(best, 1)
     report["ratio_to_base"] = {
         key: round(value / report["tok_s"]["0_arms"], 3) for key, value in report["tok_s"].items()
     }
