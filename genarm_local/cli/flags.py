@@ -180,6 +180,9 @@ def load_model(args: argparse.Namespace | LoadConfig):
     if config.base is None and config.arms:
         arms = ", ".join(f"{name} α={alpha:.3g}" for name, alpha in model.arm_weights().items())
         note(f"genarm-local: ARMs: {arms} (weights: --arm NAME:ALPHA; none: --no-arm)")
+    if config.merge_arms and len(model.engine.arms) > 1:
+        note("genarm-local: --merge-arms: LoRA ARMs weighted positively run merged in one context, an approximation "
+             'of their exact product (README, "Several ARMs")')  # fmt: skip
     return model
 
 
