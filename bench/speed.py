@@ -9,7 +9,8 @@ Llama-3.2-1B-shaped base and LoRA ARM of bench/desktop_model.py, its second ARM 
 configuration — base only; 1 ARM; 2 ARMs; the ARM configurations plain and speculative (--draft-max), and 2 ARMs
 merged in one context (--merge-arms, approximate) — one model is
 loaded and generates ``--tokens`` tokens from after the prompt (chat's default sampling, end of generation ignored),
-best of ``--rounds``, first on the idle machine, then while one other process keeps a core busy (a Python loop, as
+best of ``--rounds`` (every configuration of a model loaded at once, each round running each in turn), first on the
+idle machine, then while one other process keeps a core busy (a Python loop, as
 a browser tab or an indexer would). Every figure of one model comes from the same run; the table gives each
 configuration's tok/s, its share of base-only on the same machine state, and its loaded ÷ idle share.
 
@@ -24,6 +25,7 @@ wait).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
@@ -57,17 +59,11 @@ def arm_calls(model) -> int:
     return sum(context.n_calls for context in model.engine.scheduler.contexts[1:] if context is not None)
 
 
-def run(model, tokens: int, rounds: int, seed: int = 0) -> dict:
-    """Best generation tok/s of ``rounds`` (timed from after the prefill), and ARM decode calls per token."""
-    model.generate(PROMPT, max_tokens=8, seed=seed)  # contexts created, caches warm
-    best, calls, made = 0.0, 0, 0
-    for round_ in range(rounds):
-        before = arm_calls(model)
-        result = model.generate(PROMPT, max_tokens=tokens, seed=seed + round_, ignore_eos=True)
-        calls += arm_calls(model) - before
-        made += len(result.tokens)
-        best = max(best, result.timings.generated_tokens_per_s)
-    return {"tok_s": round(best, 2), "arm_calls_per_token": round(calls / made, 3)}
+def one(model, tokens: int, seed: int) -> tuple[float, int, int]:
+    """One generation: its tok/s (timed from after the prefill), ARM decode calls and tokens."""
+    before = arm_calls(model)
+    result = model.generate(PROMPT, max_tokens=tokens, seed=seed, ignore_eos=True)
+    return result.timings.generated_tokens_per_s, arm_calls(model) - before, len(result.tokens)
 
 
 def configurations(arms: list[str], draft: int) -> dict[str, tuple[dict, dict]]:
@@ -84,18 +80,34 @@ def configurations(arms: list[str], draft: int) -> dict[str, tuple[dict, dict]]:
 
 
 def speed(base: str | None, arms: list[str], args) -> list[dict]:
+    """Every configuration loaded at once, and each round runs every one of them in turn, idle and then beside a busy
+    process: the configurations share the machine's states rather than each meeting its own, so their ratios hold
+    from run to run better than their absolute speeds."""
     from genarm_local import GuidedModel
 
-    rows = []
-    for name, (weights, options) in configurations(arms, args.draft).items():
-        row = {"configuration": name}
-        with GuidedModel(base, weights, **options) as model:
-            row["idle"] = run(model, args.tokens, args.rounds)
-            with Busy():
-                row["loaded"] = run(model, args.tokens, args.rounds)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+    with contextlib.ExitStack() as stack:
+        models = {
+            name: stack.enter_context(GuidedModel(base, weights, **options))
+            for name, (weights, options) in configurations(arms, args.draft).items()
+        }
+        for model in models.values():
+            model.generate(PROMPT, max_tokens=8, seed=0)  # contexts created, caches warm
+        rows = {name: {"configuration": name} for name in models}
+        for state in ("idle", "loaded"):
+            best, calls, made = dict.fromkeys(models, 0.0), dict.fromkeys(models, 0), dict.fromkeys(models, 0)
+            with Busy() if state == "loaded" else contextlib.nullcontext():
+                for round_ in range(args.rounds):
+                    for name, model in models.items():
+                        tok_s, n_calls, n_made = one(model, args.tokens, round_)
+                        best[name] = max(best[name], tok_s)
+                        calls[name] += n_calls
+                        made[name] += n_made
+            for name in models:
+                rows[name][state] = {"tok_s": round(best[name], 2),
+                                     "arm_calls_per_token": round(calls[name] / made[name], 3)}  # fmt: skip
+        for row in rows.values():
+            print(json.dumps(row), flush=True)
+    return list(rows.values())
 
 
 def acceptance(args) -> list[dict]:
