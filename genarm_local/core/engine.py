@@ -217,10 +217,6 @@ class Engine:
                 "reply; shorten the prompt or load with a larger n_ctx (-c)"
             )
 
-    def active_arms(self, alphas: Sequence[float]) -> list[tuple[Arm, float]]:
-        """ARMs with α ≠ 0; the others are not decoded at all."""
-        return [(arm, alpha) for arm, alpha in zip(self.arms, alphas, strict=True) if alpha != 0.0]
-
     @staticmethod
     def temperature_factor(config: SamplingConfig, active: Sequence[tuple[Arm, float]]) -> float:
         """What the sampler chain multiplies T by: ``scale_temperature`` samples the guided distribution at

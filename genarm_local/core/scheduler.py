@@ -41,7 +41,6 @@ held before, and a chat turn decodes only its last unfinished chunk and what fol
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections import deque
@@ -187,7 +186,6 @@ class Scheduler:
         # (LoadConfig.merge_arms: ((ARM index, adapter scale), ...)); and the way back.
         self._owners: list[int | tuple | None] = [None, *range(len(engine.arms))]
         self._where: dict[int | tuple | None, int] = {owner: index for index, owner in enumerate(self._owners)}
-        self._stack = contextlib.ExitStack()
         self._contexts: list[Context | None] = [None] * n_models
         self._batches: list[Batch | None] = [None] * n_models
         # Per context and slot: the tokens its KV cache holds, in order, and how many of them a prompt's prefill
@@ -201,11 +199,7 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.drafted = self.refused = 0  # speculation: drafts checked, and of those refused (an acceptance rate)
         self.stopping = threading.Event()  # set by the engine when it closes: a long prefill stops between chunks
-        try:
-            self._context(0)  # a base context that cannot be created fails here, not in the first request
-        except BaseException:
-            self._stack.close()
-            raise
+        self._context(0)  # a base context that cannot be created fails here, not in the first request
 
     # ---- what the engine thread uses -------------------------------------------------------------------------------
 
@@ -637,20 +631,17 @@ class Scheduler:
             # a decode holds a prompt chunk or a step's rows, never more: llama.cpp sizes its compute buffers and
             # the sliding-window layers' caches by n_batch, so a small one saves memory per slot
             n_batch = max(PREFILL_CHUNK, self.n_slots)
-            owner = self._owners[index]
-            if isinstance(owner, tuple):  # closed on its own (_close_merged), not by the stack
-                context = self.engine.new_merged_context(owner, self.n_ctx * self.n_slots, self.n_slots, n_batch)
-                self._contexts[index] = context
-                try:
-                    self._batches[index] = Batch(context.n_batch)
-                except BaseException:
-                    self._close_merged(index)
-                    raise
-                return context
-            model = 0 if owner is None else owner + 1
-            context = self.engine.new_context(model, self.n_ctx * self.n_slots, self.n_slots, n_batch)
-            self._contexts[index] = self._stack.enter_context(context)
-            self._batches[index] = self._stack.enter_context(Batch(context.n_batch))
+            owner, cells = self._owners[index], self.n_ctx * self.n_slots
+            if isinstance(owner, tuple):
+                context = self.engine.new_merged_context(owner, cells, self.n_slots, n_batch)
+            else:
+                context = self.engine.new_context(0 if owner is None else owner + 1, cells, self.n_slots, n_batch)
+            self._contexts[index] = context
+            try:
+                self._batches[index] = Batch(context.n_batch)
+            except BaseException:
+                self._close(index)
+                raise
         return self._contexts[index]
 
     def _merged_index(self, key: tuple) -> int:
@@ -665,12 +656,13 @@ class Scheduler:
         if len(merged) < MERGED_CONTEXTS or not idle:
             return self._new_index(key)
         index = idle[0]
-        self._close_merged(index)
+        self._close(index)
         del self._where[self._owners[index]]
         self._owners[index], self._where[key] = key, index
         return index
 
-    def _close_merged(self, index: int) -> None:
+    def _close(self, index: int) -> None:
+        """Free a context and its batch, and forget what its slots held."""
         for resource in (self._batches[index], self._contexts[index]):
             if resource is not None:
                 resource.close()
@@ -699,10 +691,8 @@ class Scheduler:
     def close(self) -> None:
         for slot in range(self.n_slots):
             self._free(slot)
-        for index, owner in enumerate(self._owners):
-            if isinstance(owner, tuple):
-                self._close_merged(index)
-        self._stack.close()
+        for index in reversed(range(len(self._contexts))):
+            self._close(index)
 
     def __enter__(self) -> Scheduler:
         return self

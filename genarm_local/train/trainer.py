@@ -35,7 +35,8 @@ class TrainResult:
     seconds: float
     calibration: Calibration | None = None  # of the exported ARM (also stored in its GGUF)
     notes: list[str] = field(default_factory=list)  # warnings for the report
-    total_steps: int = 0  # the steps planned (--epochs or --max-steps); more than ``steps`` if it stopped early
+    # the steps planned (--epochs and --min-steps, or --max-steps); more than ``steps`` if it stopped early
+    total_steps: int = 0
     selected_step: int = 0  # whose weights were saved and exported (TrainConfig.select)
     select: str = "best"  # "last" too when there was no held-out pair to choose by
     # why it stopped before the last step (TrainConfig.early_stopping_patience): "loss" (no lower held-out loss);
