@@ -32,13 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from build_arms import load_prompts  # noqa: E402
+from evaluate import log_softmax  # noqa: E402
 from stamp import describe, measurement_stamp, write_stamped  # noqa: E402
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def compare(exact: np.ndarray, other: np.ndarray) -> tuple[float, float]:
