@@ -1,6 +1,6 @@
 """Guided decoding speed on the product path (GuidedModel, as chat, serve and apps call it), idle and shared.
 
-    python bench/speed.py [--tokens 64] [--rounds 3] [--draft 4] [--desktop DIR] [--json docs/speed.json]
+    python bench/speed.py [--tokens 64] [--rounds 5] [--draft 4] [--desktop DIR] [--json docs/speed.json]
     python bench/speed.py --acceptance [--draft 4] [--json docs/speculation.json]
     python bench/speed.py ... --against OLD.json          # also each figure of an earlier run beside this one's
 
@@ -9,7 +9,9 @@ Llama-3.2-1B-shaped base and LoRA ARM of bench/desktop_model.py, its second ARM 
 configuration — base only; 1 ARM; 2 ARMs; the ARM configurations plain and speculative (--draft-max), and 2 ARMs
 merged in one context (--merge-arms, approximate) — one model is
 loaded and generates ``--tokens`` tokens from after the prompt (chat's default sampling, end of generation ignored),
-best of ``--rounds`` (every configuration of a model loaded at once, each round running each in turn), first on the
+the median of ``--rounds`` (every configuration of a model loaded at once, each round running each in turn: a
+moment when the machine is slower falls on every configuration alike, and the median drops the outliers a best-of
+keeps), first on the
 idle machine, then while one other process keeps a core busy (a Python loop, as
 a browser tab or an indexer would). Every figure of one model comes from the same run; the table gives each
 configuration's tok/s, its share of base-only on the same machine state, and its loaded ÷ idle share.
@@ -28,6 +30,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,16 +97,18 @@ def speed(base: str | None, arms: list[str], args) -> list[dict]:
             model.generate(PROMPT, max_tokens=8, seed=0)  # contexts created, caches warm
         rows = {name: {"configuration": name} for name in models}
         for state in ("idle", "loaded"):
-            best, calls, made = dict.fromkeys(models, 0.0), dict.fromkeys(models, 0), dict.fromkeys(models, 0)
+            speeds = {name: [] for name in models}
+            calls, made = dict.fromkeys(models, 0), dict.fromkeys(models, 0)
             with Busy() if state == "loaded" else contextlib.nullcontext():
                 for round_ in range(args.rounds):
                     for name, model in models.items():
                         tok_s, n_calls, n_made = one(model, args.tokens, round_)
-                        best[name] = max(best[name], tok_s)
+                        speeds[name].append(tok_s)
                         calls[name] += n_calls
                         made[name] += n_made
             for name in models:
-                rows[name][state] = {"tok_s": round(best[name], 2),
+                rows[name][state] = {"tok_s": round(statistics.median(speeds[name]), 2),
+                                     "rounds": [round(v, 2) for v in speeds[name]],
                                      "arm_calls_per_token": round(calls[name] / made[name], 3)}  # fmt: skip
         for row in rows.values():
             print(json.dumps(row), flush=True)
@@ -209,7 +214,7 @@ def acceptance_table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per machine state; each figure is their median")
     parser.add_argument("--draft", type=int, default=4, help="draft_max of the speculative configurations")
     parser.add_argument("--desktop", type=Path, help="bench/desktop_model.py's output folder: measure its model too")
     parser.add_argument("--acceptance", action="store_true", help="measure speculation's acceptance along α instead")
