@@ -31,12 +31,12 @@ MAX_TOKENS = 40
 SAMPLES = 2
 
 
-def measure(model, task, alpha: float, seed: int) -> dict:
-    """Guided continuations of every held-out prompt (SAMPLES each) at ``alpha``: feature rate and fluency."""
+def measure(model, task, alpha: float, seed: int, samples: int = SAMPLES) -> dict:
+    """Guided continuations of every held-out prompt (``samples`` each) at ``alpha``: feature rate and fluency."""
     from genarm_local.evaluation.fluency import is_degenerate, rep_n, reply
     from genarm_local.evaluation.judges import distinct_n
 
-    prompts = [p for p in task.held_out for _ in range(SAMPLES)]
+    prompts = [p for p in task.held_out for _ in range(samples)]
     weights = {name: alpha for name in model.arm_weights()}
     results = model.generate_batch(prompts, weights=weights, max_tokens=MAX_TOKENS, seed=seed)
     texts = [reply(r.text, p) for r, p in zip(results, prompts, strict=True)]  # a chat reply: where chat stops
