@@ -1,0 +1,128 @@
+"""Which weights of a long training run make the best ARM, and can a measure without a judge tell? (issue 21)
+
+    python bench/checkpoint_candidates.py --task brief --steps 12 18 24 [--out docs/checkpoint_candidates.json]
+    python bench/checkpoint_candidates.py --table [--out FILE]
+
+Trains the task of bench/preference_tasks.py as preference_bench.py's "3× steps" run does (`--epochs 3
+--min-steps 48`), keeping the LoRA weights of the held-out evaluations at --steps (evaluations fall every 6 steps
+there). Each is exported as a GGUF adapter and calibrated as `train --export` calibrates (on the task's training
+prompts), then measured as preference_bench.py measures, with 4 continuations of every held-out prompt (96 texts):
+the preferred behaviour's rate at the recommended α (what a person gets), beside a judge-free signal computed from
+the calibration alone, KL(p_α ‖ p_base) at the recommended α — how far the ARM moves the text while it stays as
+fluent as the base's. A checkpoint selection by that signal is right when it ranks the checkpoints as the rate does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and llama.cpp in one process
+
+from preference_bench import RUNS, SEED, write_json  # noqa: E402
+from preference_tasks import TASKS  # noqa: E402
+from stamp import describe, measurement_stamp  # noqa: E402
+from train_experiments import calibrate_arm, measure  # noqa: E402
+
+SAMPLES = 4  # continuations of each held-out prompt: 96 texts
+
+
+def train_keeping(task, steps: set[int], work: Path) -> dict:
+    """The 3×-steps run of ``task`` in ``work``, with the weights of the evaluations at ``steps`` saved as PEFT
+    adapters (work/step-N). The run's own choice (lowest held-out loss) is in its log."""
+    from genarm_local.train import TrainConfig, train
+    from genarm_local.train.run import Run
+
+    evaluate = Run._evaluate_and_select
+
+    def keeping(run: Run, write):
+        stop = evaluate(run, write)
+        if run.step in steps:
+            run.model.save_pretrained(str(work / f"step-{run.step}"))
+        return stop
+
+    Run._evaluate_and_select = keeping  # an experiment's hook; the product keeps only the selected weights
+    try:
+        config = TrainConfig(data=task.pairs, output=str(work / "run"), progress=False, calibrate=False,
+                             **RUNS["3× steps"])  # fmt: skip
+        result = train(config)
+    finally:
+        Run._evaluate_and_select = evaluate
+    return {"steps": result.steps, "selected_step": result.selected_step, "evaluations": result.evaluations}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=TASKS, default="brief")
+    parser.add_argument("--steps", type=int, nargs="+", default=[12, 18, 24])
+    parser.add_argument("--out", default="docs/checkpoint_candidates.json")
+    parser.add_argument("--work", type=Path, help="keep the run and the adapters here (default: a temporary folder)")
+    parser.add_argument("--table", action="store_true")
+    parser.add_argument("--allow-dirty", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    records = json.loads(out.read_text())["tasks"] if out.is_file() else {}
+    if args.table:
+        print(table(records))
+        return
+    stamp = measurement_stamp(args.allow_dirty)
+    started = time.time()
+
+    from genarm_local import GuidedModel
+    from genarm_local.core.arm_metadata import interpolate_kl
+    from genarm_local.core.config import resolve_base
+
+    task = TASKS[args.task]()
+    with tempfile.TemporaryDirectory(prefix="genarm-ckpt-") as scratch:
+        work = args.work or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        training = train_keeping(task, set(args.steps), work)
+        with GuidedModel(arms={}, n_ctx=4096, seed=SEED) as model:
+            base = measure(model, task, 0.0, SEED, samples=SAMPLES)
+        rows = []
+        for step in args.steps:
+            arm = work / f"step-{step}.gguf"
+            subprocess.run(
+                ["genarm-local", "convert", str(resolve_base(None)), "--lora", str(work / f"step-{step}"),
+                 "--adapter-only", "-o", str(arm), "--no-progress", "--force"], check=True,
+            )  # fmt: skip
+            calibration = calibrate_arm(task, arm, 0, None)["calibration"]
+            alpha = calibration["recommended_alpha"]
+            with GuidedModel(arms={str(arm): None}, n_ctx=4096, seed=SEED) as model:
+                guided = measure(model, task, alpha, SEED, samples=SAMPLES)
+            evaluation = next(e for e in training["evaluations"] if e["step"] == step)
+            rows.append({"step": step, "eval_loss": evaluation["loss"], "eval_margin": evaluation["margin"],
+                         "alpha": alpha, "kl_at_alpha": interpolate_kl(calibration["alphas"], calibration["kl"], alpha),
+                         **{k: v for k, v in guided.items() if k != "examples"}})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    records[args.task] = {"stamp": stamp, "minutes": round((time.time() - started) / 60, 1), "base": base,
+                          "run_kept": training["selected_step"], "steps": training["steps"], "rows": rows}  # fmt: skip
+    write_json(out, {"tasks": records})
+    print(table(records))
+
+
+def table(records: dict) -> str:
+    lines = []
+    for name, record in records.items():
+        base = record["base"]
+        lines += [f"\n{name}, 3× steps ({record['steps']} steps; the held-out loss kept step {record['run_kept']}); "
+                  f"_{describe(record['stamp'])}, {record['minutes']} min_; base alone: feature {base['feature']:.2f}, "
+                  f"distinct-2 {base['distinct_2']:.3f}, rep-4 {base['rep_4']:.3f}\n",
+                  "| step | held-out loss | margin β·Δ | recommended α | KL at α (nats/token) | feature | distinct-2 | "
+                  "rep-4 | degenerate |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in record["rows"]:
+            lines.append(f"| {r['step']} | {r['eval_loss']:.4f} | {r['eval_margin']:.2f} | {r['alpha']:.3g} | "
+                         f"{r['kl_at_alpha']:.3f} | {r['feature']:.2f} | {r['distinct_2']:.3f} | {r['rep_4']:.3f} | "
+                         f"{r['degenerate']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
