@@ -84,6 +84,10 @@ def main() -> None:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
         training = train_keeping(task, set(args.steps), work)
+        missing = [step for step in args.steps if not (work / f"step-{step}").is_dir()]
+        if missing:
+            sys.exit(f"no held-out evaluation at step(s) {missing}: evaluations fell at "
+                     f"{[e['step'] for e in training['evaluations']]}")  # fmt: skip
         with GuidedModel(arms={}, n_ctx=4096, seed=SEED) as model:
             base = measure(model, task, 0.0, SEED, samples=SAMPLES)
         rows = []
