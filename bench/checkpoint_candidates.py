@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,12 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and llama.cpp in one process
 
-from preference_bench import RUNS, SEED, write_json  # noqa: E402
+from preference_bench import RUNS, SAMPLES, SEED, write_json  # noqa: E402
 from preference_tasks import TASKS  # noqa: E402
 from stamp import describe, measurement_stamp  # noqa: E402
 from train_experiments import calibrate_arm, measure  # noqa: E402
-
-SAMPLES = 4  # continuations of each held-out prompt: 96 texts
 
 
 def train_keeping(task, steps: set[int], work: Path) -> dict:
@@ -75,6 +72,8 @@ def main() -> None:
     stamp = measurement_stamp(args.allow_dirty)
     started = time.time()
 
+    from genarm_local.convert import convert
+
     from genarm_local import GuidedModel
     from genarm_local.core.arm_metadata import interpolate_kl
     from genarm_local.core.config import resolve_base
@@ -93,10 +92,7 @@ def main() -> None:
         rows = []
         for step in args.steps:
             arm = work / f"step-{step}.gguf"
-            subprocess.run(
-                ["genarm-local", "convert", str(resolve_base(None)), "--lora", str(work / f"step-{step}"),
-                 "--adapter-only", "-o", str(arm), "--no-progress", "--force"], check=True,
-            )  # fmt: skip
+            convert(resolve_base(None), arm, lora=work / f"step-{step}", adapter_only=True, force=True, progress=False)
             calibration = calibrate_arm(task, arm, 0, None)["calibration"]
             alpha = calibration["recommended_alpha"]
             with GuidedModel(arms={str(arm): None}, n_ctx=4096, seed=SEED) as model:

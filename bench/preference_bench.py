@@ -39,8 +39,8 @@ from genarm_local.train.config import TrainConfig  # noqa: E402
 RUNS = {"defaults": {}, "3× steps": {"epochs": 3, "min_steps": 3 * TrainConfig.min_steps}}
 RUN_SLUGS = {"defaults": "defaults", "3× steps": "steps3"}
 SEED = 1
-# Continuations of each of the 24 held-out prompts: 96 texts. With 48 (2 each, the README's table until it is measured
-# again) a rate near the bar moved by up to 13 points between nearby weights.
+# Continuations of each of the 24 held-out prompts: 96 texts. With 48 (2 each; the README's sky rows still) a rate
+# near the bar moved by up to 13 points between nearby weights.
 SAMPLES = 4
 
 

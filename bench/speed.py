@@ -202,7 +202,7 @@ def reproduction_table(old: dict, new: dict) -> str:
     lines.append("")
     for kind, label in (("ratio", "shares (× base only)"), ("tok/s", "tok/s")):
         within = sum(1 / 1.1 <= r <= 1.1 for r in ratios[kind])
-        furthest = max(max(r, 1 / r) for r in ratios[kind])
+        furthest = max((max(r, 1 / r) for r in ratios[kind]), default=1.0)
         lines.append(f"{label}: {within} of {len(ratios[kind])} within 10%, the furthest {furthest:.2f}× apart")
     return "\n".join(lines)
 
