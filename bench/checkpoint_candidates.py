@@ -7,20 +7,28 @@ Trains the task of bench/preference_tasks.py as preference_bench.py's "3× steps
 --min-steps 48`), keeping the LoRA weights of the held-out evaluations at --steps (evaluations fall every 6 steps
 there). Each is exported as a GGUF adapter and calibrated as `train --export` calibrates (on the task's training
 prompts), then measured as preference_bench.py measures, with 4 continuations of every held-out prompt (96 texts):
-the preferred behaviour's rate at the recommended α (what a person gets), beside a judge-free signal computed from
-the calibration alone, KL(p_α ‖ p_base) at the recommended α — how far the ARM moves the text while it stays as
-fluent as the base's. A checkpoint selection by that signal is right when it ranks the checkpoints as the rate does.
+the preferred behaviour's rate at the recommended α (what a person gets), beside two judge-free signals a training
+run could compute: KL(p_α ‖ p_base) at the recommended α, from the calibration alone — how far the ARM moves the
+text while it stays as fluent as the base's —, and the held-out preference under the guided distribution — over the
+run's own held-out pairs (train's split), how much more the distribution the user samples at the recommended α
+prefers the chosen response to the rejected one than the base does: the mean of
+(log p_α(y_w|x) − log p_α(y_l|x)) − (log p_base(y_w|x) − log p_base(y_l|x)), summed over response tokens.
+A checkpoint selection by a signal is right when it ranks the checkpoints as the rate does. --arms adds ARMs made
+elsewhere (e.g. the bench's defaults ARM, calibrated) to the rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and llama.cpp in one process
@@ -55,12 +63,55 @@ def train_keeping(task, steps: set[int], work: Path) -> dict:
     return {"steps": result.steps, "selected_step": result.selected_step, "evaluations": result.evaluations}
 
 
+def guided_preference(model, task, alpha: float) -> float:
+    """The held-out preference under the guided distribution at ``alpha`` (module docstring): on the held-out pairs
+    of `train`'s split, the guided rows exactly as sampled by default (mixing.guide with the default guard, at the
+    temperature scale_temperature gives them) against the base's own."""
+    import llama_cpp as lc
+
+    from genarm_local.core.config import SamplingConfig
+    from genarm_local.core.mixing import guide, log_softmax
+    from genarm_local.train.config import TrainConfig, split
+
+    engine = model.engine
+    defaults = SamplingConfig()
+    scale = engine.temperature_factor(defaults, [(engine.arms[0], alpha)])
+    _, held_out = split(task.pairs, TrainConfig.eval_split, TrainConfig.seed)
+    eos = [lc.llama_vocab_eos(engine.base_model.vocab)]  # train ends string responses with EOS by default
+    guided = np.empty(engine.n_vocab, dtype=np.float32)
+    base = np.empty(engine.n_vocab, dtype=np.float32)
+    gains = []
+    with engine.new_context(0, 1024) as base_context, engine.new_context(1, 1024) as arm_context:
+        for pair in held_out:
+            prompt = model.tokenize(pair["prompt"])
+            margins = []
+            for response in (pair["chosen"], pair["rejected"]):
+                tokens = prompt + model.tokenize(response, add_special=False) + eos
+                first = len(prompt) - 1
+                rows = [context.decode_outputs(tokens, first) for context in (base_context, arm_context)][0]
+                guided_sum = base_sum = 0.0
+                for row in range(rows):
+                    target = tokens[first + row + 1]
+                    base_row = base_context.logits_address(row)
+                    guide(guided, base_row, [arm_context.logits_address(row)], [alpha], n_vocab=engine.n_vocab,
+                          guard_min_p=defaults.guard_min_p)  # fmt: skip
+                    log_softmax(guided, guided, n_vocab=engine.n_vocab, scale=1.0 / scale)
+                    log_softmax(base, base_row, n_vocab=engine.n_vocab)
+                    guided_sum += float(guided[target])
+                    base_sum += float(base[target])
+                margins.append((guided_sum, base_sum))
+            (g_w, b_w), (g_l, b_l) = margins
+            gains.append((g_w - g_l) - (b_w - b_l))
+    return float(np.mean(gains))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASKS, default="brief")
     parser.add_argument("--steps", type=int, nargs="+", default=[12, 18, 24])
     parser.add_argument("--out", default="docs/checkpoint_candidates.json")
     parser.add_argument("--work", type=Path, help="keep the run and the adapters here (default: a temporary folder)")
+    parser.add_argument("--arms", nargs="*", default=[], type=Path, help="calibrated ARMs to measure beside them")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--allow-dirty", action="store_true")
     args = parser.parse_args()
@@ -75,7 +126,7 @@ def main() -> None:
     from genarm_local.convert import convert
 
     from genarm_local import GuidedModel
-    from genarm_local.core.arm_metadata import interpolate_kl
+    from genarm_local.core.arm_metadata import interpolate_kl, read_calibration
     from genarm_local.core.config import resolve_base
 
     task = TASKS[args.task]()
@@ -90,16 +141,24 @@ def main() -> None:
         with GuidedModel(arms={}, n_ctx=4096, seed=SEED) as model:
             base = measure(model, task, 0.0, SEED, samples=SAMPLES)
         rows = []
-        for step in args.steps:
-            arm = work / f"step-{step}.gguf"
-            convert(resolve_base(None), arm, lora=work / f"step-{step}", adapter_only=True, force=True, progress=False)
-            calibration = calibrate_arm(task, arm, 0, None)["calibration"]
+        for step in [*args.steps, *args.arms]:
+            if isinstance(step, Path):  # made elsewhere, calibrated
+                arm, evaluation = step, {"loss": float("nan"), "margin": float("nan")}
+                calibration = vars(read_calibration(arm))
+            else:
+                arm = work / f"step-{step}.gguf"
+                convert(resolve_base(None), arm, lora=work / f"step-{step}", adapter_only=True, force=True,
+                        progress=False)  # fmt: skip
+                calibration = calibrate_arm(task, arm, 0, None)["calibration"]
+                evaluation = next(e for e in training["evaluations"] if e["step"] == step)
             alpha = calibration["recommended_alpha"]
             with GuidedModel(arms={str(arm): None}, n_ctx=4096, seed=SEED) as model:
                 guided = measure(model, task, alpha, SEED, samples=SAMPLES)
-            evaluation = next(e for e in training["evaluations"] if e["step"] == step)
-            rows.append({"step": step, "eval_loss": evaluation["loss"], "eval_margin": evaluation["margin"],
-                         "alpha": alpha, "kl_at_alpha": interpolate_kl(calibration["alphas"], calibration["kl"], alpha),
+                preference = guided_preference(model, task, alpha)
+            rows.append({"step": str(step) if isinstance(step, Path) else step, "eval_loss": evaluation["loss"],
+                         "eval_margin": evaluation["margin"], "alpha": alpha,
+                         "kl_at_alpha": interpolate_kl(calibration["alphas"], calibration["kl"], alpha),
+                         "guided_preference": preference,
                          **{k: v for k, v in guided.items() if k != "examples"}})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     records[args.task] = {"stamp": stamp, "minutes": round((time.time() - started) / 60, 1), "base": base,
@@ -115,11 +174,13 @@ def table(records: dict) -> str:
         lines += [f"\n{name}, 3× steps ({record['steps']} steps; the held-out loss kept step {record['run_kept']}); "
                   f"_{describe(record['stamp'])}, {record['minutes']} min_; base alone: feature {base['feature']:.2f}, "
                   f"distinct-2 {base['distinct_2']:.3f}, rep-4 {base['rep_4']:.3f}\n",
-                  "| step | held-out loss | margin β·Δ | recommended α | KL at α (nats/token) | feature | distinct-2 | "
-                  "rep-4 | degenerate |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| step | held-out loss | margin β·Δ | recommended α | KL at α (nats/token) | "
+                  "guided held-out preference (nats) | feature | distinct-2 | rep-4 | degenerate |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in record["rows"]:
             lines.append(f"| {r['step']} | {r['eval_loss']:.4f} | {r['eval_margin']:.2f} | {r['alpha']:.3g} | "
-                         f"{r['kl_at_alpha']:.3f} | {r['feature']:.2f} | {r['distinct_2']:.3f} | {r['rep_4']:.3f} | "
+                         f"{r['kl_at_alpha']:.3f} | {r.get('guided_preference', math.nan):.1f} | "
+                         f"{r['feature']:.2f} | {r['distinct_2']:.3f} | {r['rep_4']:.3f} | "
                          f"{r['degenerate']:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
