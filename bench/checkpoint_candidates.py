@@ -90,7 +90,7 @@ def guided_preference(model, task, alpha: float) -> float:
                 first = len(prompt) - 1
                 rows = [context.decode_outputs(tokens, first) for context in (base_context, arm_context)][0]
                 guided_sum = base_sum = 0.0
-                for row in range(rows):
+                for row in range(rows - 1):  # row i predicts tokens[first + i + 1]; the last predicts past the end
                     target = tokens[first + row + 1]
                     base_row = base_context.logits_address(row)
                     guide(guided, base_row, [arm_context.logits_address(row)], [alpha], n_vocab=engine.n_vocab,
@@ -110,7 +110,12 @@ def main() -> None:
     parser.add_argument("--task", choices=TASKS, default="brief")
     parser.add_argument("--steps", type=int, nargs="+", default=[12, 18, 24])
     parser.add_argument("--out", default="docs/checkpoint_candidates.json")
-    parser.add_argument("--work", type=Path, help="keep the run and the adapters here (default: a temporary folder)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="keep the run and the adapters here (default: a temporary folder); "
+        "a folder of an earlier run is reused: its training and its calibrated checkpoints",
+    )
     parser.add_argument("--arms", nargs="*", default=[], type=Path, help="calibrated ARMs to measure beside them")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--allow-dirty", action="store_true")
@@ -133,7 +138,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="genarm-ckpt-") as scratch:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        training = train_keeping(task, set(args.steps), work)
+        record = work / "training.json"  # a --work folder of an earlier run: its run and adapters are reused
+        if record.is_file():
+            training = json.loads(record.read_text())
+        else:
+            training = train_keeping(task, set(args.steps), work)
+            record.write_text(json.dumps(training) + "\n")
         missing = [step for step in args.steps if not (work / f"step-{step}").is_dir()]
         if missing:
             sys.exit(f"no held-out evaluation at step(s) {missing}: evaluations fell at "
@@ -147,9 +157,12 @@ def main() -> None:
                 calibration = vars(read_calibration(arm))
             else:
                 arm = work / f"step-{step}.gguf"
-                convert(resolve_base(None), arm, lora=work / f"step-{step}", adapter_only=True, force=True,
-                        progress=False)  # fmt: skip
-                calibration = calibrate_arm(task, arm, 0, None)["calibration"]
+                if arm.is_file() and read_calibration(arm) is not None:  # converted and calibrated before
+                    calibration = vars(read_calibration(arm))
+                else:
+                    convert(resolve_base(None), arm, lora=work / f"step-{step}", adapter_only=True, force=True,
+                            progress=False)  # fmt: skip
+                    calibration = calibrate_arm(task, arm, 0, None)["calibration"]
                 evaluation = next(e for e in training["evaluations"] if e["step"] == step)
             alpha = calibration["recommended_alpha"]
             with GuidedModel(arms={str(arm): None}, n_ctx=4096, seed=SEED) as model:
