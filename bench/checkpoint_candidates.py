@@ -168,7 +168,8 @@ def main() -> None:
             with GuidedModel(arms={str(arm): None}, n_ctx=4096, seed=SEED) as model:
                 guided = measure(model, task, alpha, SEED, samples=SAMPLES)
                 preference = guided_preference(model, task, alpha)
-            rows.append({"step": str(step) if isinstance(step, Path) else step, "eval_loss": evaluation["loss"],
+            label = f"{step.parent.name}/{step.name}" if isinstance(step, Path) else step  # no machine path
+            rows.append({"step": label, "eval_loss": evaluation["loss"],
                          "eval_margin": evaluation["margin"], "alpha": alpha,
                          "kl_at_alpha": interpolate_kl(calibration["alphas"], calibration["kl"], alpha),
                          "guided_preference": preference,
@@ -191,7 +192,10 @@ def table(records: dict) -> str:
                   "guided held-out preference (nats) | feature | distinct-2 | rep-4 | degenerate |",
                   "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in record["rows"]:
-            lines.append(f"| {r['step']} | {r['eval_loss']:.4f} | {r['eval_margin']:.2f} | {r['alpha']:.3g} | "
+            made_elsewhere = math.isnan(r["eval_loss"])  # an --arms row: no evaluation of this run
+            loss = "—" if made_elsewhere else f"{r['eval_loss']:.4f}"
+            margin = "—" if made_elsewhere else f"{r['eval_margin']:.2f}"
+            lines.append(f"| {r['step']} | {loss} | {margin} | {r['alpha']:.3g} | "
                          f"{r['kl_at_alpha']:.3f} | {r.get('guided_preference', math.nan):.1f} | "
                          f"{r['feature']:.2f} | {r['distinct_2']:.3f} | {r['rep_4']:.3f} | "
                          f"{r['degenerate']:.2f} |")  # fmt: skip
