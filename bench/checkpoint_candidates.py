@@ -64,44 +64,31 @@ def train_keeping(task, steps: set[int], work: Path) -> dict:
 
 
 def guided_preference(model, task, alpha: float) -> float:
-    """The held-out preference under the guided distribution at ``alpha`` (module docstring): on the held-out pairs
-    of `train`'s split, the guided rows exactly as sampled by default (mixing.guide with the default guard, at the
-    temperature scale_temperature gives them) against the base's own."""
+    """The held-out preference under the guided distribution at ``alpha`` (module docstring), on the held-out pairs
+    of `train`'s split: the API's own log-probs (GuidedModel.next_token_logprobs, normalized: the distribution the
+    default sampling draws from at T = 1, as scale_temperature gives it) against the base's."""
     import llama_cpp as lc
 
-    from genarm_local.core.config import SamplingConfig
-    from genarm_local.core.mixing import guide, log_softmax
     from genarm_local.train.config import TrainConfig, split
 
-    engine = model.engine
-    defaults = SamplingConfig()
-    scale = engine.temperature_factor(defaults, [(engine.arms[0], alpha)])
+    (arm,) = model.arm_weights()
+    eos = lc.llama_vocab_eos(model.engine.base_model.vocab)  # train ends string responses with EOS by default
+
+    def logp(tokens: list[int], start: int, weight: float) -> float:
+        rows = (
+            model.next_token_logprobs(tokens[:i], {arm: weight}, normalized=True) for i in range(start, len(tokens))
+        )
+        return sum(float(row[token]) for row, token in zip(rows, tokens[start:], strict=True))
+
     _, held_out = split(task.pairs, TrainConfig.eval_split, TrainConfig.seed)
-    eos = [lc.llama_vocab_eos(engine.base_model.vocab)]  # train ends string responses with EOS by default
-    guided = np.empty(engine.n_vocab, dtype=np.float32)
-    base = np.empty(engine.n_vocab, dtype=np.float32)
     gains = []
-    with engine.new_context(0, 1024) as base_context, engine.new_context(1, 1024) as arm_context:
-        for pair in held_out:
-            prompt = model.tokenize(pair["prompt"])
-            margins = []
-            for response in (pair["chosen"], pair["rejected"]):
-                tokens = prompt + model.tokenize(response, add_special=False) + eos
-                first = len(prompt) - 1
-                rows = [context.decode_outputs(tokens, first) for context in (base_context, arm_context)][0]
-                guided_sum = base_sum = 0.0
-                for row in range(rows - 1):  # row i predicts tokens[first + i + 1]; the last predicts past the end
-                    target = tokens[first + row + 1]
-                    base_row = base_context.logits_address(row)
-                    guide(guided, base_row, [arm_context.logits_address(row)], [alpha], n_vocab=engine.n_vocab,
-                          guard_min_p=defaults.guard_min_p)  # fmt: skip
-                    log_softmax(guided, guided, n_vocab=engine.n_vocab, scale=1.0 / scale)
-                    log_softmax(base, base_row, n_vocab=engine.n_vocab)
-                    guided_sum += float(guided[target])
-                    base_sum += float(base[target])
-                margins.append((guided_sum, base_sum))
-            (g_w, b_w), (g_l, b_l) = margins
-            gains.append((g_w - g_l) - (b_w - b_l))
+    for pair in held_out:
+        prompt = model.tokenize(pair["prompt"])
+        chosen, rejected = (
+            prompt + model.tokenize(r, add_special=False) + [eos] for r in (pair["chosen"], pair["rejected"])
+        )
+        gains.append(sum(sign * (logp(seq, len(prompt), alpha) - logp(seq, len(prompt), 0.0))
+                         for sign, seq in ((1, chosen), (-1, rejected))))  # fmt: skip
     return float(np.mean(gains))
 
 
