@@ -93,7 +93,7 @@ def exclude_from_git(*patterns: str) -> None:
 
 def fetch_sdist(version: str, into: Path) -> Path:
     """The pinned sdist through pip (its cache first, else the index)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation"]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
     subprocess.run([*command, "-d", str(into), f"llama-cpp-python=={version}"], check=True)
     return next(into.glob("llama_cpp_python-*.tar.gz"))
 
@@ -286,6 +286,13 @@ def run(out: Path, cpu: bool, shapes: list[str], max_k: int, tokens: int, thread
     say(f"models: {', '.join(models)}")
 
     results: dict[str, dict] = {}
+
+    def write_report() -> None:  # after each model too: a call cut off at its limit still brings back what it measured
+        report = {"gpu": gpu_name, "commit_staged": _read(STAGE / "COMMIT"), "steps": steps, "results": results}
+        partial = out / "gpu_bench.json.partial"
+        partial.write_text(json.dumps(report, indent=2))
+        os.replace(partial, out / "gpu_bench.json")
+
     ngl = "0" if cpu else "99"
     for name, (base, arms) in models.items():
         runs = {
@@ -316,9 +323,9 @@ def run(out: Path, cpu: bool, shapes: list[str], max_k: int, tokens: int, thread
             run_logged(command, env, WORK / "measure.log", out)
             results[f"{name}/guided"] = json.loads(result.read_text())
             say(f"{name} guided tok/s: {results[f'{name}/guided']['tok_s']}")
+            write_report()
     steps["total_s"] = time.perf_counter() - start
-    report = {"gpu": gpu_name, "commit_staged": _read(STAGE / "COMMIT"), "steps": steps, "results": results}
-    (out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
+    write_report()
     say(f"wrote {out / 'gpu_bench.json'} in {steps['total_s']:.0f} s")
 
 
