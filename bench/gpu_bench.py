@@ -278,7 +278,10 @@ def run(out: Path, cpu: bool, shapes: list[str], max_k: int, tokens: int, thread
     for shape in shapes:
         started = time.perf_counter()
         command = [sys.executable, str(BENCH / "desktop_model.py"), "--shape", shape, "--out", str(WORK / "models")]
-        run_logged([*command, "--quiet"], env, WORK / f"build-{shape}.log", out)
+        # the models are built (converted and quantized) on the CPU: with the GPU visible, this process (torch
+        # and the CUDA llama.cpp together) ended in a segmentation fault after saving the checkpoint, 2026-12-04
+        cpu_only = {**env, "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
+        run_logged([*command, "--quiet"], cpu_only, WORK / f"build-{shape}.log", out)
         built = json.loads((WORK / f"build-{shape}.log").read_text().strip().splitlines()[-1])
         arm = Path(built["arm"])
         models[f"synthetic-{shape}"] = (Path(built["base"]), [arm, second_adapter(arm)])
