@@ -22,6 +22,13 @@ and the commit measured. `run` then, each step skipped when a previous call on t
    the base alone, 1 ARM and 2 ARMs. bench/bench_engine.py has no n_gpu_layers option, so the API is measured
    here instead.
 Everything lands in --out: gpu_bench.json (each measurement with its stamp) and the build log's tail.
+
+Seen on the H200, 2026-12-04 (two calls, 15 minutes of device time, no measurement came back): the CUDA build of
+llama-cpp-python 0.3.36 takes 240-260 s there and reports GPU offload; then desktop_model.py ends in a segmentation
+fault (Python's fault handler: llama_model_load_from_file in native.Model, called by convert's test load right after
+llama.cpp quantized the base), with the GPU visible and with CUDA_VISIBLE_DEVICES="" alike. That process has torch
+(the machine's cu130 build) loaded beside the CUDA llama.cpp. Next time, first: load the quantized file in a process
+without torch (a plain GuidedModel), to tell a torch/CUDA-runtime clash from a fault of the CUDA build itself.
 """
 
 from __future__ import annotations
@@ -278,10 +285,8 @@ def run(out: Path, cpu: bool, shapes: list[str], max_k: int, tokens: int, thread
     for shape in shapes:
         started = time.perf_counter()
         command = [sys.executable, str(BENCH / "desktop_model.py"), "--shape", shape, "--out", str(WORK / "models")]
-        # the models are built (converted and quantized) on the CPU: with the GPU visible, this process (torch
-        # and the CUDA llama.cpp together) ended in a segmentation fault after saving the checkpoint, 2026-12-04
-        cpu_only = {**env, "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
-        run_logged([*command, "--quiet"], cpu_only, WORK / f"build-{shape}.log", out)
+        # Python's fault handler on: see the docstring's "Seen on the H200" for the crash it caught there
+        run_logged([*command, "--quiet"], {**env, "PYTHONFAULTHANDLER": "1"}, WORK / f"build-{shape}.log", out)
         built = json.loads((WORK / f"build-{shape}.log").read_text().strip().splitlines()[-1])
         arm = Path(built["arm"])
         models[f"synthetic-{shape}"] = (Path(built["base"]), [arm, second_adapter(arm)])
