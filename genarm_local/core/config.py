@@ -83,7 +83,8 @@ class SamplingConfig:
     guard_min_p: float = option(
         0.0,
         "base-plausibility guard τ: before mixing, drop tokens whose base probability is below τ × the base's top "
-        "token's, so the ARMs re-rank only what the base finds plausible (Li et al. 2023); 0: off",
+        "token's, so the ARMs re-rank only what the base finds plausible (Li et al. 2023); 0: off; with every ARM at 0 "
+        "there is no mix and it does nothing",
     )
 
     @classmethod

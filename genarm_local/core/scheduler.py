@@ -442,7 +442,7 @@ class Scheduler:
         row = rows[0][slot]
         config = job.config
         try:
-            if state.active or config.guard_min_p > 0.0:
+            if state.active:  # no ARM active: the base's own row (the guard bounds a mix, and there is none)
                 arms = [self._contexts[index].logits_address(rows[index][slot]) for index in state.contexts[1:]]
                 address = base.logits_address(row)
                 guide(
@@ -569,7 +569,7 @@ class Scheduler:
                         continue
                     # the draft: the guided formula with every ARM replaced by the base itself
                     mixed = logits.copy()
-                    if state.active or state.job.config.guard_min_p > 0.0:
+                    if state.active:
                         guide(mixed, mixed, [logits] * len(state.active), [alpha for _, alpha in state.active],
                               guard_min_p=state.job.config.guard_min_p)  # fmt: skip
                     probs = drafters[slot].probabilities(mixed)
