@@ -72,13 +72,21 @@ def test_a_foreign_model_name_is_served_by_the_default_model(server):
 
 
 def test_frequency_and_presence_penalties_reach_the_sampler(server, local):
+    """Each penalty, either sign (OpenAI allows -2 to 2): the server's greedy text is the in-process model's with the
+    same penalty, and for each kind at least one sign changes that text (the guided tiny model seldom repeats
+    itself, so a positive penalty alone may change nothing; a negative one makes it repeat the prompt's tokens)."""
     client = server.client()
     plain = local.generate(PROMPT, max_tokens=32, temperature=0.0).text
     for penalty in ("frequency_penalty", "presence_penalty"):
-        expected = local.generate(PROMPT, max_tokens=32, temperature=0.0, **{penalty: 1.5}).text
-        assert expected != plain, penalty  # the tiny model repeats itself: a penalty changes its greedy text
-        reply = client.completions.create(model="", prompt=PROMPT, max_tokens=32, temperature=0.0, **{penalty: 1.5})
-        assert reply.choices[0].text == expected, penalty
+        changed = []
+        for value in (1.5, -1.5):
+            expected = local.generate(PROMPT, max_tokens=32, temperature=0.0, **{penalty: value}).text
+            changed.append(expected != plain)
+            reply = client.completions.create(
+                model="", prompt=PROMPT, max_tokens=32, temperature=0.0, **{penalty: value}
+            )
+            assert reply.choices[0].text == expected, (penalty, value)
+        assert any(changed), penalty
 
 
 def test_logit_bias_changes_a_greedy_token(server, local):
