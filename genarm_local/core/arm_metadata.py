@@ -41,7 +41,7 @@ class Calibration:
     distinct_2: tuple[float, ...]  # of the guided continuations at each α (all of them together)
     rep_4: tuple[float, ...]  # mean share of repeated word 4-grams per continuation, at each α
     degenerate: tuple[float, ...]  # share of degenerate continuations, at each α
-    base_distinct_2: float  # the same three of the base's own continuations
+    base_distinct_2: float  # the same three of the base's own continuations (the mean over calibration.BASE_DRAWS sets)
     base_rep_4: float
     base_degenerate: float
     recommended_alpha: float

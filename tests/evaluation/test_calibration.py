@@ -133,6 +133,29 @@ def test_calibrate_writes_the_curve_into_the_arm(calibrated, files):
     assert read_calibration(files["adapter"]) is None  # the original was not touched
 
 
+def test_the_base_yardstick_is_the_mean_of_several_sets(calibrated, files):
+    """The base's fluency measures that every α is judged against are the mean over BASE_DRAWS sets of continuations,
+    set d seeded seed + d·n + i: computed here from the base alone, with fluency.py directly."""
+    from genarm_local import GuidedModel
+    from genarm_local.core.arm_metadata import read_calibration
+    from genarm_local.evaluation.calibration import BASE_DRAWS, CalibrationConfig, continued
+    from genarm_local.evaluation.fluency import fluency_summary, reply
+
+    calibration = read_calibration(calibrated[0])
+    n = CalibrationConfig.samples
+    prompts = continued(PROMPTS, n, 0)
+    per_draw = []
+    with GuidedModel(files["base"], n_threads=1) as model:
+        for draw in range(BASE_DRAWS):
+            results = model.generate_batch(prompts, max_tokens=8, seeds=[draw * n + i for i in range(n)])
+            texts = [reply(model.detokenize(r.tokens), p) for r, p in zip(results, prompts, strict=True)]
+            summary = fluency_summary(texts)
+            per_draw.append([summary["distinct_2"], summary["rep_4"], summary["degenerate"]])
+    assert BASE_DRAWS > 1 and len({d2 for d2, _, _ in per_draw}) > 1  # several sets, and they differ
+    got = (calibration.base_distinct_2, calibration.base_rep_4, calibration.base_degenerate)
+    assert got == pytest.approx(tuple(np.mean(per_draw, axis=0)), abs=1e-6)
+
+
 def test_an_arm_without_a_weight_runs_at_its_recommended_alpha(calibrated, files):
     from genarm_local import GuidedModel
     from genarm_local.core.arm_metadata import read_calibration
