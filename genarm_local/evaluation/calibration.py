@@ -215,13 +215,9 @@ def measure_kl(
     others = {a.name: 0.0 for a in engine.arms if a.name != engine.arms[index].name}
     sampled = []
     for alpha in [0.0, *alphas]:
-        results = model.generate_batch(
-            token_prompts, weights={**others, engine.arms[index].name: alpha}, max_tokens=max_tokens, seed=seed
-        )
-        # the end-of-sequence position counts too when one was sampled: its row is a choice like any other
-        sampled.append([(r.tokens, r.finish_reason == "stop") for r in results])  # no stop strings here: EOS
+        sampled.append(sample(model, token_prompts, {**others, engine.arms[index].name: alpha}, max_tokens, seed))
         if progress:
-            progress(f"sampled {len(results)} continuations at α = {alpha:g}")
+            progress(f"sampled {len(sampled[-1])} continuations at α = {alpha:g}")
         if keep_going is not None and not keep_going(alpha, sampled[-1]):
             break
     base_samples = sampled.pop(0)
@@ -324,17 +320,18 @@ def calibrate(
     )
 
 
+def sample(model, prompts: Sequence[Prompt], weights: dict, max_tokens: int, seed: int) -> list[tuple[list[int], bool]]:
+    """Continuations of ``prompts``, sequence i seeded seed + i, as (tokens, whether it ended with end-of-sequence):
+    no stop strings here, so a "stop" is EOS, whose position counts too (a choice like any other)."""
+    results = model.generate_batch(prompts, weights=weights, max_tokens=max_tokens, seed=seed)
+    return [(r.tokens, r.finish_reason == "stop") for r in results]
+
+
 def base_draw(model, prompts: Sequence[Prompt], config: CalibrationConfig, draw: int) -> list[tuple[list[int], bool]]:
     """Set ``draw`` (≥ 1) of the base's own continuations of ``prompts``: sequence i seeded seed + draw·n + i, so no
     set shares a seed with another or with the guided sets (seed + i)."""
-    start = config.seed + draw * len(prompts)
-    results = model.generate_batch(
-        prompts,
-        weights={arm.name: 0.0 for arm in model.engine.arms},
-        max_tokens=config.max_tokens,
-        seeds=[start + i for i in range(len(prompts))],
-    )
-    return [(r.tokens, r.finish_reason == "stop") for r in results]
+    off = {arm.name: 0.0 for arm in model.engine.arms}
+    return sample(model, prompts, off, config.max_tokens, config.seed + draw * len(prompts))
 
 
 def fluency_of(model, samples: Sequence[tuple[list[int], bool]], prompts: Sequence[str]) -> tuple[float, float, float]:
