@@ -249,6 +249,29 @@ def test_adapter_for_another_architecture(files, gguf_model):
         GuidedModel(files["base"], {str(files["adapter"]): 1.0})
 
 
+def test_every_sampling_option_at_alpha_zero_is_the_base_alone(files):
+    """With its only ARM at α = 0 the guided model samples what the base alone samples, option by option; the
+    guidance-only options (the guard, the paper's normalised form) do nothing then (the guard once masked the base
+    row at α = 0 and changed the text)."""
+    from genarm_local import GuidedModel
+
+    options = dict(n_ctx=256, n_threads=1, kv_cache_type="f32", flash_attn=False)
+    full = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}  # every token in play: a guard at α = 0 would show
+    sampling = [
+        {}, {"temperature": 0.0}, {"top_k": 5}, {"top_p": 0.5}, {"min_p": 0.2}, {"repeat_penalty": 1.5},
+        {"frequency_penalty": 1.0}, {"presence_penalty": 1.0}, {"logit_bias": {260: 5.0}},
+        {"guard_min_p": 0.5, **full}, {"normalized": True}, {"grammar": "root ::= [a-z ]+"},
+    ]  # fmt: skip
+    with (
+        GuidedModel(files["small"], **options) as base,
+        GuidedModel(files["small"], {str(files["adapter"]): 0.0}, **options) as guided,
+    ):
+        for extra in sampling:
+            asked = {"max_tokens": 12, "temperature": 1.0, "seed": 3, **extra}
+            plain = {k: v for k, v in asked.items() if k not in ("guard_min_p", "normalized")}
+            assert guided.generate(PROMPT, **asked).tokens == base.generate(PROMPT, **plain).tokens, extra
+
+
 def test_guard_masks_what_the_base_finds_implausible(files):
     """guard_min_p through the engine (the kernel's arithmetic is tested against float64 in test_kernel.py): the
     guided distribution keeps exactly the tokens with p_base ≥ τ · max p_base, is the unguarded mix renormalised over
