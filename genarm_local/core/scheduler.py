@@ -567,11 +567,11 @@ class Scheduler:
                     base_rows[slot].append(logits)
                     if depth == limits[slot]:
                         continue
-                    # the draft: the guided formula with every ARM replaced by the base itself
+                    # the draft: the guided formula with every ARM replaced by the base itself (a job drafts only
+                    # with an ARM active)
                     mixed = logits.copy()
-                    if state.active:
-                        guide(mixed, mixed, [logits] * len(state.active), [alpha for _, alpha in state.active],
-                              guard_min_p=state.job.config.guard_min_p)  # fmt: skip
+                    guide(mixed, mixed, [logits] * len(state.active), [alpha for _, alpha in state.active],
+                          guard_min_p=state.job.config.guard_min_p)  # fmt: skip
                     probs = drafters[slot].probabilities(mixed)
                     token = draw(probs, state.rng)
                     drafters[slot].accept(token)
