@@ -23,7 +23,6 @@ RUN_SETTINGS = (
     "gamma",
     "label_smoothing",
     "anchor",
-    "kl",
     "lora_r",
     "lora_alpha",
     "lora_dropout",

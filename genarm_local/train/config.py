@@ -68,12 +68,6 @@ class TrainConfig:
         "the ARM a language model of the responses instead of drifting onto tokens neither uses (0: the paper's "
         "loss alone)",
     )
-    kl: float = _option(
-        0.0,
-        "weight of KL(π_base ‖ π_r) per response token: charges the ARM for drifting from the base where the "
-        "preference does not ask it to, so a long run does not memorise the responses (one more forward pass "
-        "without the adapter per batch; 0: off)",
-    )
     lora_r: int = _option(8, "LoRA rank")
     lora_alpha: float = _option(16.0, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = _option(0.05, "dropout on the LoRA input")
@@ -168,7 +162,6 @@ _CHECKS = [
     ("beta", lambda v: v > 0, "> 0"),
     ("label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     ("anchor", lambda v: v >= 0, "≥ 0"),
-    ("kl", lambda v: v >= 0, "≥ 0"),
     ("lora_r", lambda v: v >= 1, "≥ 1"),
     ("lora_alpha", lambda v: v > 0, "> 0"),
     ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),

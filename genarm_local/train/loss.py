@@ -8,8 +8,7 @@ reward, with no reference model:
 
 summed over response tokens only. Two additions keep an ARM trained on a small, easy preference set from
 overshooting (bench/train_experiments.py measures them; README, "Your own preference"): conservative label smoothing
-in ``genarm_loss`` and a likelihood anchor on chosen responses (``anchor_penalty``); a third keeps a long run from
-memorising them (``kl_from_base``).
+in ``genarm_loss`` and a likelihood anchor on chosen responses (``anchor_penalty``).
 """
 
 from __future__ import annotations
@@ -47,18 +46,16 @@ def anchor_penalty(chosen_logps, chosen_tokens):
     return -chosen_logps / chosen_tokens
 
 
-def sequence_logps(token_logits, targets, rows, n_rows: int, normalizer=None):
+def sequence_logps(token_logits, targets, rows, n_rows: int):
     """Σ over a sequence's response tokens of log softmax(logits)[target]: the summed log π(y|x) of each row.
 
     Only response tokens are passed in (flattened): ``token_logits[i]`` [V] is the distribution that predicts
     ``targets[i]``, a token of row ``rows[i]``. Prompt and padding positions are never selected (``collate``), so
-    they contribute nothing. ``normalizer``: logsumexp(token_logits) [N] when the caller has it. Returns shape [n_rows].
+    they contribute nothing. Returns shape [n_rows].
     """
     import torch
 
-    if normalizer is None:
-        normalizer = torch.logsumexp(token_logits, -1)
-    picked = torch.gather(token_logits, -1, targets.unsqueeze(-1)).squeeze(-1) - normalizer
+    picked = torch.gather(token_logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(token_logits, -1)
     return torch.zeros(n_rows, dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
 
 
@@ -91,53 +88,12 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int):
     return input_ids, attention_mask, predict_mask
 
 
-def response_logits(model, input_ids, attention_mask, predict_mask):
-    """One forward pass over a collated batch: (logits [N, V] of the N response positions, float; the token each
-    predicts [N]; its row [N])."""
+def batch_logps(model, input_ids, attention_mask, predict_mask):
+    """Summed response log-probabilities of every row of a collated batch under ``model`` (one forward pass)."""
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predict_mask, use_cache=False
     ).logits
     # Row-major selection: the same order as transformers' hidden_states[predict_mask].
     targets = input_ids[:, 1:][predict_mask[:, :-1]]
     rows = predict_mask.nonzero()[:, 0]
-    return logits.float(), targets, rows
-
-
-def batch_logps(model, input_ids, attention_mask, predict_mask):
-    """Summed response log-probabilities of every row of a collated batch under ``model`` (one forward pass)."""
-    logits, targets, rows = response_logits(model, input_ids, attention_mask, predict_mask)
-    return sequence_logps(logits, targets, rows, input_ids.shape[0])
-
-
-# Base tokens per response position whose probabilities the KL term keeps (``base_top``); the rest of the base's
-# mass is one bucket.
-BASE_TOP_K = 16
-
-
-def base_top(token_logits, k: int = BASE_TOP_K):
-    """The base's k most likely tokens at each response position and their log-probabilities: ([N, k], [N, k])."""
-    import torch
-
-    logp, index = torch.topk(token_logits, k, -1)
-    return index, logp - torch.logsumexp(token_logits, -1, keepdim=True)
-
-
-def kl_from_base(token_logits, normalizer, base_index, base_logp, rows, n_rows: int):
-    """Σ over a row's response positions of KL(π_base ‖ π_r) over the base's top tokens (``base_top``) and one
-    bucket for the rest of the vocabulary: Σ_v π_base(v) · (log π_base(v) − log π_r(v)), v ∈ top-k ∪ {rest}.
-
-    The preference loss constrains only how π_r ranks the chosen against the rejected response; everywhere else
-    the ARM is free to drift, and a long run spends that freedom memorising the responses' shared wording: π_r grows
-    sharp on it, and guidance by p_base · π_r^α narrows every text toward it. This divergence, mass-covering in the
-    base, charges the ARM for each base-plausible token it stops allowing, so what the ARM learns beyond the base is
-    what the preference needs. Grouping the tail into one bucket keeps it a divergence (≥ 0, a lower bound of the
-    full one) while the base's side is k numbers a position, computed once per pair. ``normalizer`` is
-    logsumexp(token_logits) [N]. Returns shape [n_rows].
-    """
-    import torch
-
-    arm_logp = torch.gather(token_logits, -1, base_index) - normalizer.unsqueeze(-1)
-    base_rest = (1 - base_logp.exp().sum(-1)).clamp_min(1e-6)
-    arm_rest = (1 - arm_logp.exp().sum(-1)).clamp_min(1e-6)
-    per_position = (base_logp.exp() * (base_logp - arm_logp)).sum(-1) + base_rest * (base_rest.log() - arm_rest.log())
-    return torch.zeros(n_rows, dtype=per_position.dtype, device=per_position.device).index_add(0, rows, per_position)
+    return sequence_logps(logits.float(), targets, rows, input_ids.shape[0])

@@ -47,7 +47,7 @@ from ..core.errors import InputNotFoundError, InvalidOptionError
 from . import checkpoints
 from .config import TrainConfig, lr_factor, pick_device, warmup_steps
 from .data import PreferenceData, TokenizedPair, chat_renderer, load_tokenizer, tokenize_pairs
-from .loss import anchor_penalty, base_top, collate, genarm_loss, kl_from_base, response_logits, sequence_logps
+from .loss import anchor_penalty, batch_logps, collate, genarm_loss
 from .selection import Selection, eval_interval
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # config last: it marks a complete adapter
@@ -88,7 +88,6 @@ class Run:
         self.kept_step = 0  # whose weights the model holds after keep_selected
         self._log_file = None
         self._orders: dict[int, list[int]] = {}
-        self._base_top: dict[tuple[int, ...], tuple] = {}  # prompt + response -> the base's top tokens (KL term)
 
     def __enter__(self) -> Run:
         return self
@@ -180,51 +179,29 @@ class Run:
 
     def _forward(self, pairs: list[TokenizedPair]):
         """(per-pair losses, summed metrics) of one micro-batch: chosen and rejected in one forward pass."""
-        batch = [t.to(self.device) for t in collate(pairs, self.pad_id)]
-        logits, targets, rows = response_logits(self.model, *batch)
-        normalizer = torch.logsumexp(logits, -1)
-        logps = sequence_logps(logits, targets, rows, 2 * len(pairs), normalizer)
+        input_ids, attention_mask, predict_mask = (t.to(self.device) for t in collate(pairs, self.pad_id))
+        logps = batch_logps(self.model, input_ids, attention_mask, predict_mask)
         chosen, rejected = logps[: len(pairs)], logps[len(pairs) :]
         config = self.config
         losses = genarm_loss(chosen, rejected, config.beta, config.gamma, config.label_smoothing)
         if config.anchor > 0:
             n_tokens = torch.tensor([len(p.chosen) for p in pairs], dtype=chosen.dtype).to(self.device)
             losses = losses + config.anchor * anchor_penalty(chosen, n_tokens)
-        kl = torch.zeros_like(losses)
-        if config.kl > 0:
-            divergence = kl_from_base(logits, normalizer, *self._base_tops(pairs, batch), rows, 2 * len(pairs))
-            n_tokens = torch.tensor([len(p.chosen) + len(p.rejected) for p in pairs], dtype=kl.dtype)
-            kl = (divergence[: len(pairs)] + divergence[len(pairs) :]) / n_tokens.to(self.device)
-            losses = losses + config.kl * kl
         with torch.no_grad():
             margin = self.config.beta * (chosen - rejected)
-            sums = torch.stack(
-                [losses.sum(), (margin > 0).float().sum(), margin.sum(), chosen.sum(), rejected.sum(), kl.sum()]
-            )
+            sums = torch.stack([losses.sum(), (margin > 0).float().sum(), margin.sum(), chosen.sum(), rejected.sum()])
         return losses, sums
 
-    def _base_tops(self, pairs: list[TokenizedPair], batch: list):
-        """The base's top tokens at every response position of the collated ``batch``, in its row-major order (the
-        order of ``response_logits``): computed once per sequence, by the model with its adapter disabled."""
-        sequences = [tuple(p.prompt + p.chosen) for p in pairs] + [tuple(p.prompt + p.rejected) for p in pairs]
-        if any(s not in self._base_top for s in sequences):
-            with torch.no_grad(), self.model.disable_adapter():
-                logits, _, rows = response_logits(self.model, *batch)
-                index, logp = base_top(logits)
-            for row, sequence in enumerate(sequences):
-                self._base_top[sequence] = (index[rows == row], logp[rows == row])
-        tops = [self._base_top[s] for s in sequences]
-        return torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops])
-
-    def _metrics(self, sums, n_pairs: int) -> dict[str, float]:
-        names = ("loss", "accuracy", "margin", "chosen_logp", "rejected_logp", "kl")[: 6 if self.config.kl > 0 else 5]
-        return {name: value / n_pairs for name, value in zip(names, sums.tolist()[: len(names)], strict=True)}
+    @staticmethod
+    def _metrics(sums, n_pairs: int) -> dict[str, float]:
+        names = ("loss", "accuracy", "margin", "chosen_logp", "rejected_logp")
+        return {name: value / n_pairs for name, value in zip(names, sums.tolist(), strict=True)}
 
     def _train_step(self) -> dict:
         batches = self._step_batches(self.step)
         n_pairs = sum(len(batch) for batch in batches)
         self.model.train()
-        total = torch.zeros(6)
+        total = torch.zeros(5)
         for batch in batches:
             losses, sums = self._forward(batch)
             (losses.sum() / n_pairs).backward()  # the step's mean over pairs, however they are accumulated
@@ -300,7 +277,7 @@ class Run:
     def evaluate(self) -> dict[str, float]:
         """Mean loss, preference accuracy (share of pairs with log π(y_w|x) > log π(y_l|x)) and reward margin."""
         self.model.eval()
-        total = torch.zeros(6)
+        total = torch.zeros(5)
         size = self.config.batch_size
         with torch.no_grad():
             for start in range(0, len(self.eval_pairs), size):

@@ -10,15 +10,7 @@ import pytest
 
 from genarm_local.core.errors import InputNotFoundError, PreferenceDataError, TokenizerMismatchError
 from genarm_local.train.data import TokenizedPair, load_preferences, pairs_from_rows, tokenize_pairs, truncate
-from genarm_local.train.loss import (
-    anchor_penalty,
-    base_top,
-    batch_logps,
-    collate,
-    genarm_loss,
-    kl_from_base,
-    sequence_logps,
-)
+from genarm_local.train.loss import anchor_penalty, batch_logps, collate, genarm_loss, sequence_logps
 
 # ---- the loss ------------------------------------------------------------------------------------------------
 
@@ -67,24 +59,6 @@ def test_sequence_logps_by_hand():
     targets, rows = torch.tensor([2, 0, 1]), torch.tensor([0, 0, 1])
     expected = [math.log(1 / 3) + math.log(2 / 4), math.log(3 / 5)]
     assert sequence_logps(logits, targets, rows, 2).tolist() == pytest.approx(expected, rel=1e-6)
-
-
-def test_kl_from_base_by_hand():
-    import torch
-
-    # vocab of 4, the base's top 2 kept and the rest one bucket; row 0 has two response positions, row 1 one.
-    # Position 0: base (½, ¼, ⅛, ⅛) → top (½, ¼), rest ¼; ARM (¼, ¼, ¼, ¼) → (¼, ¼), rest ½.
-    # Position 1: base (.4, .3, .2, .1) → top (.4, .3), rest .3; ARM (½, ¼, ⅛, ⅛) → (½, ¼), rest ¼.
-    # Position 2: the ARM equals its base, up to an offset of the logits: 0.
-    base = torch.log(torch.tensor([[4.0, 2.0, 1.0, 1.0], [4.0, 3.0, 2.0, 1.0], [3.0, 1.0, 2.0, 1.5]]))
-    arm = torch.log(torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 2.0, 1.0, 1.0], [6.0, 2.0, 4.0, 3.0]]))
-    first = 0.5 * math.log(0.5 / 0.25) + 0.25 * math.log(0.25 / 0.25) + 0.25 * math.log(0.25 / 0.5)
-    second = 0.4 * math.log(0.4 / 0.5) + 0.3 * math.log(0.3 / 0.25) + 0.3 * math.log(0.3 / 0.25)
-    index, logp = base_top(base, k=2)
-    assert index.tolist() == [[0, 1], [0, 1], [0, 2]]  # the top tokens, most likely first
-    got = kl_from_base(arm, torch.logsumexp(arm, -1), index, logp, torch.tensor([0, 0, 1]), 2)
-    assert got.tolist() == pytest.approx([first + second, 0.0], abs=1e-6)
-    assert first > 0 and second > 0
 
 
 def test_collate_masks_prompt_and_padding():
