@@ -23,6 +23,7 @@ RUN_SETTINGS = (
     "gamma",
     "label_smoothing",
     "anchor",
+    "anchor_relative",
     "lora_r",
     "lora_alpha",
     "lora_dropout",

@@ -68,6 +68,12 @@ class TrainConfig:
         "the ARM a language model of the responses instead of drifting onto tokens neither uses (0: the paper's "
         "loss alone)",
     )
+    anchor_relative: bool = _option(
+        False,
+        "anchor only where the ARM finds a chosen response less likely than the base does, λ·max(0, log π_base(y_w|x) "
+        "− log π(y_w|x))/|y_w| (DPO-Positive's hinge, Pal et al. 2024): it keeps the ARM's mass on the responses "
+        "without rewarding memorising them (one pass of the base per chosen response)",
+    )
     lora_r: int = _option(8, "LoRA rank")
     lora_alpha: float = _option(16.0, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = _option(0.05, "dropout on the LoRA input")

@@ -88,6 +88,7 @@ class Run:
         self.kept_step = 0  # whose weights the model holds after keep_selected
         self._log_file = None
         self._orders: dict[int, list[int]] = {}
+        self._base_logps: dict[tuple[int, ...], float] = {}  # prompt + chosen -> log π_base(chosen | prompt)
 
     def __enter__(self) -> Run:
         return self
@@ -186,11 +187,24 @@ class Run:
         losses = genarm_loss(chosen, rejected, config.beta, config.gamma, config.label_smoothing)
         if config.anchor > 0:
             n_tokens = torch.tensor([len(p.chosen) for p in pairs], dtype=chosen.dtype).to(self.device)
-            losses = losses + config.anchor * anchor_penalty(chosen, n_tokens)
+            base = self._chosen_base_logps(pairs) if config.anchor_relative else None
+            losses = losses + config.anchor * anchor_penalty(chosen, n_tokens, base)
         with torch.no_grad():
             margin = self.config.beta * (chosen - rejected)
             sums = torch.stack([losses.sum(), (margin > 0).float().sum(), margin.sum(), chosen.sum(), rejected.sum()])
         return losses, sums
+
+    def _chosen_base_logps(self, pairs: list[TokenizedPair]):
+        """log π_base(y_w|x) of each pair's chosen response, by the model with its adapter disabled, once per
+        response."""
+        keys = [tuple(p.prompt + p.chosen) for p in pairs]
+        missing = [p for p, k in zip(pairs, keys, strict=True) if k not in self._base_logps]
+        if missing:
+            with torch.no_grad(), self.model.disable_adapter():
+                logps = batch_logps(self.model, *(t.to(self.device) for t in collate(missing, self.pad_id)))
+            for pair, logp in zip(missing, logps[: len(missing)].tolist(), strict=True):
+                self._base_logps[tuple(pair.prompt + pair.chosen)] = logp
+        return torch.tensor([self._base_logps[k] for k in keys], dtype=torch.float32).to(self.device)
 
     @staticmethod
     def _metrics(sums, n_pairs: int) -> dict[str, float]:

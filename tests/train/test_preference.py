@@ -49,6 +49,9 @@ def test_anchor_is_the_chosen_negative_log_likelihood_per_token():
     import torch
 
     assert anchor_penalty(torch.tensor([-30.0, -10.0]), torch.tensor([5.0, 4.0])).tolist() == [6.0, 2.5]
+    # relative to the base: (−20 − (−30)) / 5 below it; 2 nats above the base's −12: no penalty
+    relative = anchor_penalty(torch.tensor([-30.0, -10.0]), torch.tensor([5.0, 4.0]), torch.tensor([-20.0, -12.0]))
+    assert relative.tolist() == [2.0, 0.0]
 
 
 def test_sequence_logps_by_hand():

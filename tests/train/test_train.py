@@ -523,3 +523,37 @@ def test_the_verb_module_does_not_import_torch(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def chosen_gain_over_base(run_dir, base_dir, pairs) -> float:
+    """Mean over chosen-response tokens of log π_ARM(y_w|x) − log π_base(y_w|x), from the saved PEFT adapter."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64).eval()
+    arm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64),
+                                         str(run_dir)).eval()  # fmt: skip
+    sequences = [(p.prompt, p.chosen) for p in pairs]
+    gain = response_logps_torch(arm, sequences) - response_logps_torch(base, sequences)
+    return float(gain.sum() / sum(len(p.chosen) for p in pairs))
+
+
+def test_relative_anchor_does_not_teach_the_chosen_responses(hf_model, tmp_path):
+    """With a weak preference term (β = 1e-6) and a strong anchor, the plain anchor teaches the ARM its chosen
+    responses: their log-prob rises far above the base's. --anchor-relative only keeps them from falling below the
+    base's, so what raises them is the preference term alone (which AdamW's normalised steps still follow): well
+    under half as far."""
+    from pathlib import Path
+
+    from genarm_local.train.data import load_preferences, load_tokenizer, tokenize_pairs
+
+    base = hf_model("llama_small")
+    settings = dict(save_every=0, beta=1e-6, anchor=1.0, lora_dropout=0.0, eval_split=0.0)
+    plain = train_small(hf_model, tmp_path / "plain", **settings)
+    relative = train_small(hf_model, tmp_path / "relative", anchor_relative=True, **settings)
+    pairs = tokenize_pairs(load_preferences(marker_rows(60, seed=1)), load_tokenizer(Path(base)), 512, 256)
+    plain_gain, relative_gain = (chosen_gain_over_base(r.output, base, pairs) for r in (plain, relative))
+    print(f"chosen log-prob over the base's, nats/token: {plain_gain:.3f} plain, {relative_gain:.3f} relative")
+    assert plain_gain > 1.0
+    assert abs(relative_gain) < 0.5 * plain_gain
