@@ -550,7 +550,7 @@ def test_relative_anchor_does_not_teach_the_chosen_responses(hf_model, tmp_path)
 
     base = hf_model("llama_small")
     settings = dict(save_every=0, beta=1e-6, anchor=1.0, lora_dropout=0.0, eval_split=0.0)
-    plain = train_small(hf_model, tmp_path / "plain", **settings)
+    plain = train_small(hf_model, tmp_path / "plain", anchor_relative=False, **settings)
     relative = train_small(hf_model, tmp_path / "relative", anchor_relative=True, **settings)
     pairs = tokenize_pairs(load_preferences(marker_rows(60, seed=1)), load_tokenizer(Path(base)), 512, 256)
     plain_gain, relative_gain = (chosen_gain_over_base(r.output, base, pairs) for r in (plain, relative))
