@@ -7,10 +7,12 @@ at the recommended α: the preferred behaviour's rate, distinct-2, rep-4 and deg
     python bench/preference_bench.py [--tasks sky brief kind] [--out docs/preference_tasks.json]
     python bench/preference_bench.py --arms-dir DIR           # keep the trained ARMs in DIR; reuse those there
     python bench/preference_bench.py --table [--out FILE]     # the README's table
+    python bench/preference_bench.py --train anchor_relative=True --arms-dir DIR --out FILE   # a candidate default
 
-Tasks not named in --tasks keep their record (and its stamp) from --out. With --arms-dir a second run skips
-training (each ARM's training record is kept beside it) and only calibrates
-and measures again: what a change to calibration needs.
+--train NAME=VALUE (TrainConfig fields, Python literals) changes a default for both runs, to measure a candidate
+default before it becomes one. Tasks not named in --tasks keep their record (and its stamp) from --out. With
+--arms-dir a second run skips training (each ARM's training record is kept beside it) and only calibrates and
+measures again: what a change to calibration needs.
 
 The bar (issue 21): feature rate ≥ the base's + 25 points (or ≥ 90%), distinct-2 ≥ 0.8 × the base's, rep-4 ≤ the
 base's + 0.05; the table's last column says whether a row meets it.
@@ -19,6 +21,7 @@ base's + 0.05; the table's last column says whether a row meets it.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -91,6 +94,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["sky", "brief", "kind"], choices=TASKS)
     parser.add_argument("--out", default="docs/preference_tasks.json")
     parser.add_argument("--arms-dir", help="keep the trained ARMs here, and reuse those already there")
+    parser.add_argument("--train", nargs="*", default=[], metavar="NAME=VALUE", help="TrainConfig overrides")
     parser.add_argument("--table", action="store_true", help="only print --out as the README's table")
     parser.add_argument("--allow-dirty", action="store_true", help="stamp results of an uncommitted tree as such")
     args = parser.parse_args()
@@ -105,6 +109,7 @@ def main() -> None:
         print(table(records))
         return
     stamp = measurement_stamp(args.allow_dirty)
+    changed = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.train)}
 
     from genarm_local import GuidedModel
     from genarm_local.core.arm_metadata import read_calibration
@@ -118,7 +123,8 @@ def main() -> None:
             base = measure(model, task, 0.0, SEED, SAMPLES)
         record = {"task": name, "feature": task.feature, "pairs": len(task.pairs), "stamp": stamp, "base": base,
                   "runs": []}  # fmt: skip
-        for run_name, overrides in RUNS.items():
+        for run_name, run_overrides in RUNS.items():
+            overrides = {**changed, **run_overrides}
             with tempfile.TemporaryDirectory(prefix="genarm-pref-") as scratch:
                 work = Path(args.arms_dir or scratch) / f"{name}-{RUN_SLUGS[run_name]}"
                 arm, training = trained(task, overrides, work)
