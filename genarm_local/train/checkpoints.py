@@ -15,6 +15,7 @@ import torch
 
 from ..core.atomic import atomic_output
 from ..core.errors import InvalidOptionError
+from .config import TrainConfig
 
 # Settings that define the optimization and which weights it keeps; a resume with any of them changed would be a
 # different run.
@@ -72,11 +73,13 @@ def check_same_run(path: Path, state: dict, settings: dict, data_hash: str) -> N
     """Refuse to resume from a checkpoint of another run: other settings, other data, or an older version's."""
     if "selection" not in state:
         raise InvalidOptionError(f"{path} was made by an older version of genarm-local; start over with --force")
-    changed = [k for k in RUN_SETTINGS if state["settings"].get(k) != settings[k]]
+    # A setting added since the checkpoint was made had its default then.
+    made = {**{k: getattr(TrainConfig, k) for k in RUN_SETTINGS}, **state["settings"]}
+    changed = [k for k in RUN_SETTINGS if made.get(k) != settings[k]]
     if changed:
         name = changed[0]
         raise InvalidOptionError(
-            f"{path} was made with --{name.replace('_', '-')} {state['settings'].get(name)}, not {settings[name]}; "
+            f"{path} was made with --{name.replace('_', '-')} {made.get(name)}, not {settings[name]}; "
             "resume with the same settings, or start over with --force"
         )
     if state["data"] != data_hash:

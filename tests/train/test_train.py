@@ -557,3 +557,21 @@ def test_relative_anchor_does_not_teach_the_chosen_responses(hf_model, tmp_path)
     print(f"chosen log-prob over the base's, nats/token: {plain_gain:.3f} plain, {relative_gain:.3f} relative")
     assert plain_gain > 1.0
     assert abs(relative_gain) < 0.5 * plain_gain
+
+
+def test_resume_takes_a_setting_newer_than_the_checkpoint_at_its_default(tmp_path):
+    """A checkpoint made before a setting existed resumes when the run uses that setting's default, and is refused
+    with a one-line reason when it does not."""
+    import dataclasses
+
+    from genarm_local.core.errors import InvalidOptionError
+    from genarm_local.train.checkpoints import RUN_SETTINGS, check_same_run
+    from genarm_local.train.config import TrainConfig
+
+    config = TrainConfig(data="d.jsonl", output=str(tmp_path))
+    settings = {k: getattr(config, k) for k in RUN_SETTINGS}
+    older = {"selection": {}, "data": "h", "settings": {k: v for k, v in settings.items() if k != "anchor_relative"}}
+    check_same_run(tmp_path / "step-1.pt", older, settings, "h")
+    changed = {k: getattr(dataclasses.replace(config, anchor_relative=True), k) for k in RUN_SETTINGS}
+    with pytest.raises(InvalidOptionError, match="--anchor-relative False, not True"):
+        check_same_run(tmp_path / "step-1.pt", older, changed, "h")
