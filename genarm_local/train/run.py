@@ -201,7 +201,8 @@ class Run:
         missing = [p for p, k in zip(pairs, keys, strict=True) if k not in self._base_logps]
         if missing:
             with torch.no_grad(), self.model.disable_adapter():
-                logps = batch_logps(self.model, *(t.to(self.device) for t in collate(missing, self.pad_id)))
+                chosen_only = [TokenizedPair(p.prompt, p.chosen, []) for p in missing]  # no output layer for the rest
+                logps = batch_logps(self.model, *(t.to(self.device) for t in collate(chosen_only, self.pad_id)))
             for pair, logp in zip(missing, logps[: len(missing)].tolist(), strict=True):
                 self._base_logps[tuple(pair.prompt + pair.chosen)] = logp
         return torch.tensor([self._base_logps[k] for k in keys], dtype=torch.float32).to(self.device)
