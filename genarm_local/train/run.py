@@ -198,13 +198,17 @@ class Run:
         """log π_base(y_w|x) of each pair's chosen response, by the model with its adapter disabled, once per
         response."""
         keys = [tuple(p.prompt + p.chosen) for p in pairs]
-        missing = [p for p, k in zip(pairs, keys, strict=True) if k not in self._base_logps]
+        missing = [(p, k) for p, k in zip(pairs, keys, strict=True) if k not in self._base_logps]
         if missing:
+            training = self.model.training
+            self.model.eval()  # no dropout anywhere: the cached value is the base's own
             with torch.no_grad(), self.model.disable_adapter():
-                chosen_only = [TokenizedPair(p.prompt, p.chosen, []) for p in missing]  # no output layer for the rest
+                # empty rejected rows: no output layer for them
+                chosen_only = [TokenizedPair(p.prompt, p.chosen, []) for p, _ in missing]
                 logps = batch_logps(self.model, *(t.to(self.device) for t in collate(chosen_only, self.pad_id)))
-            for pair, logp in zip(missing, logps[: len(missing)].tolist(), strict=True):
-                self._base_logps[tuple(pair.prompt + pair.chosen)] = logp
+            self.model.train(training)
+            for (_, key), logp in zip(missing, logps[: len(missing)].tolist(), strict=True):
+                self._base_logps[key] = logp
         return torch.tensor([self._base_logps[k] for k in keys], dtype=torch.float32).to(self.device)
 
     @staticmethod
