@@ -48,12 +48,17 @@ SAMPLES = 4
 
 
 def trained(task, overrides: dict, work: Path) -> tuple[Path, dict]:
-    """The ARM trained on ``task`` with ``overrides`` in ``work``: trained there now, or by an earlier run."""
+    """The ARM trained on ``task`` with ``overrides`` in ``work``: trained there now, or by an earlier run with the
+    same overrides (records from before they were stored are taken as made with them)."""
     record = work / "training.json"
     if record.is_file():
-        return work / "arm.gguf", json.loads(record.read_text())
+        training = json.loads(record.read_text())
+        if training.get("train", overrides) != overrides:
+            sys.exit(f"{work} holds an ARM trained with {training['train']}, not {overrides}: use another --arms-dir")
+        return work / "arm.gguf", training
     work.mkdir(parents=True, exist_ok=True)
     arm, training = train_only(task, overrides, work)
+    training["train"] = overrides
     record.write_text(json.dumps(training, indent=1) + "\n")
     return arm, training
 
