@@ -133,7 +133,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="genarm-pref-") as scratch:
                 work = Path(args.arms_dir or scratch) / f"{name}-{RUN_SLUGS[run_name]}"
                 arm, training = trained(task, overrides, work)
-                training.update(calibrate_arm(task, arm, training["seed"], None, overrides.get("eval_split")))
+                training.update(calibrate_arm(task, arm, training["seed"], None))
                 alpha = read_calibration(arm).recommended_alpha
                 with GuidedModel(arms={str(arm): None}, n_ctx=4096, seed=SEED) as model:
                     guided = measure(model, task, alpha, SEED, SAMPLES)

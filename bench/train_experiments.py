@@ -54,7 +54,7 @@ def measure(model, task, alpha: float, seed: int, samples: int = SAMPLES) -> dic
 def train_arm(task, overrides: dict, workdir: Path, threads: int) -> tuple[Path, dict]:
     """Train with TrainConfig's defaults but ``overrides``, then calibrate as `train --export` does."""
     arm, training = train_only(task, overrides, workdir)
-    training.update(calibrate_arm(task, arm, training["seed"], threads, overrides.get("eval_split")))
+    training.update(calibrate_arm(task, arm, training["seed"], threads))
     return arm, training
 
 
@@ -79,19 +79,16 @@ def train_only(task, overrides: dict, workdir: Path) -> tuple[Path, dict]:
     }
 
 
-def calibrate_arm(task, arm: Path, seed: int, threads: int | None, eval_split: float | None = None) -> dict:
-    """Calibrate ``arm`` as `train --export` does after a run with ``seed`` and ``eval_split`` (on the prompts of the
-    pairs it held out that it was not trained on, the built-in openings when there are none; the default settings),
-    here with ``threads`` llama.cpp threads, and store the result in the file."""
+def calibrate_arm(task, arm: Path, seed: int, threads: int | None) -> dict:
+    """Calibrate ``arm`` as `train --export` does (on the task's training prompts, the default settings), here
+    with ``threads`` llama.cpp threads, and store the result in the file."""
     from genarm_local.convert import write_calibration
 
     from genarm_local.evaluation.calibration import CalibrationConfig, calibrate
-    from genarm_local.train.config import split, unseen_prompts
 
     started = time.perf_counter()
-    trained_on, held_out = split([p["prompt"] for p in task.pairs], eval_split, seed)
     settings = CalibrationConfig(arm=str(arm), seed=seed, n_threads=threads)
-    calibration = calibrate(settings, prompts=unseen_prompts(trained_on, held_out) or None)
+    calibration = calibrate(settings, prompts=[p["prompt"] for p in task.pairs])
     write_calibration(arm, calibration)
     return {"calibration_seconds": round(time.perf_counter() - started, 1), "calibration": vars(calibration)}
 

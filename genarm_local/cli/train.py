@@ -49,9 +49,7 @@ def report(result, width: int = 100) -> list[str]:
         f"wrote {result.output} (PEFT adapter), {result.log}" + (f", {result.export}" if result.export else "")
     )
     if result.calibration is not None:
-        lines.append(
-            f"calibration of {result.export.name} (guided text against the base's, {result.calibrated_on} prompts):"
-        )
+        lines.append(f"calibration of {result.export.name} (guided text against the base's, training prompts):")
         lines += curve_lines(result.calibration)
         lines.append(
             f"use it as --arm {result.export} (its recommended α {result.calibration.recommended_alpha:.3g}) or "

@@ -59,7 +59,7 @@ class CalibrationConfig:
     prompts: str | None = option(
         None,
         'calibration prompts: one per line, or JSON lines with a "prompt" string (TRL preference data, batch '
-        "input); default: a built-in set of everyday openings. `train` uses the prompts of the pairs it held out",
+        "input); default: a built-in set of everyday openings. `train` uses its own training prompts",
         metavar="FILE",
     )
     alphas: tuple[float, ...] = option(

@@ -148,7 +148,7 @@ class TrainConfig:
     merge: bool = _option(False, "with --export: merge the adapter into the base and write a full model")
     calibrate: bool = _option(
         True,
-        "with --export: measure the guided text's fluency against α on the held-out prompts and store the "
+        "with --export: measure the guided text's fluency against α on the training prompts and store the "
         "recommended α (the largest as fluent as the base) in the "
         "GGUF (--no-calibrate: skip; genarm-local calibrate does it later)",
         flags=("--no-calibrate",),
@@ -231,13 +231,6 @@ def split(pairs: list, fraction: float | None, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
-
-
-def unseen_prompts(trained: list, held_out: list) -> list:
-    """The prompts of ``held_out`` (hashable: text or a tuple of token ids) that ``trained`` lacks, each once, in
-    order: what calibration continues, prompts the ARM was not trained on (several pairs may share a prompt)."""
-    seen = set(trained)
-    return list(dict.fromkeys(prompt for prompt in held_out if prompt not in seen))
 
 
 def pick_device(name: str) -> str:

@@ -18,7 +18,7 @@ from ..core.atomic import check_output
 from ..core.config import resolve_base
 from ..core.errors import InputNotFoundError, InvalidOptionError, OutputExistsError, require
 from ..evaluation.showcase import SideBySide
-from .config import TrainConfig, split, unseen_prompts, validate
+from .config import TrainConfig, split, validate
 from .data import load_preferences
 
 
@@ -34,8 +34,6 @@ class TrainResult:
     export: Path | None
     seconds: float
     calibration: Calibration | None = None  # of the exported ARM (also stored in its GGUF)
-    # the prompts it continued: "held-out" (pairs held out whose prompt no training pair has), else "built-in"
-    calibrated_on: str | None = None
     notes: list[str] = field(default_factory=list)  # warnings for the report
     # the steps planned (--epochs and --min-steps, or --max-steps); more than ``steps`` if it stopped early
     total_steps: int = 0
@@ -80,12 +78,10 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) ->
         final = next(({k: v for k, v in e.items() if k != "step"} for e in evaluations if e["step"] == kept), {})
         run.save_adapter()
         calibration, samples = None, []
-        unseen = unseen_prompts([tuple(p.prompt) for p in train_pairs], [tuple(p.prompt) for p in eval_pairs])
-        calibrated_on = "held-out" if unseen else "built-in"
         if export is not None:
             run.export(export)
             if config.calibrate:
-                calibration = _calibrate(config, export, [list(p) for p in unseen] or None, notify)
+                calibration = _calibrate(config, export, train_pairs + eval_pairs, notify)
             if calibration is not None and config.show:
                 shown = eval_index or train_index
                 samples = _show(config, export, calibration.recommended_alpha, [data.pairs[i] for i in shown],
@@ -101,7 +97,6 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) ->
             export=export,
             seconds=time.perf_counter() - started,
             calibration=calibration,
-            calibrated_on=calibrated_on if calibration is not None else None,
             notes=warnings(final, calibration),
             total_steps=run.total,
             selected_step=kept,
@@ -143,11 +138,8 @@ def _prepare_output(output: Path, config: TrainConfig) -> None:
 WEAK_KL = 0.05
 
 
-def _calibrate(config: TrainConfig, export: Path, prompts: list | None, notify) -> Calibration | None:
-    """Calibrate the exported ARM against the GGUF base on ``prompts`` (token ids) it was not trained on, or on
-    calibration's built-in everyday openings when None, and store the result in it. An ARM trained to saturation
-    continues its training prompts more fluently than any other (README, "Your own preference"): they would
-    recommend a weight too strong for the prompts a user brings."""
+def _calibrate(config: TrainConfig, export: Path, pairs: list, notify) -> Calibration | None:
+    """Calibrate the exported ARM on the training prompts against the GGUF base and store the result in it."""
     from ..convert import write_calibration
     from ..evaluation.calibration import CalibrationConfig, calibrate
 
@@ -157,10 +149,9 @@ def _calibrate(config: TrainConfig, export: Path, prompts: list | None, notify) 
             f"not calibrated: the base {base} is not a GGUF file; run genarm-local calibrate {export} --base BASE.gguf"
         )
         return None
-    which = f"{len(prompts)} held-out prompts" if prompts else "built-in everyday openings (no held-out prompt)"
-    notify(f"calibrating {export.name} on {which}")
+    notify(f"calibrating {export.name} on the training prompts")
     settings = CalibrationConfig(arm=str(export), base=str(base), seed=config.seed)
-    calibration = calibrate(settings, prompts=prompts)
+    calibration = calibrate(settings, prompts=[pair.prompt for pair in pairs])
     write_calibration(export, calibration)
     return calibration
 
