@@ -21,7 +21,6 @@ base's + 0.05; the table's last column says whether a row meets it.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -34,7 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and llama.cpp in on
 
 from preference_tasks import TASKS  # noqa: E402
 from stamp import describe, measurement_stamp  # noqa: E402
-from train_experiments import calibrate_arm, measure, train_only  # noqa: E402
+from train_experiments import calibrate_arm, measure, parse_overrides, train_only  # noqa: E402
 
 from genarm_local.train.config import TrainConfig  # noqa: E402
 
@@ -114,7 +113,7 @@ def main() -> None:
         print(table(records))
         return
     stamp = measurement_stamp(args.allow_dirty)
-    changed = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.train)}
+    changed = parse_overrides(args.train)
 
     from genarm_local import GuidedModel
     from genarm_local.core.arm_metadata import read_calibration

@@ -31,6 +31,11 @@ MAX_TOKENS = 40
 SAMPLES = 2
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """TrainConfig overrides from NAME=VALUE strings (the value a Python literal)."""
+    return {name: ast.literal_eval(value) for name, value in (item.split("=", 1) for item in items)}
+
+
 def measure(model, task, alpha: float, seed: int, samples: int = SAMPLES) -> dict:
     """Guided continuations of every held-out prompt (``samples`` each) at ``alpha``: feature rate and fluency."""
     from genarm_local.evaluation.fluency import is_degenerate, rep_n, reply
@@ -143,7 +148,7 @@ def main() -> None:
     from genarm_local.core.arm_metadata import read_calibration
 
     task = TASKS[args.task]()
-    overrides = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.train)}
+    overrides = parse_overrides(args.train)
     record = {"task": args.task, "name": args.name, "train": overrides, "machine_load": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="genarm-exp-") as work:
         if args.arm:

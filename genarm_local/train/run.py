@@ -202,11 +202,13 @@ class Run:
         if missing:
             training = self.model.training
             self.model.eval()  # no dropout anywhere: the cached value is the base's own
-            with torch.no_grad(), self.model.disable_adapter():
-                # empty rejected rows: no output layer for them
-                chosen_only = [TokenizedPair(p.prompt, p.chosen, []) for p, _ in missing]
-                logps = batch_logps(self.model, *(t.to(self.device) for t in collate(chosen_only, self.pad_id)))
-            self.model.train(training)
+            try:
+                with torch.no_grad(), self.model.disable_adapter():
+                    # empty rejected rows: no output layer for them
+                    chosen_only = [TokenizedPair(p.prompt, p.chosen, []) for p, _ in missing]
+                    logps = batch_logps(self.model, *(t.to(self.device) for t in collate(chosen_only, self.pad_id)))
+            finally:
+                self.model.train(training)
             for (_, key), logp in zip(missing, logps[: len(missing)].tolist(), strict=True):
                 self._base_logps[key] = logp
         return torch.tensor([self._base_logps[k] for k in keys], dtype=torch.float32).to(self.device)
