@@ -25,6 +25,7 @@ RUN_SETTINGS = (
     "label_smoothing",
     "anchor",
     "anchor_relative",
+    "margin_over_base",
     "lora_r",
     "lora_alpha",
     "lora_dropout",
