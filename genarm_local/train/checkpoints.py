@@ -25,7 +25,6 @@ RUN_SETTINGS = (
     "label_smoothing",
     "anchor",
     "anchor_relative",
-    "margin_over_base",
     "lora_r",
     "lora_alpha",
     "lora_dropout",

@@ -68,12 +68,6 @@ class TrainConfig:
         "the ARM a language model of the responses instead of drifting onto tokens neither uses (0: the paper's "
         "loss alone)",
     )
-    margin_over_base: bool = _option(
-        False,
-        "judge each pair's margin by how far it exceeds the base's own, z = β·(Δ − Δ_base) − γ with Δ = log π(y_w|x) − "
-        "log π(y_l|x) (DPO's implicit reward with the base as reference): with label smoothing its optimum is a margin "
-        "over the base, whatever the base already prefers (one pass of the base per pair)",
-    )
     anchor_relative: bool = _option(
         False,
         "anchor only where the ARM finds a chosen response less likely than the base does, λ·max(0, log π_base(y_w|x) "

@@ -88,7 +88,7 @@ class Run:
         self.kept_step = 0  # whose weights the model holds after keep_selected
         self._log_file = None
         self._orders: dict[int, list[int]] = {}
-        self._base_logps: dict[tuple, tuple[float, float]] = {}  # pair -> log π_base of chosen, rejected
+        self._base_logps: dict[tuple[int, ...], float] = {}  # prompt + chosen -> log π_base(chosen | prompt)
 
     def __enter__(self) -> Run:
         return self
@@ -184,37 +184,34 @@ class Run:
         logps = batch_logps(self.model, input_ids, attention_mask, predict_mask)
         chosen, rejected = logps[: len(pairs)], logps[len(pairs) :]
         config = self.config
-        base = self._base_pair_logps(pairs) if config.margin_over_base or config.anchor_relative else None
-        offset = config.beta * (base[0] - base[1]) if config.margin_over_base else 0.0
-        losses = genarm_loss(chosen, rejected, config.beta, config.gamma + offset, config.label_smoothing)
+        losses = genarm_loss(chosen, rejected, config.beta, config.gamma, config.label_smoothing)
         if config.anchor > 0:
             n_tokens = torch.tensor([len(p.chosen) for p in pairs], dtype=chosen.dtype).to(self.device)
-            losses = losses + config.anchor * anchor_penalty(
-                chosen, n_tokens, base[0] if config.anchor_relative else None
-            )
+            base = self._chosen_base_logps(pairs) if config.anchor_relative else None
+            losses = losses + config.anchor * anchor_penalty(chosen, n_tokens, base)
         with torch.no_grad():
             margin = self.config.beta * (chosen - rejected)
             sums = torch.stack([losses.sum(), (margin > 0).float().sum(), margin.sum(), chosen.sum(), rejected.sum()])
         return losses, sums
 
-    def _base_pair_logps(self, pairs: list[TokenizedPair]):
-        """(log π_base(y_w|x), log π_base(y_l|x)) of each pair, by the model with its adapter disabled, once per
-        pair."""
-        keys = [tuple(p.prompt + p.chosen) + (-1,) + tuple(p.rejected) for p in pairs]
+    def _chosen_base_logps(self, pairs: list[TokenizedPair]):
+        """log π_base(y_w|x) of each pair's chosen response, by the model with its adapter disabled, once per
+        response."""
+        keys = [tuple(p.prompt + p.chosen) for p in pairs]
         missing = [(p, k) for p, k in zip(pairs, keys, strict=True) if k not in self._base_logps]
         if missing:
             training = self.model.training
             self.model.eval()  # no dropout anywhere: the cached value is the base's own
             try:
                 with torch.no_grad(), self.model.disable_adapter():
-                    collated = collate([p for p, _ in missing], self.pad_id)
-                    logps = batch_logps(self.model, *(t.to(self.device) for t in collated)).tolist()
+                    # empty rejected rows: no output layer for them
+                    chosen_only = [TokenizedPair(p.prompt, p.chosen, []) for p, _ in missing]
+                    logps = batch_logps(self.model, *(t.to(self.device) for t in collate(chosen_only, self.pad_id)))
             finally:
                 self.model.train(training)
-            for i, (_, key) in enumerate(missing):
-                self._base_logps[key] = (logps[i], logps[len(missing) + i])
-        chosen, rejected = zip(*(self._base_logps[k] for k in keys), strict=True)
-        return tuple(torch.tensor(v, dtype=torch.float32).to(self.device) for v in (chosen, rejected))
+            for (_, key), logp in zip(missing, logps[: len(missing)].tolist(), strict=True):
+                self._base_logps[key] = logp
+        return torch.tensor([self._base_logps[k] for k in keys], dtype=torch.float32).to(self.device)
 
     @staticmethod
     def _metrics(sums, n_pairs: int) -> dict[str, float]:

@@ -559,33 +559,6 @@ def test_relative_anchor_does_not_teach_the_chosen_responses(hf_model, tmp_path)
     assert abs(relative_gain) < 0.5 * plain_gain
 
 
-def test_margin_over_base_starts_every_pair_at_zero_and_bounds_the_margin(hf_model, tmp_path):
-    """With --margin-over-base the preference term sees only what the ARM adds to the base's own margin: at the
-    first step (the LoRA's update is still zero) every pair's z is 0 and the loss −log σ(0) = log 2 whatever the
-    base prefers, where the plain loss reads the base's margin. With label smoothing its optimum is the finite
-    margin over the base z* = log((1−ε)/ε), so a long run stays near z* where the paper's loss widens on."""
-    import math
-
-    from genarm_local.train import train
-
-    def margins(**overrides) -> list[dict]:  # each step's record
-        records = []
-        config = small_config(hf_model, tmp_path / str(len(list(tmp_path.iterdir()))), save_every=0, anchor=0.0,
-                              lora_dropout=0.0, eval_split=0.0, **overrides)  # fmt: skip
-        train(config, on_step=records.append)
-        return records
-
-    assert margins(max_steps=1, margin_over_base=True)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert abs(margins(max_steps=1)[0]["loss"] - math.log(2)) > 1e-3
-
-    long = dict(margin_over_base=True, epochs=6, lr=5e-3)
-    bounded, unbounded = margins(label_smoothing=0.1, **long), margins(**long)
-    gain = [r[-1]["margin"] - r[0]["margin"] for r in (bounded, unbounded)]  # β·Δ gained over the base's
-    z_star = math.log(0.9 / 0.1)
-    print(f"margin gained over the base's: {gain[0]:.2f} with ε = 0.1 (z* {z_star:.2f}), {gain[1]:.2f} without")
-    assert gain[0] < 2 * z_star < gain[1]
-
-
 def test_resume_takes_a_setting_newer_than_the_checkpoint_at_its_default(tmp_path):
     """A checkpoint made before a setting existed resumes when the run uses that setting's default, and is refused
     with a one-line reason when it does not."""
