@@ -7,7 +7,7 @@ at the recommended α: the preferred behaviour's rate, distinct-2, rep-4 and deg
     python bench/preference_bench.py [--tasks sky brief kind] [--out docs/preference_tasks.json]
     python bench/preference_bench.py --arms-dir DIR           # keep the trained ARMs in DIR; reuse those there
     python bench/preference_bench.py --table [--out FILE]     # the README's table
-    python bench/preference_bench.py --train anchor_relative=True --arms-dir DIR --out FILE   # a candidate default
+    python bench/preference_bench.py --train anchor_over_base=2.0 --arms-dir DIR --out FILE   # a candidate default
 
 --train NAME=VALUE (TrainConfig fields, Python literals) changes a default for both runs, to measure a candidate
 default before it becomes one. Tasks not named in --tasks keep their record (and its stamp) from --out. With

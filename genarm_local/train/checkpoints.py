@@ -24,7 +24,7 @@ RUN_SETTINGS = (
     "gamma",
     "label_smoothing",
     "anchor",
-    "anchor_relative",
+    "anchor_over_base",
     "lora_r",
     "lora_alpha",
     "lora_dropout",

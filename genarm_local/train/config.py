@@ -68,11 +68,14 @@ class TrainConfig:
         "the ARM a language model of the responses instead of drifting onto tokens neither uses (0: the paper's "
         "loss alone)",
     )
-    anchor_relative: bool = _option(
-        False,
-        "anchor only where the ARM finds a chosen response less likely than the base does, λ·max(0, log π_base(y_w|x) "
-        "− log π(y_w|x))/|y_w| (DPO-Positive's hinge, Pal et al. 2024): it keeps the ARM's mass on the responses "
-        "without rewarding memorising them (one pass of the base per chosen response)",
+    anchor_over_base: float | None = _option(
+        None,
+        "anchor each chosen response only up to M nats/token above the base's likelihood of it, "
+        "λ·max(0, (log π_base(y_w|x) − log π(y_w|x))/|y_w| + M) (M = 0: DPO-Positive's hinge, Pal et al. 2024): a "
+        "finite target instead of memorising the responses (one pass of the base per chosen response); default: the "
+        "plain anchor",
+        type=float,
+        metavar="M",
     )
     lora_r: int = _option(8, "LoRA rank")
     lora_alpha: float = _option(16.0, "LoRA alpha (the update is scaled by alpha / r)")

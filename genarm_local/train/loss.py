@@ -34,23 +34,24 @@ def genarm_loss(chosen_logps, rejected_logps, beta: float = 0.05, gamma: float =
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 
-def anchor_penalty(chosen_logps, chosen_tokens, base_logps=None):
+def anchor_penalty(chosen_logps, chosen_tokens, base_logps=None, margin: float = 0.0):
     """Per-pair anchor on the chosen response: its negative log-likelihood per token, −log π_r(y_w|x) / |y_w| (the
     NLL term of RPO, Pang et al. 2024, "Iterative Reasoning Preference Optimization"); with ``base_logps``
-    (log π_base(y_w|x)), only how far it falls below the base's, max(0, log π_base(y_w|x) − log π_r(y_w|x)) / |y_w|
-    (the hinge of DPO-Positive, Pal et al. 2024, "Smaug").
+    (log π_base(y_w|x)), only how far it falls below the base's + ``margin`` nats per token,
+    max(0, (log π_base(y_w|x) − log π_r(y_w|x)) / |y_w| + margin) (at margin 0 the hinge of DPO-Positive, Pal et al.
+    2024, "Smaug").
 
     The preference loss sees only the difference between chosen and rejected. When they share most tokens, the
     cheapest way to widen it lowers both, moving the ARM's probability mass onto tokens neither response uses: the
     ARM stops being a language model of the responses, and guided text drifts where no response went. A small
     likelihood term on the chosen responses keeps the ARM's mass on them. The plain term also keeps rewarding a
     chosen response's likelihood long after the preference is learned, so a long run memorises the responses'
-    wording; the hinge stops at the base's likelihood.
+    wording; the hinge stops at a finite target, so training longer does not move it.
     """
     penalty = -chosen_logps / chosen_tokens
     if base_logps is None:
         return penalty
-    return (penalty + base_logps / chosen_tokens).clamp_min(0)
+    return (penalty + base_logps / chosen_tokens + margin).clamp_min(0)
 
 
 def sequence_logps(token_logits, targets, rows, n_rows: int):

@@ -187,8 +187,9 @@ class Run:
         losses = genarm_loss(chosen, rejected, config.beta, config.gamma, config.label_smoothing)
         if config.anchor > 0:
             n_tokens = torch.tensor([len(p.chosen) for p in pairs], dtype=chosen.dtype).to(self.device)
-            base = self._chosen_base_logps(pairs) if config.anchor_relative else None
-            losses = losses + config.anchor * anchor_penalty(chosen, n_tokens, base)
+            over = config.anchor_over_base
+            base = self._chosen_base_logps(pairs) if over is not None else None
+            losses = losses + config.anchor * anchor_penalty(chosen, n_tokens, base, over or 0.0)
         with torch.no_grad():
             margin = self.config.beta * (chosen - rejected)
             sums = torch.stack([losses.sum(), (margin > 0).float().sum(), margin.sum(), chosen.sum(), rejected.sum()])

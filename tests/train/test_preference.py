@@ -52,6 +52,9 @@ def test_anchor_is_the_chosen_negative_log_likelihood_per_token():
     # relative to the base: (−20 − (−30)) / 5 below it; 2 nats above the base's −12: no penalty
     relative = anchor_penalty(torch.tensor([-30.0, -10.0]), torch.tensor([5.0, 4.0]), torch.tensor([-20.0, -12.0]))
     assert relative.tolist() == [2.0, 0.0]
+    # up to 1 nat/token above the base: −12 + 4 = −8 is the target of the second, 0.5 nat/token short of it
+    over = anchor_penalty(torch.tensor([-30.0, -10.0]), torch.tensor([5.0, 4.0]), torch.tensor([-20.0, -12.0]), 1.0)
+    assert over.tolist() == [3.0, 0.5]
 
 
 def test_sequence_logps_by_hand():

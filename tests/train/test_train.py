@@ -539,24 +539,25 @@ def chosen_gain_over_base(run_dir, base_dir, pairs) -> float:
     return float(gain.sum() / sum(len(p.chosen) for p in pairs))
 
 
-def test_relative_anchor_does_not_teach_the_chosen_responses(hf_model, tmp_path):
+def test_anchor_over_base_stops_at_its_target(hf_model, tmp_path):
     """With a weak preference term (β = 1e-6) and a strong anchor, the plain anchor teaches the ARM its chosen
-    responses: their log-prob rises far above the base's. --anchor-relative only keeps them from falling below the
-    base's, so what raises them is the preference term alone (which AdamW's normalised steps still follow): well
-    under half as far."""
+    responses: their log-prob rises far above the base's. --anchor-over-base M pulls them only to M nats/token above
+    the base's: at M = 0 what raises them is the preference term alone (which AdamW's normalised steps still
+    follow), well under half as far; at M = 0.5 the anchor adds its pull up to the target: between the two."""
     from pathlib import Path
 
     from genarm_local.train.data import load_preferences, load_tokenizer, tokenize_pairs
 
     base = hf_model("llama_small")
     settings = dict(save_every=0, beta=1e-6, anchor=1.0, lora_dropout=0.0, eval_split=0.0)
-    plain = train_small(hf_model, tmp_path / "plain", anchor_relative=False, **settings)
-    relative = train_small(hf_model, tmp_path / "relative", anchor_relative=True, **settings)
+    runs = {over: train_small(hf_model, tmp_path / str(over), anchor_over_base=over, **settings)
+            for over in (None, 0.0, 0.5)}  # fmt: skip
     pairs = tokenize_pairs(load_preferences(marker_rows(60, seed=1)), load_tokenizer(Path(base)), 512, 256)
-    plain_gain, relative_gain = (chosen_gain_over_base(r.output, base, pairs) for r in (plain, relative))
-    print(f"chosen log-prob over the base's, nats/token: {plain_gain:.3f} plain, {relative_gain:.3f} relative")
-    assert plain_gain > 1.0
-    assert abs(relative_gain) < 0.5 * plain_gain
+    plain, relative, half = (chosen_gain_over_base(r.output, base, pairs) for r in runs.values())
+    print(f"chosen log-prob over the base's, nats/token: {plain:.3f} plain, {relative:.3f} at M 0, {half:.3f} at 0.5")
+    assert plain > 1.0
+    assert abs(relative) < 0.5 * plain
+    assert relative + 0.3 < half < plain - 0.3
 
 
 def test_resume_takes_a_setting_newer_than_the_checkpoint_at_its_default(tmp_path):
@@ -570,8 +571,8 @@ def test_resume_takes_a_setting_newer_than_the_checkpoint_at_its_default(tmp_pat
 
     config = TrainConfig(data="d.jsonl", output=str(tmp_path))
     settings = {k: getattr(config, k) for k in RUN_SETTINGS}
-    older = {"selection": {}, "data": "h", "settings": {k: v for k, v in settings.items() if k != "anchor_relative"}}
+    older = {"selection": {}, "data": "h", "settings": {k: v for k, v in settings.items() if k != "anchor_over_base"}}
     check_same_run(tmp_path / "step-1.pt", older, settings, "h")
-    changed = {k: getattr(dataclasses.replace(config, anchor_relative=True), k) for k in RUN_SETTINGS}
-    with pytest.raises(InvalidOptionError, match="--anchor-relative False, not True"):
+    changed = {k: getattr(dataclasses.replace(config, anchor_over_base=2.0), k) for k in RUN_SETTINGS}
+    with pytest.raises(InvalidOptionError, match="--anchor-over-base None, not 2.0"):
         check_same_run(tmp_path / "step-1.pt", older, changed, "h")
