@@ -46,7 +46,7 @@ def anchor_penalty(chosen_logps, chosen_tokens, base_logps=None, margin: float =
     ARM stops being a language model of the responses, and guided text drifts where no response went. A small
     likelihood term on the chosen responses keeps the ARM's mass on them. The plain term also keeps rewarding a
     chosen response's likelihood long after the preference is learned, so a long run memorises the responses'
-    wording; the hinge stops at a finite target, so training longer does not move it.
+    wording; the hinge's pull ends at a finite target (the preference term may still move the response past it).
     """
     penalty = -chosen_logps / chosen_tokens
     if base_logps is None:

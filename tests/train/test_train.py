@@ -539,11 +539,11 @@ def chosen_gain_over_base(run_dir, base_dir, pairs) -> float:
     return float(gain.sum() / sum(len(p.chosen) for p in pairs))
 
 
-def test_anchor_over_base_stops_at_its_target(hf_model, tmp_path):
+def test_anchor_over_base_pulls_less_than_the_plain_anchor(hf_model, tmp_path):
     """With a weak preference term (β = 1e-6) and a strong anchor, the plain anchor teaches the ARM its chosen
     responses: their log-prob rises far above the base's. --anchor-over-base M pulls them only to M nats/token above
     the base's: at M = 0 what raises them is the preference term alone (which AdamW's normalised steps still
-    follow), well under half as far; at M = 0.5 the anchor adds its pull up to the target: between the two."""
+    follow), well under half as far; at M = 0.5 the anchor adds its pull up to that target: in between."""
     from pathlib import Path
 
     from genarm_local.train.data import load_preferences, load_tokenizer, tokenize_pairs
