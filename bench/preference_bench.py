@@ -10,7 +10,8 @@ at the recommended α: the preferred behaviour's rate, distinct-2, rep-4 and deg
     python bench/preference_bench.py --train anchor_over_base=2.0 --arms-dir DIR --out FILE   # a candidate default
 
 --train NAME=VALUE (TrainConfig fields, Python literals) changes a default for both runs, to measure a candidate
-default before it becomes one. Tasks not named in --tasks keep their record (and its stamp) from --out. With
+default before it becomes one. Tasks not named in --tasks keep their record (and its stamp) from --out, read when
+a task's record is written, so one process per task (--tasks sky, --tasks brief, ...) can share an --out. With
 --arms-dir a second run skips training (each ARM's training record is kept beside it) and only calibrates and
 measures again: what a change to calibration needs.
 
@@ -118,7 +119,6 @@ def main() -> None:
     from genarm_local import GuidedModel
     from genarm_local.core.arm_metadata import read_calibration
 
-    kept = {r["task"]: r for r in json.loads(out.read_text())["tasks"]} if out.is_file() else {}
     records = []
     for name in args.tasks:
         started = time.time()
@@ -144,6 +144,8 @@ def main() -> None:
                   f"distinct-2 {base['distinct_2']:.3f} -> {guided['distinct_2']:.3f}, rep-4 {base['rep_4']:.3f} -> "
                   f"{guided['rep_4']:.3f}, {training['steps']} steps", flush=True)  # fmt: skip
         record["minutes"] = round((time.time() - started) / 60, 1)
+        # read again now: a run of other --tasks in another process may have written its records meanwhile
+        kept = {r["task"]: r for r in json.loads(out.read_text())["tasks"]} if out.is_file() else {}
         kept[name] = record
         records = [kept[n] for n in TASKS if n in kept]
         write_json(out, {"tasks": records})  # after each task: a stopped run keeps what it measured

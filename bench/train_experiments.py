@@ -85,15 +85,18 @@ def train_only(task, overrides: dict, workdir: Path) -> tuple[Path, dict]:
 
 
 def calibrate_arm(task, arm: Path, seed: int, threads: int | None) -> dict:
-    """Calibrate ``arm`` as `train --export` does (on the task's training prompts, the default settings), here
-    with ``threads`` llama.cpp threads, and store the result in the file."""
+    """Calibrate ``arm`` as `train --export` does (on the prompts of the pairs `train` held out with ``seed`` and
+    the default --eval-split, the default settings), here with ``threads`` llama.cpp threads, and store the result
+    in the file."""
     from genarm_local.convert import write_calibration
 
     from genarm_local.evaluation.calibration import CalibrationConfig, calibrate
+    from genarm_local.train.config import TrainConfig, split
 
     started = time.perf_counter()
     settings = CalibrationConfig(arm=str(arm), seed=seed, n_threads=threads)
-    calibration = calibrate(settings, prompts=[p["prompt"] for p in task.pairs])
+    _, held_out = split(task.pairs, TrainConfig.eval_split, seed)
+    calibration = calibrate(settings, prompts=[p["prompt"] for p in held_out])
     write_calibration(arm, calibration)
     return {"calibration_seconds": round(time.perf_counter() - started, 1), "calibration": vars(calibration)}
 

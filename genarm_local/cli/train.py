@@ -49,7 +49,8 @@ def report(result, width: int = 100) -> list[str]:
         f"wrote {result.output} (PEFT adapter), {result.log}" + (f", {result.export}" if result.export else "")
     )
     if result.calibration is not None:
-        lines.append(f"calibration of {result.export.name} (guided text against the base's, training prompts):")
+        where = "held-out" if result.eval_pairs else "training"
+        lines.append(f"calibration of {result.export.name} (guided text against the base's, {where} prompts):")
         lines += curve_lines(result.calibration)
         lines.append(
             f"use it as --arm {result.export} (its recommended α {result.calibration.recommended_alpha:.3g}) or "

@@ -151,7 +151,7 @@ class TrainConfig:
     merge: bool = _option(False, "with --export: merge the adapter into the base and write a full model")
     calibrate: bool = _option(
         True,
-        "with --export: measure the guided text's fluency against α on the training prompts and store the "
+        "with --export: measure the guided text's fluency against α on the held-out prompts and store the "
         "recommended α (the largest as fluent as the base) in the "
         "GGUF (--no-calibrate: skip; genarm-local calibrate does it later)",
         flags=("--no-calibrate",),

@@ -177,20 +177,24 @@ def test_guided_decoding_raises_marker_frequency(marker_run):
     assert counts["guided"] >= counts["base"] + 0.3
 
 
-def test_export_is_calibrated_on_the_training_prompts(marker_run):
-    """`train --export` over a GGUF base measures the ARM's KL curve on its training prompts and stores it; the ARM
-    given without a weight then runs at the recommended α."""
+def test_export_is_calibrated_on_the_held_out_prompts(marker_run):
+    """`train --export` over a GGUF base calibrates the ARM on the prompts of the pairs it held out (new to the
+    ARM, as a user's prompts are) and stores the result; the ARM given without a weight then runs at the
+    recommended α."""
     from genarm_local.core.api import GuidedModel
     from genarm_local.core.arm_metadata import read_calibration, recommend_alpha
     from genarm_local.evaluation.calibration import CalibrationConfig, file_sha256
+    from genarm_local.train.config import split
 
     base, result, _ = marker_run
     stored = read_calibration(result.export)
     assert stored is not None and result.calibration is not None
     assert stored.alphas == pytest.approx(result.calibration.alphas)
     assert stored.kl == pytest.approx(result.calibration.kl)
-    prompts = {row["prompt"] for row in marker_rows(200, seed=0)}
-    assert stored.prompts == min(CalibrationConfig.samples, len(prompts)) and all(n > 0 for n in stored.tokens)
+    _, held_out = split(marker_rows(200, seed=0), 0.2, 0)
+    held_prompts = {row["prompt"] for row in held_out}  # 32 of the 52 distinct prompts
+    assert len(held_out) == result.eval_pairs
+    assert stored.prompts == min(CalibrationConfig.samples, len(held_prompts)) and all(n > 0 for n in stored.tokens)
     assert stored.samples == CalibrationConfig.samples
     assert stored.base_sha256 == file_sha256(base)
     assert 0 < stored.kl[0] <= stored.kl[-1]
