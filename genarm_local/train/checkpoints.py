@@ -45,6 +45,9 @@ RUN_SETTINGS = (
     "select",
     "early_stopping_patience",
 )
+# Settings whose default has changed since they were added, with the default they had then: what a checkpoint made
+# before they existed ran with (anchor_over_base: the plain anchor until 2 became the default).
+DEFAULTS_WHEN_ADDED = {"anchor_over_base": None}
 KEEP_CHECKPOINTS = 2
 
 
@@ -73,8 +76,8 @@ def check_same_run(path: Path, state: dict, settings: dict, data_hash: str) -> N
     """Refuse to resume from a checkpoint of another run: other settings, other data, or an older version's."""
     if "selection" not in state:
         raise InvalidOptionError(f"{path} was made by an older version of genarm-local; start over with --force")
-    # A setting added since the checkpoint was made had its default then.
-    made = {**{k: getattr(TrainConfig, k) for k in RUN_SETTINGS}, **state["settings"]}
+    # A setting added since the checkpoint was made had its default then: today's, or the one it had when added.
+    made = {**{k: getattr(TrainConfig, k) for k in RUN_SETTINGS}, **DEFAULTS_WHEN_ADDED, **state["settings"]}
     changed = [k for k in RUN_SETTINGS if made.get(k) != settings[k]]
     if changed:
         name = changed[0]

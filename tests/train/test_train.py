@@ -492,6 +492,10 @@ def test_cli_flags_are_generated_from_train_config():
     assert config.progress and not parser.parse_args(["-m", "b", "--data", "d", "-o", "o", "--no-progress"]).progress
     assert config.eos and not parser.parse_args(["-m", "b", "--data", "d", "-o", "o", "--no-eos"]).eos
     assert parser.parse_args(["--data", "d", "-o", "o"]).model is None  # train() then uses the embedded base
+    # the bounded anchor by default; "off" asks for the plain one
+    assert config.anchor_over_base == 2.0
+    assert parser.parse_args(["--data", "d", "-o", "o", "--anchor-over-base", "off"]).anchor_over_base is None
+    assert parser.parse_args(["--data", "d", "-o", "o", "--anchor-over-base", "0.5"]).anchor_over_base == 0.5
 
 
 def test_schedule_warmup_then_cosine_and_split():
@@ -564,9 +568,10 @@ def test_anchor_over_base_pulls_less_than_the_plain_anchor(hf_model, tmp_path):
     assert relative + 0.3 < half < plain - 0.3
 
 
-def test_resume_takes_a_setting_newer_than_the_checkpoint_at_its_default(tmp_path):
-    """A checkpoint made before a setting existed resumes when the run uses that setting's default, and is refused
-    with a one-line reason when it does not."""
+def test_resume_takes_a_setting_newer_than_the_checkpoint_at_its_value_then(tmp_path):
+    """A checkpoint made before a setting existed resumes when the run uses the value every run had then (the
+    setting's default when it was added), and is refused with a one-line reason when it does not: a run made with
+    the plain anchor does not go on under today's default bounded one."""
     import dataclasses
 
     from genarm_local.core.errors import InvalidOptionError
@@ -576,7 +581,11 @@ def test_resume_takes_a_setting_newer_than_the_checkpoint_at_its_default(tmp_pat
     config = TrainConfig(data="d.jsonl", output=str(tmp_path))
     settings = {k: getattr(config, k) for k in RUN_SETTINGS}
     older = {"selection": {}, "data": "h", "settings": {k: v for k, v in settings.items() if k != "anchor_over_base"}}
-    check_same_run(tmp_path / "step-1.pt", older, settings, "h")
-    changed = {k: getattr(dataclasses.replace(config, anchor_over_base=2.0), k) for k in RUN_SETTINGS}
     with pytest.raises(InvalidOptionError, match="--anchor-over-base None, not 2.0"):
-        check_same_run(tmp_path / "step-1.pt", older, changed, "h")
+        check_same_run(tmp_path / "step-1.pt", older, settings, "h")
+    plain = {k: getattr(dataclasses.replace(config, anchor_over_base=None), k) for k in RUN_SETTINGS}
+    check_same_run(tmp_path / "step-1.pt", older, plain, "h")
+    newer = {**older, "settings": settings}  # a checkpoint that records the setting: compared as recorded
+    check_same_run(tmp_path / "step-1.pt", newer, settings, "h")
+    no_beta = {**older, "settings": {k: v for k, v in older["settings"].items() if k != "beta"}}
+    check_same_run(tmp_path / "step-1.pt", no_beta, plain, "h")  # a setting whose default never changed: today's
