@@ -8,6 +8,7 @@ exactly the weights llama.cpp runs.
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,12 @@ SMALL_SET_SHARE = 0.2
 
 def margin_or_off(text: str) -> float | None:
     """--anchor-over-base's value: M in nats/token, or off (None: the plain anchor)."""
-    return None if text.strip().lower() == "off" else float(text)
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected M in nats/token or off, got {text!r}") from None
 
 
 @dataclass

@@ -473,7 +473,7 @@ def test_existing_run_needs_resume_or_force(hf_model, tmp_path):
     assert_one_line_error(result, "--resume", "--force")
 
 
-def test_cli_flags_are_generated_from_train_config():
+def test_cli_flags_are_generated_from_train_config(capsys):
     import argparse
     import dataclasses
 
@@ -496,6 +496,9 @@ def test_cli_flags_are_generated_from_train_config():
     assert config.anchor_over_base == 2.0
     assert parser.parse_args(["--data", "d", "-o", "o", "--anchor-over-base", "off"]).anchor_over_base is None
     assert parser.parse_args(["--data", "d", "-o", "o", "--anchor-over-base", "0.5"]).anchor_over_base == 0.5
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--data", "d", "-o", "o", "--anchor-over-base", "abc"])
+    assert exit_info.value.code == 2 and "expected M in nats/token or off, got 'abc'" in capsys.readouterr().err
 
 
 def test_schedule_warmup_then_cosine_and_split():
