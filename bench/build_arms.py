@@ -265,7 +265,10 @@ def train_arm(base: str, pairs: Path, output_dir: Path, export: Path, args) -> d
         epochs=args.epochs, lr=args.lr, beta=args.beta, seed=args.seed, force=True,
         eos=False,  # the continuations were cut at --tokens, not ended
     )  # fmt: skip
-    result = train(config)  # also calibrates the export on its training prompts (genarm.calibration.* keys)
+    # also calibrates the export (genarm.calibration.* keys): on its held-out prompts since b7d0e1d. The shipped
+    # files were trained and calibrated under the defaults of their build (docs/build_arms.json's commit): the
+    # training prompts then, and no bounded anchor (the default since c0b161c); a rebuild uses today's.
+    result = train(config)
     calibration = result.calibration and {"recommended_alpha": result.calibration.recommended_alpha}
     return {
         "steps": result.steps,
