@@ -48,8 +48,8 @@ def report(result, width: int = 100) -> list[str]:
     lines.append(
         f"wrote {result.output} (PEFT adapter), {result.log}" + (f", {result.export}" if result.export else "")
     )
+    where = "held-out" if result.eval_pairs else "training"  # the prompts calibration and the samples use
     if result.calibration is not None:
-        where = "held-out" if result.eval_pairs else "training"
         lines.append(f"calibration of {result.export.name} (guided text against the base's, {where} prompts):")
         lines += curve_lines(result.calibration)
         lines.append(
@@ -59,7 +59,6 @@ def report(result, width: int = 100) -> list[str]:
     lines += [f"warning: {note}" for note in result.notes]
     if result.samples:
         alpha = result.calibration.recommended_alpha
-        where = "held-out" if result.eval_pairs else "training"
         accuracy = f"; held-out accuracy {result.eval['accuracy']:.2f}" if result.eval else ""
         lines += ["", f"{where} prompts, continued by the base and by the ARM at α {alpha:.3g}{accuracy}:"]
         lines += sample_lines(result.samples, alpha, width)
