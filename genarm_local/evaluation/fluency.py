@@ -53,7 +53,8 @@ DEGENERATE_REP4 = 0.2
 DEGENERATE_LINE_REPEATS = 3
 DEGENERATE_FOREIGN_SCRIPT = 0.2
 DEGENERATE = (
-    f"rep-4 > {DEGENERATE_REP4}, or a non-empty line occurring {DEGENERATE_LINE_REPEATS}+ times, or markup spam "
+    f"no word at all (an empty reply), or rep-4 > {DEGENERATE_REP4}, or a non-empty line occurring "
+    f"{DEGENERATE_LINE_REPEATS}+ times, or markup spam "
     f"({MARKUP_SPAM_SPANS}+ junk spans or junk ≥ {MARKUP_SPAM_SHARE:.0%} of the non-space characters), or "
     f"> {DEGENERATE_FOREIGN_SCRIPT:.0%} of the letters in another script than expected"
 )
@@ -227,9 +228,11 @@ def echo_share(text: str, source: str, n: int = 3) -> float:
 
 
 def is_degenerate(text: str, script: str = "LATIN") -> bool:
-    """Degenerate output as the evaluations count it (DEGENERATE says the rule in words)."""
+    """Degenerate output as the evaluations count it (DEGENERATE says the rule in words). An empty reply is one: a
+    reader gets nothing (an ARM that learned to answer briefly, pushed too hard, ends the turn before a word)."""
     return (
-        rep_n(text, 4) > DEGENERATE_REP4
+        not WORD.search(text)
+        or rep_n(text, 4) > DEGENERATE_REP4
         or line_repeats(text) >= DEGENERATE_LINE_REPEATS
         or markup_spam(text)
         or foreign_script_share(text, script) > DEGENERATE_FOREIGN_SCRIPT

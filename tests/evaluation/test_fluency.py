@@ -127,6 +127,8 @@ def test_degenerate():
     assert is_degenerate("<strong>Hi</strong> <strong>there</strong>")  # 4 tags
     assert is_degenerate("今日はとても良い天気 yes")  # 10 of 13 letters are not Latin
     assert not is_degenerate("It was fine.\nIt was fine.")  # a line twice is not yet a loop; its 3 four-grams differ
+    assert is_degenerate("") and is_degenerate(" \n") and is_degenerate("…")  # an empty reply: nothing to read
+    assert not is_degenerate("Yes.")  # one word is a reply
 
 
 def test_fluency_summary():
