@@ -35,9 +35,7 @@ DEGENERATE_MARGIN = 0.1
 class Calibration:
     """One ARM's fluency and KL curves against one base, and the weight they recommend."""
 
-    # the weights measured, increasing: the grid up to its first point outside a bound, and the bisections of the
-    # step before it (evaluation/calibration.walk_grid)
-    alphas: tuple[float, ...]
+    alphas: tuple[float, ...]  # the weights measured, increasing: the grid up to its first point outside a bound
     kl: tuple[float, ...]  # mean per-token KL(guided_α ‖ base) in nats at each α
     tokens: tuple[int, ...]  # sampled continuation tokens the mean is over, at each α
     distinct_2: tuple[float, ...]  # of the guided continuations at each α (all of them together)
@@ -84,9 +82,9 @@ def slack(
 
 
 def recommend_alpha(alphas: Sequence[float], slacks: Sequence[tuple[float, ...]]) -> float:
-    """The largest α whose guided text is as fluent as the base's: walking up the weights measured from α = 0 (the
-    base itself, inside every bound), the first point outside a bound ends the walk, and the α where that measure
-    crossed its bound is interpolated linearly from the point before; the largest α when every point is inside."""
+    """The largest α whose guided text is as fluent as the base's: walking up the grid from α = 0 (the base itself,
+    inside every bound), the first grid point outside a bound ends the walk, and the α where that measure crossed
+    its bound is interpolated linearly from the point before; the grid's largest α when every point is inside."""
     previous_alpha, previous = 0.0, [1.0 - DISTINCT_2_SHARE, REP_4_MARGIN, DEGENERATE_MARGIN]
     for alpha, current in sorted(zip(alphas, slacks, strict=True)):
         if min(current) < 0:

@@ -6,12 +6,11 @@ continuations at each α, a prompt continued more than once when there are fewer
 far as a reader gets it (a chat reply up to the next speaker's label, where chat stops), is judged against the
 base's (the mean of BASE_DRAWS sets of as many continuations) by the fluency measures of evaluation/fluency.py
 (distinct-2, rep-4, degenerate rate, an empty reply counting as degenerate);
-the grid stops at its first point where one of them leaves its bound (core/arm_metadata.py), the step before it is
-bisected twice (walk_grid), and the recommended α is where the measure crossed its bound, interpolated within the
-last interval. The effect grows with α until the text gives way (loops, a stock phrase everywhere, a reply ended
-before its first word), so that is the strongest weight a reader does not pay for; a KL budget instead reads a
-sharp ARM's large KL as danger when the text is far from the base because it says what the user asked for
-(README, "Your own preference").
+the recommended α is where the first of them leaves its bound (core/arm_metadata.py), interpolated between the
+last grid point inside and the first outside, and the grid stops there. The effect grows with α until the text
+gives way (loops, a stock phrase everywhere, a reply ended before its first word), so that is the strongest weight
+a reader does not pay for; a KL budget instead reads a sharp ARM's large KL as danger when the
+text is far from the base because it says what the user asked for (README, "Your own preference").
 
 Beside it, as a diagnostic, each continuation is scored in one decode per context (Context.decode_outputs): at
 every position the engine's own mixing gives the guided row and the base's normalised row, and
@@ -25,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +38,6 @@ from ..core.errors import InputNotFoundError, InvalidOptionError
 # little data) walks on to 3, where a LoRA ARM's mix is about as sharp as the base at T / 4.
 DEFAULT_ALPHAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 MAX_TOKENS = 511
-# Bisections of the grid step where the text leaves a bound (walk_grid): two cost two more sets of continuations.
-REFINE_STEPS = 2
 # The base's fluency, the yardstick every α is judged against, is the mean over this many independent sets of
 # continuations (each as many as one α's). One set's distinct-2 moved 0.81–0.90 over four seeds (a few looping
 # texts pull a pooled distinct-2 down), which moved the recommended α of one ARM 0.20–0.37; the guided sets at a
@@ -200,15 +197,15 @@ def measure_kl(
     model,
     arm: str,
     prompts: Sequence[Prompt],
-    alphas: Iterable[float],
+    alphas: Sequence[float],
     max_tokens: int = 24,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
-    judge: Callable[[float, list[tuple[list[int], bool]]], None] | None = None,
+    keep_going: Callable[[float, list[tuple[list[int], bool]]], bool] | None = None,
 ) -> KLCurve:
-    """The KL curve of the ARM named ``arm`` of a loaded GuidedModel over ``prompts`` (text or token ids), at the
-    weights ``alphas`` in the order given. ``judge(α, samples)`` sees the samples of each α (0 first: the base's)
-    before the next α is taken from ``alphas``, so a generator there can choose it from what the judge found."""
+    """The KL curve of the ARM named ``arm`` of a loaded GuidedModel over ``prompts`` (text or token ids).
+    ``keep_going(α, samples)`` sees the samples of each α (0 first: the base's) and ends the grid there when it
+    says False; the curve then has the α measured so far."""
     engine = model.engine
     index = next((i for i, a in enumerate(engine.arms) if a.spec.matches(arm)), None)
     if index is None:
@@ -217,21 +214,15 @@ def measure_kl(
     if not token_prompts or any(not p for p in token_prompts):
         raise InvalidOptionError("calibration needs at least one prompt, and no empty prompt")
     others = {a.name: 0.0 for a in engine.arms if a.name != engine.arms[index].name}
-    sampled, measured = [], []
-
-    def at(alpha: float) -> list[tuple[list[int], bool]]:
-        samples = sample(model, token_prompts, {**others, engine.arms[index].name: alpha}, max_tokens, seed)
+    sampled = []
+    for alpha in [0.0, *alphas]:
+        sampled.append(sample(model, token_prompts, {**others, engine.arms[index].name: alpha}, max_tokens, seed))
         if progress:
-            progress(f"sampled {len(samples)} continuations at α = {alpha:g}")
-        if judge is not None:
-            judge(alpha, samples)
-        return samples
-
-    base_samples = at(0.0)
-    for alpha in alphas:
-        sampled.append(at(alpha))
-        measured.append(alpha)
-    alphas = measured
+            progress(f"sampled {len(sampled[-1])} continuations at α = {alpha:g}")
+        if keep_going is not None and not keep_going(alpha, sampled[-1]):
+            break
+    base_samples = sampled.pop(0)
+    alphas = list(alphas)[: len(sampled)]
     guided = np.empty(engine.n_vocab, dtype=np.float32)
     base = np.empty(engine.n_vocab, dtype=np.float32)
     per_alpha: list[list[np.ndarray]] = [[] for _ in alphas]
@@ -292,15 +283,12 @@ def calibrate(
     base_path = load.base_path()
     measured: dict[float, tuple[float, float, float]] = {}  # α -> (distinct-2, rep-4, degenerate rate)
 
-    def judge(alpha: float, samples: list[tuple[list[int], bool]]) -> None:
+    def keep_going(alpha: float, samples: list[tuple[list[int], bool]]) -> bool:
         if alpha == 0:  # the base's set of the shared seeds, and BASE_DRAWS - 1 more sets of their own seeds
             draws = [samples, *(base_draw(model, prompts, config, draw) for draw in range(1, BASE_DRAWS))]
             measured[0.0] = tuple(np.mean([fluency_of(model, d, texts) for d in draws], axis=0).tolist())
-        else:
-            measured[alpha] = fluency_of(model, samples, texts)
-
-    def fluent(alpha: float) -> bool:
-        distinct_2, rep_4, degenerate = measured[alpha]
+            return True
+        measured[alpha] = distinct_2, rep_4, degenerate = fluency_of(model, samples, texts)
         return min(slack([distinct_2], [rep_4], [degenerate], measured[0.0])[0]) >= 0
 
     with GuidedModel(config=load) as model:
@@ -308,24 +296,21 @@ def calibrate(
         n_ctx = max(len(model.tokenize(p)) if isinstance(p, str) else len(p) for p in prompts) + config.max_tokens
         if n_ctx > model.engine.n_ctx:
             raise InvalidOptionError(f"a calibration prompt + --max-tokens needs {n_ctx} tokens of context")
-        walk = walk_grid(alphas, fluent)
-        curve = measure_kl(model, spec.name, prompts, walk, config.max_tokens, config.seed, progress, judge)
+        curve = measure_kl(model, spec.name, prompts, alphas, config.max_tokens, config.seed, progress, keep_going)
         base_name = model.engine.base_model.meta("general.name") or ""
     base = measured[0.0]
-    order = sorted(range(len(curve.alphas)), key=lambda i: curve.alphas[i])
-    alphas = [curve.alphas[i] for i in order]
-    distinct_2, rep_4, degenerate = (tuple(measured[a][k] for a in alphas) for k in range(3))
+    distinct_2, rep_4, degenerate = (tuple(measured[a][k] for a in curve.alphas) for k in range(3))
     return Calibration(
-        alphas=tuple(alphas),
-        kl=tuple(curve.kl[i] for i in order),
-        tokens=tuple(curve.tokens[i] for i in order),
+        alphas=tuple(curve.alphas),
+        kl=tuple(curve.kl),
+        tokens=tuple(curve.tokens),
         distinct_2=distinct_2,
         rep_4=rep_4,
         degenerate=degenerate,
         base_distinct_2=base[0],
         base_rep_4=base[1],
         base_degenerate=base[2],
-        recommended_alpha=recommend_alpha(alphas, slack(distinct_2, rep_4, degenerate, base)),
+        recommended_alpha=recommend_alpha(curve.alphas, slack(distinct_2, rep_4, degenerate, base)),
         prompts=len({p if isinstance(p, str) else tuple(p) for p in prompts}),
         samples=len(prompts),
         base_name=base_name,
@@ -334,25 +319,6 @@ def calibrate(
         max_tokens=config.max_tokens,
         seed=config.seed,
     )
-
-
-def walk_grid(grid: Sequence[float], fluent: Callable[[float], bool]) -> Iterator[float]:
-    """The weights to measure: the grid, up to its first point outside a bound, then REFINE_STEPS bisections of
-    the interval between that point and the last one inside (the base, α = 0, before the first), each asking
-    ``fluent`` about the point just measured. recommend_alpha then interpolates within the last interval, a
-    quarter of a grid step: where the text falls off a cliff (a stock phrase taking over every continuation), a
-    straight line across the whole step put the weight well past the edge."""
-    inside = 0.0
-    for alpha in grid:
-        yield alpha
-        if not fluent(alpha):
-            outside = alpha
-            for _ in range(REFINE_STEPS):
-                middle = (inside + outside) / 2
-                yield middle
-                inside, outside = (middle, outside) if fluent(middle) else (inside, middle)
-            return
-        inside = alpha
 
 
 def sample(model, prompts: Sequence[Prompt], weights: dict, max_tokens: int, seed: int) -> list[tuple[list[int], bool]]:
@@ -387,7 +353,7 @@ def curve_lines(calibration: Calibration) -> list[str]:
     rows = zip(calibration.alphas, calibration.distinct_2, calibration.rep_4, calibration.degenerate,
                calibration.kl, calibration.fluent(), strict=True)  # fmt: skip
     for alpha, d2, r4, dg, kl, ok in rows:
-        mark = "" if ok else "   less fluent"
+        mark = "" if ok else "   less fluent: the grid stops here"
         lines.append(f"  {alpha:6.3g}   {d2:10.3f}   {r4:5.3f}   {dg:10.3f}   {kl:15.4f}{mark}")
     lines.append(
         f"recommended α {calibration.recommended_alpha:.3g}: the largest α whose text stays as fluent as the base's "

@@ -17,7 +17,6 @@ from ..core.arm_metadata import Calibration
 from ..core.atomic import check_output
 from ..core.config import resolve_base
 from ..core.errors import InputNotFoundError, InvalidOptionError, OutputExistsError, require
-from ..evaluation.calibration import DEFAULT_ALPHAS
 from ..evaluation.showcase import SideBySide
 from .config import TrainConfig, split, validate
 from .data import load_preferences
@@ -181,9 +180,9 @@ def _show(config: TrainConfig, export: Path, alpha: float, rows: list, pairs: li
 
 def warnings(final: dict[str, float], calibration: Calibration | None) -> list[str]:
     notes = []
-    if calibration is not None and calibration.recommended_alpha < DEFAULT_ALPHAS[0]:
+    if calibration is not None and not calibration.fluent()[0]:
         notes.append(
-            f"extreme ARM: its text is less fluent than the base's already at α = {DEFAULT_ALPHAS[0]:g} "
+            f"extreme ARM: its text is less fluent than the base's already at α = {calibration.alphas[0]:g} "
             f"(recommended α {calibration.recommended_alpha:.3g}); train fewer steps or on more varied pairs"
         )
     if calibration is not None and calibration.kl[-1] < WEAK_KL:

@@ -93,25 +93,6 @@ def test_recommend_alpha_is_where_the_first_measure_leaves_its_bound():
     assert recommend_alpha(alphas, slack([0.8] * 4, [0.01] * 4, [0.03] * 4, base)) == 2.0
 
 
-def test_the_walk_bisects_the_step_where_the_text_leaves_its_bound():
-    from genarm_local.evaluation.calibration import REFINE_STEPS, walk_grid
-
-    assert REFINE_STEPS == 2
-    asked = []
-
-    def fluent(alpha):  # the text gives way at α = 0.6
-        asked.append(alpha)
-        return alpha < 0.6
-
-    # 1 is the first grid point outside: [0.5, 1] halved at 0.75 (outside), then [0.5, 0.75] at 0.625 (outside)
-    assert list(walk_grid([0.25, 0.5, 1.0, 2.0], fluent)) == [0.25, 0.5, 1.0, 0.75, 0.625]
-    assert asked == [0.25, 0.5, 1.0, 0.75, 0.625]  # each point judged before the next is chosen
-    # outside at the first grid point: bisected from the base (α = 0); 0.125 inside, so [0.125, 0.25] next
-    assert list(walk_grid([0.25, 0.5], lambda a: a < 0.15)) == [0.25, 0.125, 0.1875]
-    # inside everywhere: the grid, nothing more
-    assert list(walk_grid([0.25, 0.5], lambda a: True)) == [0.25, 0.5]
-
-
 @pytest.fixture(scope="module")
 def calibrated(files, tmp_path_factory):
     """The adapter calibrated through the real CLI (a copy: the fixture's adapter is shared)."""
@@ -130,15 +111,14 @@ def calibrated(files, tmp_path_factory):
 
 def test_calibrate_writes_the_curve_into_the_arm(calibrated, files):
     from genarm_local.core.arm_metadata import read_calibration, recommend_alpha
-    from genarm_local.evaluation.calibration import CalibrationConfig, file_sha256, walk_grid
+    from genarm_local.evaluation.calibration import CalibrationConfig, file_sha256
 
     arm, stdout, _ = calibrated
     calibration = read_calibration(arm)
-    # the grid, walked up to its first point whose text is less fluent than the base's, and the step before it
-    # bisected twice: the weights measured are those the walk chooses from the verdicts stored with them
+    # the grid, walked up to its first point whose text is less fluent than the base's
     fluent = calibration.fluent()
-    verdict = dict(zip(calibration.alphas, fluent, strict=True))
-    assert calibration.alphas == tuple(sorted(walk_grid((0.25, 1.0, 2.0), verdict.__getitem__)))
+    assert calibration.alphas == pytest.approx((0.25, 1.0, 2.0)[: len(fluent)])
+    assert all(fluent[:-1]) and (len(fluent) == 3 or not fluent[-1])
     assert calibration.prompts == len(PROMPTS) and calibration.max_tokens == 8
     assert calibration.samples == CalibrationConfig.samples  # each prompt continued several times
     assert all(n > 0 for n in calibration.tokens) and 0 < calibration.kl[0] <= calibration.kl[-1]
