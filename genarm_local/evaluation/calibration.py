@@ -9,8 +9,8 @@ base's (the mean of BASE_DRAWS sets of as many continuations) by the fluency mea
 the recommended α is where the first of them leaves its bound (core/arm_metadata.py), interpolated between the
 last grid point inside and the first outside, and the grid stops there. The effect grows with α until the text
 gives way (loops, a stock phrase everywhere, a reply ended before its first word), so that is the strongest weight
-a reader does not pay for; a KL budget instead reads a sharp ARM's large KL as danger when the
-text is far from the base because it says what the user asked for (README, "Your own preference").
+a reader does not pay for; a KL budget instead reads a sharp ARM's large KL as danger when the text is far from the
+base because it says what the user asked for (README, "Your own preference").
 
 Beside it, as a diagnostic, each continuation is scored in one decode per context (Context.decode_outputs): at
 every position the engine's own mixing gives the guided row and the base's normalised row, and
