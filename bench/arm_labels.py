@@ -43,8 +43,8 @@ def flaws(text: str, prompt: str, echo_source: str | None = None) -> list[str]:
     that mostly repeats ``echo_source`` (the user's turn, earlier replies) is an echo."""
     found = []
     if not words(text):
-        found.append("empty")
-    if is_degenerate(text):
+        found.append("empty")  # is_degenerate counts it too: named once, as what it is
+    elif is_degenerate(text):
         found.append("degenerate")
     if rep_n(text, 4) > FLUENT_REP4:
         found.append("repetition")
