@@ -8,6 +8,7 @@ that the checkpoint was made by the same run (settings and data) before it conti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from ..core.atomic import atomic_output
 from ..core.errors import InvalidOptionError
-from .config import TrainConfig
+from .config import TrainConfig, margin_or_off
 
 # Settings that define the optimization and which weights it keeps; a resume with any of them changed would be a
 # different run.
@@ -82,11 +83,17 @@ def check_same_run(path: Path, state: dict, settings: dict, data_hash: str) -> N
     if changed:
         name = changed[0]
         raise InvalidOptionError(
-            f"{path} was made with --{name.replace('_', '-')} {made.get(name)}, not {settings[name]}; "
-            "resume with the same settings, or start over with --force"
+            f"{path} was made with --{name.replace('_', '-')} {spelled(name, made.get(name))}, not "
+            f"{spelled(name, settings[name])}; resume with the same settings, or start over with --force"
         )
     if state["data"] != data_hash:
         raise InvalidOptionError(f"{path} was made with different preference data; start over with --force")
+
+
+def spelled(name: str, value):
+    """A setting's value as its flag takes it: None is "off" where the flag reads "off" (--anchor-over-base)."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return "off" if value is None and field.metadata.get("type") is margin_or_off else value
 
 
 def trim_log(log_path: Path, step: int) -> None:

@@ -584,7 +584,7 @@ def test_resume_takes_a_setting_newer_than_the_checkpoint_at_its_value_then(tmp_
     config = TrainConfig(data="d.jsonl", output=str(tmp_path))
     settings = {k: getattr(config, k) for k in RUN_SETTINGS}
     older = {"selection": {}, "data": "h", "settings": {k: v for k, v in settings.items() if k != "anchor_over_base"}}
-    with pytest.raises(InvalidOptionError, match="--anchor-over-base None, not 2.0"):
+    with pytest.raises(InvalidOptionError, match="--anchor-over-base off, not 2.0"):  # as the flag is spelled
         check_same_run(tmp_path / "step-1.pt", older, settings, "h")
     plain = {k: getattr(dataclasses.replace(config, anchor_over_base=None), k) for k in RUN_SETTINGS}
     check_same_run(tmp_path / "step-1.pt", older, plain, "h")
