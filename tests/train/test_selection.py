@@ -1,7 +1,7 @@
 """Which weights `train` keeps and when it stops (genarm_local/train/selection.py, run.py): the default hold-out,
 the evaluation cadence, best-checkpoint selection and early stopping on the held-out loss, the report of saturation,
-and a resumed run keeping what an uninterrupted one keeps. Most runs overfit on purpose: a quarter of the pairs'
-labels are swapped, held-out ones included, so the held-out loss has its minimum at a finite margin, which training
+and a resumed run keeping what an uninterrupted one keeps. Most runs overfit on purpose: a quarter of the held-out
+pairs' labels are swapped, so the held-out loss has its minimum at a finite margin, which training on clean pairs
 passes: the loss falls, then rises."""
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ pytestmark = pytest.mark.slow
 
 
 def noisy_rows() -> list[dict]:
-    """40 marker pairs, a quarter of them with chosen and rejected swapped: 2 of the 8 held out (the default split,
-    seed 0) and 8 of the 32 trained on. The marker is learnable, so the held-out loss falls at first; but its
-    optimum is a finite margin (ln 3, for 6 right pairs against 2 swapped), which the ARM passes as it keeps fitting
-    its training pairs, and the loss rises again."""
+    """40 marker pairs, 2 of the 8 held out (the default split, seed 0) with chosen and rejected swapped, the 32
+    trained on clean. The marker is learnable, so the held-out loss falls at first; but its optimum is a finite
+    margin (ln 3, for 6 right pairs against 2 swapped), which the ARM passes as its clean training pairs drive the
+    margin on, and the loss rises again (linearly in the margin, through the swapped pairs)."""
     from genarm_local.train.config import split
 
     rows = marker_rows(40, seed=4)
-    trained, held = split(list(range(len(rows))), None, seed=0)
-    swapped = {*held[:2], *trained[::4]}
+    _, held = split(list(range(len(rows))), None, seed=0)
+    swapped = set(held[:2])
     return [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if i in swapped else r for i, r in enumerate(rows)]
 
 
@@ -36,7 +36,7 @@ def noisy_config(hf_model, out, **overrides):
         model=str(hf_model("llama_small")),
         data=noisy_rows(),  # 40 pairs: 8 held out by default, 32 trained on, 8 steps an epoch at batch 4
         output=str(out),
-        lr=2e-2,
+        lr=1e-2,
         batch_size=4,
         epochs=2,
         eval_every=1,
