@@ -98,6 +98,10 @@ def gguf_header(path: str | os.PathLike) -> dict[str, str]:
     return {key.split(".")[1]: str(fields.get(key, default)) for key, default in keys.items()}
 
 
+# llama.cpp's CPU weight repacking (its "extra buffer types"); off: see Model.__init__. bench/repack.py measures both.
+CPU_REPACK = False
+
+
 class Model:
     """One loaded GGUF model (weights shared by every context created over it)."""
 
@@ -107,6 +111,12 @@ class Model:
         params = lc.llama_model_default_params()
         params.n_gpu_layers = (config or LoadConfig()).n_gpu_layers
         params.vocab_only = vocab_only
+        # No CPU repacking of the weights (llama.cpp's "extra buffer types": Q4_K rows interleaved for its gemm
+        # kernels): with it, a row decoded among 4 or more others rounds differently from the same row alone, so a
+        # request's text depended on what else was running (measured on Gemma-3-270M Q4_K_M, AVX-512: the first
+        # token's log-prob -2.4702 alone, -2.4690 among 3 others). Without it the base's rows are bit-identical
+        # alone and among up to 7 others, and decoding is as fast on 2 cores (README, "Same input, same text").
+        params.use_extra_bufts = CPU_REPACK
         self._ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._ptr:
             raise CorruptModelError(f"llama.cpp could not load {self.path}: {last_native_error()}")

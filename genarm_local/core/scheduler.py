@@ -16,8 +16,10 @@ base's; an ARM's is created when a job first needs it), with one KV stream of ``
 
 Which rows share a step is decided by the work alone — the jobs, in the order they were submitted — never by a
 clock. What a row computes depends on the others only where llama.cpp makes it so: measured on Gemma-3-270M Q4_K_M
-(CPU, default settings), a row's logits are bit-identical alone and among any others, except that llama.cpp's
-flash attention splits a lone row's keys across threads once its cache passes 256 cells, which rounds differently.
+(CPU, default settings, weight repacking off: native.Model), a base row's logits are bit-identical alone and among up
+to 7 others; a decode of 8 rows or more takes another llama.cpp kernel (faster, rounding differently), and its flash
+attention splits a lone row's keys across threads once its cache passes 256 cells. A LoRA ARM's rows can round
+differently among others after a few tokens.
 
 Speculation (LoadConfig.draft_max = k > 0, for a sampling job with an ARM at α ≠ 0): in step 3 the base decodes the
 newest token and then drafts k tokens alone, one decode each, from the guided formula with every ARM replaced by the

@@ -63,6 +63,21 @@ def test_among_other_requests_an_unguided_short_sequence_gets_its_text_alone(mod
     assert [s.drain().text for s in streams][1] == alone[1].text
 
 
+def test_the_server_s_four_slots_give_each_unguided_request_its_text_alone():
+    """`serve` decodes up to 4 requests together (-np 4): each unguided one still gets its text alone. llama.cpp's
+    CPU weight repacking, on by default there, broke this from 4 rows on (native.Model turns it off)."""
+    from genarm_local import GuidedModel
+
+    prompts = [*PROMPTS, "My neighbour's dog"]
+    off = {"positive": 0.0, "concise": 0.0}
+    with GuidedModel(n_parallel=4) as model:
+        alone = [
+            model.generate(prompt, seed=20 + i, max_tokens=24, weights=off).text for i, prompt in enumerate(prompts)
+        ]
+        together = model.generate_batch(prompts, seeds=[20, 21, 22, 23], max_tokens=24, weights=off)
+    assert [r.text for r in together] == alone
+
+
 def test_close_with_an_open_stream_returns_within_a_second():
     from genarm_local import GuidedModel
 
