@@ -3,6 +3,7 @@ by our converter to F16, it behaves in llama.cpp like the model transformers hol
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from helpers import hf_logits, llama_logits, relative_max_error, top1_agreement
 
@@ -27,11 +28,17 @@ def real_pair(tmp_path_factory):
     return original, out
 
 
-def greedy(ctx, prompt_ids, n):
-    ids = list(prompt_ids)
+def greedy_flips(original, reexported, prompt_ids, n):
+    """Along the original's greedy continuation (n tokens), the original's top-2 margin at each step where the
+    re-export's top token is another."""
+    ids, flips = list(prompt_ids), []
     for _ in range(n):
-        ids.append(int(ctx.logits_all(ids)[-1].argmax()))
-    return ids[len(prompt_ids) :]
+        a, b = original.logits_all(ids)[-1], reexported.logits_all(ids)[-1]
+        if a.argmax() != b.argmax():
+            top2 = np.sort(a)[-2:]
+            flips.append(float(top2[1] - top2[0]))
+        ids.append(int(a.argmax()))
+    return flips
 
 
 def test_reexported_f16_is_the_model_transformers_loaded(real_pair):
@@ -62,10 +69,11 @@ def test_reexported_f16_matches_original_file(real_pair):
             for prompt in PROMPTS:
                 ids = a.tokenize(prompt)
                 assert ids == b.tokenize(prompt)
-                # 10 tokens: the original's Q4_K matmuls quantize activations to 8 bits and the F16 file's do not,
-                # so logits differ by up to ~1 (of a ~40 range); a near-tie (0.16 apart) flips at token 12 of the
-                # first prompt.
-                assert greedy(ca, ids, 10) == greedy(cb, ids, 10), prompt
+                # The original's Q4_K matmuls quantize activations to 8 bits and the F16 file's do not, so logits
+                # differ by up to ~1 (of a ~40 range): the greedy choice may flip at a near-tie only (the robot
+                # prompt's first token, once llama.cpp's weight repacking was off), never where the original is sure.
+                flips = greedy_flips(ca, cb, ids, 10)
+                assert all(margin < 0.45 for margin in flips) and len(flips) <= 2, (prompt, flips)
             ids = a.tokenize(TEXT)
             # Measured 94.9% and 97.4% in different runs (94.5% on the multilingual test corpus), every flip at a
             # top-2 margin < 0.45: the compute-path difference above, not the weights (the transformers comparison
