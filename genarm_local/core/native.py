@@ -112,7 +112,7 @@ class Model:
         params.n_gpu_layers = (config or LoadConfig()).n_gpu_layers
         params.vocab_only = vocab_only
         # No CPU repacking of the weights (llama.cpp's "extra buffer types": Q4_K rows interleaved for its gemm
-        # kernels): with it, a row decoded among 4 or more others rounds differently from the same row alone, so a
+        # kernels): with it, a row decoded among 3 or more others rounds differently from the same row alone, so a
         # request's text depended on what else was running (measured on Gemma-3-270M Q4_K_M, AVX-512: the first
         # token's log-prob -2.4702 alone, -2.4690 among 3 others). Without it the base's rows are bit-identical
         # alone and among up to 7 others, and decoding is as fast on 2 cores (README, "Same input, same text").
