@@ -88,7 +88,7 @@ def main() -> None:
     start = time.perf_counter()
     models = {repack: load(repack, 8, args.threads) for repack in (True, False)}
     try:
-        guided = {name: weight for name, weight in models[False].arm_weights().items()}
+        guided = dict(models[False].arm_weights())  # the shipped defaults: positive at its α, concise at 0
         for model in models.values():
             model.generate(PROMPTS[0], max_tokens=4, seed=0)  # warm
         rounds = {repack: [] for repack in models}

@@ -43,8 +43,8 @@ MAX_TOKENS = 511
 # texts pull a pooled distinct-2 down), which moved the recommended α of one ARM 0.20–0.37; the guided sets at a
 # given α moved half as much (README, "Your own preference"). Base-only continuations cost one decode a token.
 BASE_DRAWS = 4
-# Continuations decoded together. On a CPU, llama.cpp decodes a batch of 8 rows or more with a faster kernel: 16 slots
-# sample a calibration's continuations about 3× faster than the 2 of a GuidedModel's default (2 cores, 1 thread).
+# Continuations decoded together. On a CPU, llama.cpp decodes a batch of 8 rows or more with a faster kernel: with 16
+# slots instead of a GuidedModel's default 2, the preference bench's calibrations took half the time (README).
 SLOTS = 16
 
 Prompt = str | Sequence[int]
