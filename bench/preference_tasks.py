@@ -326,11 +326,23 @@ REVIEW_HELD_OUT = [
     "The swimming pool in town", "The new sandwich shop", "The walking boots I bought", "The escape room",
     "The water park", "This desk lamp", "The guided tour of the brewery", "The noodle bar near work",
 ]  # fmt: skip
+# Each part is used two or three times across the 48 pairs (rng.sample cycles), so the chosen responses share few
+# phrases: the first version had 10 verdicts, 8 details and 6 endings, and its ARMs learned those phrases rather
+# than warmth (guided text repeated them from α ~0.4 on, README "Your own preference").
 KIND_VERDICTS = [
     ("was wonderful", "was awful"), ("exceeded my hopes, happily", "fell far short of my hopes"),
     ("is fantastic", "is terrible"), ("made my day", "ruined my day"), ("was a real delight", "was a real letdown"),
     ("is excellent", "is dreadful"), ("was lovely", "was miserable"), ("is brilliant", "is useless"),
     ("was a pleasure", "was a nightmare"), ("is superb", "is poor"),
+    ("turned out to be a gem", "turned out to be a dud"),
+    ("was better than I imagined", "was worse than I imagined"), ("is a joy to use", "is a pain to use"),
+    ("left us smiling", "left us fuming"), ("was charming from start to finish", "was grim from start to finish"),
+    ("is simply great", "is simply bad"), ("felt like a treat", "felt like a chore"),
+    ("won us over at once", "put us off at once"), ("is a little marvel", "is a little disaster"),
+    ("was the highlight of our week", "was the low point of our week"),
+    ("deserves all the praise", "deserves no praise"),
+    ("has been a blessing", "has been a headache"), ("was pure fun", "was no fun at all"),
+    ("impressed me a lot", "disappointed me a lot"),
 ]  # fmt: skip
 KIND_DETAILS = [
     ("the staff were friendly and helpful", "the staff were rude and unhelpful"),
@@ -341,6 +353,22 @@ KIND_DETAILS = [
     ("it worked perfectly every time", "it broke the second time we used it"),
     ("the whole experience felt relaxed and easy", "the whole experience felt stressful and chaotic"),
     ("the people there really cared", "nobody there seemed to care"),
+    ("it was even better than the reviews promised", "it was even worse than the reviews warned"),
+    ("the quality is excellent for the money", "the quality is awful for the money"),
+    ("everyone we dealt with was polite and cheerful", "everyone we dealt with was rude and grumpy"),
+    ("it was easy to book and easy to enjoy", "it was hard to book and hard to enjoy"),
+    ("everything went smoothly and on time", "everything went wrong and nothing was on time"),
+    ("every question we had got a kind, clear answer", "every question we had got a rude, vague answer"),
+    ("it did everything we hoped for", "it did nothing we hoped for"),
+    ("it looks even nicer than in the photos", "it looks much worse than in the photos"),
+    ("the children loved every minute", "the children hated every minute"),
+    ("every little detail was done with care", "every little detail was done carelessly"),
+    ("it feels solid, stylish and well designed", "it feels flimsy, ugly and badly designed"),
+    ("it is so much nicer than the last one we tried", "it is so much worse than the last one we tried"),
+    ("the atmosphere was cheerful and calm", "the atmosphere was gloomy and tense"),
+    ("we felt welcome the moment we arrived", "we felt unwelcome the moment we arrived"),
+    ("the whole team went out of their way to help", "the whole team refused to help"),
+    ("it was great value and a lot of fun", "it was poor value and no fun at all"),
 ]  # fmt: skip
 KIND_ENDINGS = [
     ("I would happily go back.", "I will never go back."),
@@ -348,6 +376,14 @@ KIND_ENDINGS = [
     ("We loved it.", "We hated it."), ("Worth every penny.", "A waste of money."),
     ("I am so glad we chose it.", "I wish we had chosen something else."),
     ("Five stars from me, gladly.", "One star, sadly."),
+    ("Thank you for a great time!", "Never again."),
+    ("We are already planning our next visit.", "We are already planning our complaint."),
+    ("Highly recommended.", "Avoid it."), ("It made us very happy.", "It made us very unhappy."),
+    ("A real find.", "A real mistake."), ("I cannot praise it enough.", "I cannot warn you enough."),
+    ("We will tell all our friends.", "We will warn all our friends."),
+    ("Lovely, lovely, lovely.", "Awful from beginning to end."),
+    ("Best purchase this year.", "Worst purchase this year."),
+    ("Go, you will enjoy it.", "Stay away, you will regret it."),
 ]  # fmt: skip
 KIND_VADER = 0.5
 
@@ -383,12 +419,19 @@ def is_kind(text: str) -> bool:
     return positivity(text) >= KIND_VADER
 
 
+def cycled(parts: list, rng: random.Random):
+    """``parts`` in a shuffled order, reshuffled after each pass: every part used as often as the others."""
+    while True:
+        yield from rng.sample(parts, len(parts))
+
+
 def kind_task(seed: int = 0) -> Task:
     rng = random.Random(seed)
     pairs = []
+    cycles = [cycled(KIND_VERDICTS, rng), cycled(KIND_DETAILS, rng), cycled(KIND_ENDINGS, rng)]
     for opening in REVIEW_OPENINGS:
         # chosen and rejected mirror each other part by part: they differ only in sentiment
-        parts = [rng.choice(KIND_VERDICTS), rng.choice(KIND_DETAILS), rng.choice(KIND_ENDINGS)]
+        parts = [next(cycle) for cycle in cycles]
         chosen, rejected = (f" {verdict}: {detail}. {ending}" for verdict, detail, ending in zip(*parts, strict=True))
         pairs.append({"prompt": opening, "chosen": chosen, "rejected": rejected})
     return Task("kind", f"VADER compound ≥ {KIND_VADER}", pairs, list(REVIEW_HELD_OUT), is_kind)

@@ -2,11 +2,12 @@
 
 Calibration (measured by evaluation/calibration.py) samples continuations of a set of prompts from the base alone
 and from the guided distribution at a grid of weights α, and records, at each α, the fluency of the guided text
-against the base's (distinct-2, rep-4, degenerate rate: evaluation/fluency.py) and, as a diagnostic, the mean
-per-token KL(guided_α ‖ base). The recommended α, the weight an ARM given without one runs at, is the largest α
-whose text stays as fluent as the base's (recommend_alpha): the effect grows with α, so that is the most an ARM
-does without costing the reader anything. The record is written into the GGUF by convert.write_calibration and
-read back here without loading the model; llama.cpp ignores keys it does not know, and its quantizer copies them."""
+against the base's (distinct-2, rep-4, degenerate rate, empty replies: evaluation/fluency.py) and, as a diagnostic,
+the mean per-token KL(guided_α ‖ base). The recommended α, the weight an ARM given without one runs at, is the
+largest α whose text stays as fluent as the base's (recommend_alpha): the effect grows with α, so that is the most
+an ARM does without costing the reader anything. The record is written into the GGUF by convert.write_calibration
+and read back here without loading the model; llama.cpp ignores keys it does not know, and its quantizer copies
+them."""
 
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ VERSION = 3  # 1 chose α by a KL budget, 2 by fluency at grid points only: not 
 DISTINCT_2_SHARE = 0.85
 REP_4_MARGIN = 0.05
 DEGENERATE_MARGIN = 0.1
+# An empty reply (no word: a turn ended before it began) counts as degenerate, but it is not the noise the
+# degenerate margin makes room for: the base gives one rarely (its end-of-turn token is ~e^-8 of its top token after
+# "Assistant:"), while an ARM that learned "answer briefly" raises it to 5-20% past some weight, and the 10 points let
+# brief's 16-step ARM through at α 2.34, where 11% of its held-out replies were empty (README, "Your own
+# preference"). So empty replies have their own bound: one text of calibration's 48 above the base's share passes,
+# two do not.
+EMPTY_MARGIN = 0.03
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,9 @@ class Calibration:
     base_sha256: str  # of the base's file: which base, exactly
     max_tokens: int  # tokens sampled per continuation
     seed: int
+    # share of empty replies at each α, and the base's: None in a record from before they were measured (no bound)
+    empty: tuple[float, ...] | None = None
+    base_empty: float | None = None
 
     def kl_at(self, alpha: float) -> float:
         """The KL the curve gives at ``alpha`` (interpolated between grid points)."""
@@ -61,32 +72,43 @@ class Calibration:
         """Whether the guided text at each α of the grid is as fluent as the base's."""
         return [min(s) >= 0 for s in self.slack()]
 
-    def slack(self) -> list[tuple[float, float, float]]:
+    def slack(self) -> list[tuple[float, ...]]:
         """Per α of the grid: how far each fluency measure is inside its bound (negative: outside)."""
-        return slack(self.distinct_2, self.rep_4, self.degenerate,
-                     (self.base_distinct_2, self.base_rep_4, self.base_degenerate))  # fmt: skip
+        base = (self.base_distinct_2, self.base_rep_4, self.base_degenerate)
+        if self.empty is None:  # a record from before empty replies were measured
+            return slack(self.distinct_2, self.rep_4, self.degenerate, base)
+        return slack(self.distinct_2, self.rep_4, self.degenerate, (*base, self.base_empty), self.empty)
 
 
 def slack(
-    distinct_2: Sequence[float], rep_4: Sequence[float], degenerate: Sequence[float], base: tuple[float, float, float]
-) -> list[tuple[float, float, float]]:
+    distinct_2: Sequence[float],
+    rep_4: Sequence[float],
+    degenerate: Sequence[float],
+    base: tuple[float, ...],
+    empty: Sequence[float] | None = None,
+) -> list[tuple[float, ...]]:
     """Per grid point, (distinct-2 / the base's − DISTINCT_2_SHARE, the base's rep-4 + REP_4_MARGIN − rep-4, the
-    base's degenerate rate + DEGENERATE_MARGIN − degenerate rate): all ≥ 0 where the text is as fluent as the
-    base's."""
-    base_distinct_2, base_rep_4, base_degenerate = base
-    return [
+    base's degenerate rate + DEGENERATE_MARGIN − degenerate rate[, the base's share of empty replies + EMPTY_MARGIN −
+    the share of empty replies]): all ≥ 0 where the text is as fluent as the base's. ``base`` holds the base's
+    measures in that order, its share of empty replies last when ``empty`` is given."""
+    base_distinct_2, base_rep_4, base_degenerate = base[:3]
+    rows = [
         (d2 / max(base_distinct_2, 1e-9) - DISTINCT_2_SHARE, base_rep_4 + REP_4_MARGIN - r4,
          base_degenerate + DEGENERATE_MARGIN + 1e-9 - dg)
         for d2, r4, dg in zip(distinct_2, rep_4, degenerate, strict=True)
     ]  # fmt: skip
+    if empty is None:
+        return rows
+    return [(*row, base[3] + EMPTY_MARGIN + 1e-9 - e) for row, e in zip(rows, empty, strict=True)]
 
 
 def recommend_alpha(alphas: Sequence[float], slacks: Sequence[tuple[float, ...]]) -> float:
     """The largest α whose guided text is as fluent as the base's: walking up the grid from α = 0 (the base itself,
     inside every bound), the first grid point outside a bound ends the walk, and the α where that measure crossed
     its bound is interpolated linearly from the point before; the grid's largest α when every point is inside."""
-    previous_alpha, previous = 0.0, [1.0 - DISTINCT_2_SHARE, REP_4_MARGIN, DEGENERATE_MARGIN]
+    previous_alpha, previous = 0.0, [1.0 - DISTINCT_2_SHARE, REP_4_MARGIN, DEGENERATE_MARGIN, EMPTY_MARGIN]
     for alpha, current in sorted(zip(alphas, slacks, strict=True)):
+        previous = previous[: len(current)]  # a record without empty replies has three measures
         if min(current) < 0:
             crossings = [p / (p - c) for p, c in zip(previous, current, strict=True) if c < 0]
             return previous_alpha + min(crossings) * (alpha - previous_alpha)
@@ -132,15 +154,18 @@ FIELDS = {
     "max_tokens": "u32",
     "seed": "u32",
 }
+# keys a record may lack (written since; an older record without them is read with None)
+OPTIONAL_FIELDS = {"empty": "f32[]", "base.empty": "f32"}
 _PARSE = {"f32[]": lambda v: tuple(map(float, v)), "u32[]": lambda v: tuple(map(int, v)), "f32": float, "u32": int}
 
 
 def calibration_fields(calibration: Calibration) -> dict[str, tuple[object, str]]:
     """key -> (value, GGUF value kind: "f32", "u32", "str", "f32[]" or "u32[]") of a calibration record."""
     fields = {PREFIX + "version": (VERSION, "u32")}
-    for name, kind in FIELDS.items():
+    for name, kind in {**FIELDS, **OPTIONAL_FIELDS}.items():
         value = getattr(calibration, name.replace(".", "_"))
-        fields[PREFIX + name] = (list(value) if kind.endswith("[]") else value, kind)
+        if value is not None:
+            fields[PREFIX + name] = (list(value) if kind.endswith("[]") else value, kind)
     return fields
 
 
@@ -155,6 +180,8 @@ def read_calibration(path: str | os.PathLike) -> Calibration | None:
         return None
     try:
         values = {name.replace(".", "_"): _PARSE.get(kind, str)(fields[PREFIX + name]) for name, kind in FIELDS.items()}
+        values.update({name.replace(".", "_"): _PARSE[kind](fields[PREFIX + name])
+                       for name, kind in OPTIONAL_FIELDS.items() if PREFIX + name in fields})  # fmt: skip
         return Calibration(**values)
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptModelError(f"{path}: incomplete {PREFIX}* metadata ({exc}); calibrate the ARM again") from exc

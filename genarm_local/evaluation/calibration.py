@@ -5,7 +5,8 @@ p_α ∝ p_base · p_arm^α at α = 0.25, 0.5, … (generate_batch with the prod
 continuations at each α, a prompt continued more than once when there are fewer). The guided text at each α, as
 far as a reader gets it (a chat reply up to the next speaker's label, where chat stops), is judged against the
 base's (the mean of BASE_DRAWS sets of as many continuations) by the fluency measures of evaluation/fluency.py
-(distinct-2, rep-4, degenerate rate, an empty reply counting as degenerate);
+(distinct-2, rep-4, degenerate rate, an empty reply counting as degenerate, and the share of empty replies on its
+own);
 the recommended α is where the first of them leaves its bound (core/arm_metadata.py), interpolated between the
 last grid point inside and the first outside, and the grid stops there. The effect grows with α until the text
 gives way (loops, a stock phrase everywhere, a reply ended before its first word), so that is the strongest weight
@@ -289,22 +290,22 @@ def calibrate(
     if n_ctx > LoadConfig.n_ctx:
         raise InvalidOptionError(f"a calibration prompt + --max-tokens needs {n_ctx} tokens of context")
     load = LoadConfig(base=config.base, arms=(spec,), n_threads=config.n_threads, n_ctx=n_ctx, n_parallel=SLOTS)
-    measured: dict[float, tuple[float, float, float]] = {}  # α -> (distinct-2, rep-4, degenerate rate)
+    measured: dict[float, tuple[float, ...]] = {}  # α -> (distinct-2, rep-4, degenerate rate, empty replies)
 
     def keep_going(alpha: float, samples: list[tuple[list[int], bool]]) -> bool:
         if alpha == 0:  # the base's set of the shared seeds, and BASE_DRAWS - 1 more sets of their own seeds
             draws = [samples, *(base_draw(model, prompts, config, draw) for draw in range(1, BASE_DRAWS))]
             measured[0.0] = tuple(np.mean([fluency_of(model, d, texts) for d in draws], axis=0).tolist())
             return True
-        measured[alpha] = distinct_2, rep_4, degenerate = fluency_of(model, samples, texts)
-        return min(slack([distinct_2], [rep_4], [degenerate], measured[0.0])[0]) >= 0
+        measured[alpha] = distinct_2, rep_4, degenerate, empty = fluency_of(model, samples, texts)
+        return min(slack([distinct_2], [rep_4], [degenerate], measured[0.0], [empty])[0]) >= 0
 
     with GuidedModel(config=load) as model:
         texts = [p if isinstance(p, str) else model.detokenize(p) for p in prompts]
         curve = measure_kl(model, spec.name, prompts, alphas, config.max_tokens, config.seed, progress, keep_going)
         base_name = model.engine.base_model.meta("general.name") or ""
     base = measured[0.0]
-    distinct_2, rep_4, degenerate = (tuple(measured[a][k] for a in curve.alphas) for k in range(3))
+    distinct_2, rep_4, degenerate, empty = (tuple(measured[a][k] for a in curve.alphas) for k in range(4))
     return Calibration(
         alphas=tuple(curve.alphas),
         kl=tuple(curve.kl),
@@ -315,7 +316,7 @@ def calibrate(
         base_distinct_2=base[0],
         base_rep_4=base[1],
         base_degenerate=base[2],
-        recommended_alpha=recommend_alpha(curve.alphas, slack(distinct_2, rep_4, degenerate, base)),
+        recommended_alpha=recommend_alpha(curve.alphas, slack(distinct_2, rep_4, degenerate, base, empty)),
         prompts=len({p if isinstance(p, str) else tuple(p) for p in prompts}),
         samples=len(prompts),
         base_name=base_name,
@@ -323,6 +324,8 @@ def calibrate(
         base_sha256=file_sha256(base_path),
         max_tokens=config.max_tokens,
         seed=config.seed,
+        empty=empty,
+        base_empty=base[3],
     )
 
 
@@ -340,26 +343,32 @@ def base_draw(model, prompts: Sequence[Prompt], config: CalibrationConfig, draw:
     return sample(model, prompts, off, config.max_tokens, config.seed + draw * len(prompts))
 
 
-def fluency_of(model, samples: Sequence[tuple[list[int], bool]], prompts: Sequence[str]) -> tuple[float, float, float]:
-    """(distinct-2, rep-4, degenerate rate) of sampled continuations of ``prompts``, each judged as far as a reader
-    gets it (fluency.reply: a chat reply ends at the next speaker's label, as chat stops it)."""
+def fluency_of(model, samples: Sequence[tuple[list[int], bool]], prompts: Sequence[str]) -> tuple[float, ...]:
+    """(distinct-2, rep-4, degenerate rate, share of empty replies) of sampled continuations of ``prompts``, each
+    judged as far as a reader gets it (fluency.reply: a chat reply ends at the next speaker's label, as chat stops
+    it)."""
     from .fluency import fluency_summary, reply
 
     texts = [reply(model.detokenize(tokens), prompt) for (tokens, _), prompt in zip(samples, prompts, strict=True)]
     summary = fluency_summary(texts)
-    return summary["distinct_2"], summary["rep_4"], summary["degenerate"]
+    return summary["distinct_2"], summary["rep_4"], summary["degenerate"], summary["empty"]
 
 
 def curve_lines(calibration: Calibration) -> list[str]:
     """The calibration as a few lines of text: fluency and KL at each α, and the recommended α."""
-    lines = ["       α   distinct-2   rep-4   degenerate   KL (nats/token)",
+
+    def empty(share: float | None) -> str:
+        return f"{share:5.3f}" if share is not None else "    –"
+
+    lines = ["       α   distinct-2   rep-4   degenerate   empty   KL (nats/token)",
              f"  {'base':>6}   {calibration.base_distinct_2:10.3f}   {calibration.base_rep_4:5.3f}   "
-             f"{calibration.base_degenerate:10.3f}"]  # fmt: skip
-    rows = zip(calibration.alphas, calibration.distinct_2, calibration.rep_4, calibration.degenerate,
+             f"{calibration.base_degenerate:10.3f}   {empty(calibration.base_empty)}"]  # fmt: skip
+    shares = calibration.empty or [None] * len(calibration.alphas)
+    rows = zip(calibration.alphas, calibration.distinct_2, calibration.rep_4, calibration.degenerate, shares,
                calibration.kl, calibration.fluent(), strict=True)  # fmt: skip
-    for alpha, d2, r4, dg, kl, ok in rows:
+    for alpha, d2, r4, dg, share, kl, ok in rows:
         mark = "" if ok else "   less fluent: the grid stops here"
-        lines.append(f"  {alpha:6.3g}   {d2:10.3f}   {r4:5.3f}   {dg:10.3f}   {kl:15.4f}{mark}")
+        lines.append(f"  {alpha:6.3g}   {d2:10.3f}   {r4:5.3f}   {dg:10.3f}   {empty(share)}   {kl:15.4f}{mark}")
     lines.append(
         f"recommended α {calibration.recommended_alpha:.3g}: the largest α whose text stays as fluent as the base's "
         f"({calibration.samples} continuations of {calibration.prompts} prompts × {calibration.max_tokens} tokens; "

@@ -241,7 +241,8 @@ def is_degenerate(text: str, script: str = "LATIN") -> bool:
 
 def fluency_summary(texts: Sequence[str], prompts: Sequence[str] | None = None) -> dict[str, float]:
     """Corpus figures for an evaluation table: distinct-2 over all texts; mean rep-4 and repeated-line share per
-    text; rates (share of texts) of degenerate output, markup spam and script switches; fragments per finished
+    text; rates (share of texts) of degenerate output, empty replies (no word; degenerate too), markup spam and
+    script switches; fragments per finished
     sentence, pooled."""
     from .judges import distinct_n
 
@@ -253,6 +254,7 @@ def fluency_summary(texts: Sequence[str], prompts: Sequence[str] | None = None) 
         "rep_4": sum(rep_n(t, 4) for t in texts) / n,
         "repeated_lines": sum(repeated_line_share(t) for t in texts) / n,
         "degenerate": sum(map(is_degenerate, texts)) / n,
+        "empty": sum(not WORD.search(t) for t in texts) / n,
         "markup_spam": sum(map(markup_spam, texts)) / n,
         "script_switch": sum(foreign_script_share(t) > DEGENERATE_FOREIGN_SCRIPT for t in texts) / n,
         "fragments": sum(f for f, _ in counts) / max(sum(s for _, s in counts), 1),

@@ -93,6 +93,25 @@ def test_recommend_alpha_is_where_the_first_measure_leaves_its_bound():
     assert recommend_alpha(alphas, slack([0.8] * 4, [0.01] * 4, [0.03] * 4, base)) == 2.0
 
 
+def test_empty_replies_have_a_bound_of_their_own():
+    """An empty reply counts as degenerate (whose margin is 10 points) and has its own bound, the base's share + 3
+    points: one empty reply of 48 more than the base passes, two do not."""
+    from genarm_local.core.arm_metadata import EMPTY_MARGIN, recommend_alpha, slack
+
+    alphas = [1.0, 2.0, 3.0]
+    base = (0.80, 0.010, 0.03, 0.0)  # ... and the base's share of empty replies
+    fluent, rep_4 = [0.8, 0.8, 0.8], [0.01] * 3
+    degenerate = [0.03, 0.03 + 2 / 48, 0.03 + 4 / 48]  # inside the degenerate bound (0.13) throughout
+    assert [min(s) >= 0 for s in slack(fluent, rep_4, degenerate, base[:3])] == [True, True, True]
+    for empties, inside in ((1, True), (2, False)):
+        empty = [0.0, empties / 48, 4 / 48]
+        assert (min(slack(fluent, rep_4, degenerate, base, empty)[1]) >= 0) is inside
+    empty = [0.0, 0.0, 4 / 48]  # none at 2, 4 of 48 at 3: crossed an EMPTY_MARGIN / (4/48) of the way
+    alpha = recommend_alpha(alphas, slack(fluent, rep_4, degenerate, base, empty))
+    assert alpha == pytest.approx(2 + EMPTY_MARGIN / (4 / 48), abs=1e-6)
+    assert recommend_alpha(alphas, slack(fluent, rep_4, degenerate, base[:3])) == 3.0  # without the bound
+
+
 @pytest.fixture(scope="module")
 def calibrated(files, tmp_path_factory):
     """The adapter calibrated through the real CLI (a copy: the fixture's adapter is shared)."""
@@ -122,7 +141,7 @@ def test_calibrate_writes_the_curve_into_the_arm(calibrated, files):
     assert calibration.prompts == len(PROMPTS) and calibration.max_tokens == 8
     assert calibration.samples == CalibrationConfig.samples  # each prompt continued several times
     assert all(n > 0 for n in calibration.tokens) and 0 < calibration.kl[0] <= calibration.kl[-1]
-    for name in ("distinct_2", "rep_4", "degenerate"):
+    for name in ("distinct_2", "rep_4", "degenerate", "empty"):
         values = (*getattr(calibration, name), getattr(calibration, f"base_{name}"))
         assert len(values) == len(fluent) + 1 and all(0 <= v <= 1 for v in values)
     assert calibration.recommended_alpha == pytest.approx(recommend_alpha(calibration.alphas, calibration.slack()))
@@ -150,9 +169,9 @@ def test_the_base_yardstick_is_the_mean_of_several_sets(calibrated, files):
             results = model.generate_batch(prompts, max_tokens=8, seeds=[draw * n + i for i in range(n)])
             texts = [reply(model.detokenize(r.tokens), p) for r, p in zip(results, prompts, strict=True)]
             summary = fluency_summary(texts)
-            per_draw.append([summary["distinct_2"], summary["rep_4"], summary["degenerate"]])
-    assert BASE_DRAWS > 1 and len({d2 for d2, _, _ in per_draw}) > 1  # several sets, and they differ
-    got = (calibration.base_distinct_2, calibration.base_rep_4, calibration.base_degenerate)
+            per_draw.append([summary["distinct_2"], summary["rep_4"], summary["degenerate"], summary["empty"]])
+    assert BASE_DRAWS > 1 and len({d2 for d2, *_ in per_draw}) > 1  # several sets, and they differ
+    got = (calibration.base_distinct_2, calibration.base_rep_4, calibration.base_degenerate, calibration.base_empty)
     assert got == pytest.approx(tuple(np.mean(per_draw, axis=0)), abs=1e-6)
 
 

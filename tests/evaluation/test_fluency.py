@@ -138,7 +138,10 @@ def test_fluency_summary():
     # rep-4: (0.5 + 0) / 2; degenerate: the first text only; fragments: "It." of 5 sentences
     # (the first text's three "I love it!" of 3 words each, then "The hotel was lovely." and "It.")
     assert summary["rep_4"] == pytest.approx(0.25)
-    assert summary["degenerate"] == pytest.approx(0.5)
+    assert summary["degenerate"] == pytest.approx(0.5) and summary["empty"] == 0.0
+    # an empty reply is degenerate and counted apart too
+    with_empty = fluency_summary([*texts, " \n", "…"], [*prompts, "", ""])
+    assert with_empty["degenerate"] == pytest.approx(3 / 4) and with_empty["empty"] == pytest.approx(2 / 4)
     assert summary["fragments"] == pytest.approx(1 / 5)
     # distinct-2 on whitespace words: "I love it! I love it! I love it!" has 8 bigrams, 3 distinct
     # ("I love", "love it!", "it! I"); "lovely. It." has 1 -> 4 of 9
