@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.arm_metadata import Calibration, recommend_alpha, slack
+from ..core.arm_metadata import DISTINCT_2_SHARE, Calibration, recommend_alpha, slack
 from ..core.config import SamplingConfig, option
 from ..core.errors import InputNotFoundError, InvalidOptionError
 
@@ -326,6 +326,7 @@ def calibrate(
         seed=config.seed,
         empty=empty,
         base_empty=base[3],
+        distinct_2_share=DISTINCT_2_SHARE,
     )
 
 

@@ -16,7 +16,7 @@ CALIBRATION = Calibration(
     alphas=(0.125, 0.25, 0.5, 1.0),
     kl=(0.01, 0.04, 0.15, 0.5),
     tokens=(100, 101, 102, 103),
-    distinct_2=(0.8, 0.78, 0.72, 0.7),
+    distinct_2=(0.8, 0.78, 0.72, 0.72),
     rep_4=(0.01, 0.0, 0.02, 0.05),
     degenerate=(0.0, 0.0625, 0.0, 0.125),
     base_distinct_2=0.81,
@@ -32,12 +32,13 @@ CALIBRATION = Calibration(
     seed=7,
     empty=(0.0, 0.0, 0.0, 0.0625),
     base_empty=0.0,
+    distinct_2_share=0.875,
 )
 
 
 def same_calibration(a: Calibration, b: Calibration) -> bool:
     floats = ("alphas", "kl", "distinct_2", "rep_4", "degenerate", "base_distinct_2", "base_rep_4",
-              "base_degenerate", "recommended_alpha", "empty", "base_empty")  # fmt: skip
+              "base_degenerate", "recommended_alpha", "empty", "base_empty", "distinct_2_share")  # fmt: skip
     exact = all(getattr(a, k) == getattr(b, k) for k in vars(a) if k not in floats)
     return exact and all(np.allclose(getattr(a, k), getattr(b, k), rtol=1e-6) for k in floats)
 
@@ -82,23 +83,30 @@ def test_calibrating_again_replaces_the_record(calibrated_model):
     assert same_calibration(read_calibration(calibrated_model), again)
 
 
-def test_a_record_from_before_empty_replies_were_measured_is_read_without_their_bound(calibrated_model):
-    """The shipped ARMs' records have no genarm.calibration.empty: read as None, judged by the three measures."""
+def test_a_record_from_before_empty_replies_were_measured_is_read_with_the_bounds_of_its_time(calibrated_model):
+    """The shipped ARMs' records have no genarm.calibration.empty nor .distinct_2_share: read as None, judged by the
+    three measures and the former distinct-2 share."""
     import dataclasses
 
     from genarm_local.convert import write_calibration
 
-    from genarm_local.core.arm_metadata import PREFIX, read_calibration
+    from genarm_local.core.arm_metadata import FORMER_DISTINCT_2_SHARE, PREFIX, read_calibration
 
-    older = dataclasses.replace(CALIBRATION, empty=None, base_empty=None)
+    older = dataclasses.replace(CALIBRATION, empty=None, base_empty=None, distinct_2_share=None)
     write_calibration(calibrated_model, older)
-    assert not {PREFIX + "empty", PREFIX + "base.empty"} & set(gguf.GGUFReader(calibrated_model).fields)
+    new_keys = {PREFIX + "empty", PREFIX + "base.empty", PREFIX + "distinct_2_share"}
+    assert not new_keys & set(gguf.GGUFReader(calibrated_model).fields)
     read = read_calibration(calibrated_model)
-    assert read.empty is None and read.base_empty is None and same_calibration(dataclasses.replace(read,
-        empty=CALIBRATION.empty, base_empty=CALIBRATION.base_empty), CALIBRATION)  # fmt: skip
+    assert read.empty is None and read.base_empty is None and read.distinct_2_share is None
+    assert same_calibration(dataclasses.replace(read, empty=CALIBRATION.empty, base_empty=CALIBRATION.base_empty,
+                                                distinct_2_share=0.875), CALIBRATION)  # fmt: skip
     assert all(len(s) == 3 for s in read.slack()) and all(len(s) == 4 for s in CALIBRATION.slack())
     # the empty reply at α = 1 (0.0625, base 0) is outside the bound of its own, inside the degenerate margin
     assert read.fluent() == [True, True, True, True] and CALIBRATION.fluent() == [True, True, True, False]
+    # distinct-2 at α = 0.5 is 0.889× the base's: inside either share; 0.86× is inside the former share only
+    assert read.slack()[2][0] == pytest.approx(0.72 / 0.81 - FORMER_DISTINCT_2_SHARE)
+    tighter = dataclasses.replace(CALIBRATION, distinct_2=(0.8, 0.78, 0.7, 0.72), empty=None, base_empty=None)
+    assert tighter.fluent()[2] is False and dataclasses.replace(tighter, distinct_2_share=None).fluent()[2]
 
 
 def test_a_failed_rewrite_leaves_the_file(calibrated_model, monkeypatch):

@@ -67,10 +67,19 @@ def test_kl_curve_matches_an_independent_float64_computation(files, hf_model, lo
 
 
 def test_recommend_alpha_is_where_the_first_measure_leaves_its_bound():
-    from genarm_local.core.arm_metadata import recommend_alpha, slack
+    from genarm_local.core.arm_metadata import recommend_alpha as recommend_of
+    from genarm_local.core.arm_metadata import slack as slack_of
 
     alphas = [0.25, 0.5, 1.0, 2.0]
     base = (0.80, 0.010, 0.03)  # distinct-2, rep-4, degenerate rate of the base's own text
+    share = 0.85  # of the base's distinct-2 (the mechanics, whatever DISTINCT_2_SHARE is)
+
+    def slack(*measures):
+        return slack_of(*measures, share=share)
+
+    def recommend_alpha(alphas, slacks):
+        return recommend_of(alphas, slacks, share)
+
     # distinct-2's bound is 0.85 × 0.80 = 0.68: inside at 0.5 (0.72), outside at 1 (0.64), crossed at 0.75
     distinct_2 = [0.78, 0.72, 0.64, 0.50]
     rep_4 = [0.01, 0.02, 0.03, 0.30]  # inside (≤ 0.06) up to 1
