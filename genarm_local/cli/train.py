@@ -27,8 +27,8 @@ def main(args: argparse.Namespace) -> None:
 
 def report(result, width: int = 100) -> list[str]:
     """The end of `train`: what was trained, which step's weights were kept and why, how well they separate
-    held-out pairs, how far they move the base (the calibration curve) and the weight to use, warnings about extreme
-    ARMs, then a few held-out prompts continued by the base and guided at that weight."""
+    held-out pairs, how far they move the base (the calibration curve) and the weight to use, a warning about a weak
+    ARM, then a few held-out prompts continued by the base and guided at that weight."""
     from ..evaluation.calibration import curve_lines
     from ..evaluation.showcase import sample_lines
     from ..train.selection import summary
