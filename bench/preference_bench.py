@@ -48,7 +48,7 @@ SEED = 1
 SAMPLES = 4
 # Sets of SAMPLES continuations a prompt, each its own seeds; a row's figures are the means over the sets. One set's
 # rate has a standard error of ~3.6 points near 85%, and its distinct-2 moved 0.7955x -> 0.807x the base's between
-# two seeds for the same ARM at the same α (kind's 3x ARM at 2a265bb): one set decided the bar by noise. Distinct-2
+# two seeds for the same ARM at the same α (kind's 3x ARM at 9efb6d2): one set decided the bar by noise. Distinct-2
 # is pooled within a set (96 texts, as the bar reads it) and averaged over sets, not pooled over all of them: pooled
 # distinct-2 falls as the number of texts grows.
 SEEDS = (1, 2, 3)

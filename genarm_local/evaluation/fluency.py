@@ -242,8 +242,7 @@ def is_degenerate(text: str, script: str = "LATIN") -> bool:
 def fluency_summary(texts: Sequence[str], prompts: Sequence[str] | None = None) -> dict[str, float]:
     """Corpus figures for an evaluation table: distinct-2 over all texts; mean rep-4 and repeated-line share per
     text; rates (share of texts) of degenerate output, empty replies (no word; degenerate too), markup spam and
-    script switches; fragments per finished
-    sentence, pooled."""
+    script switches; fragments per finished sentence, pooled."""
     from .judges import distinct_n
 
     prompts = prompts if prompts is not None else [""] * len(texts)

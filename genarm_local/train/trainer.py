@@ -180,7 +180,7 @@ def _show(config: TrainConfig, export: Path, alpha: float, rows: list, pairs: li
 
 def warnings(final: dict[str, float], calibration: Calibration | None) -> list[str]:
     # No warning for a sharp ARM whose text leaves the base's fluency before the grid's first α: it works at its
-    # weight (kind's 48-step ARM at α 0.197 warmed 90% of held-out replies, README "Your own preference"), and
+    # weight (kind's 48-step ARM at α 0.197 warmed 91% of held-out replies, README "Your own preference"), and
     # with the stricter distinct-2 share a 16-step ARM that warmed 88% at α 0.243 was told it had overshot.
     notes = []
     if calibration is not None and calibration.kl[-1] < WEAK_KL:
