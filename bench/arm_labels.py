@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from genarm_local.evaluation.fluency import echo_share, fragments, is_degenerate, junk_spans, rep_n, words
+from genarm_local.evaluation.fluency import echo_share, fragments, is_degenerate, is_empty, junk_spans, rep_n
 from genarm_local.evaluation.judges import positivity, sentence_tokens
 
 FLUENT_REP4 = 0.1  # stricter than the degenerate rule (0.2): a chosen text should not loop at all
@@ -42,7 +42,7 @@ def flaws(text: str, prompt: str, echo_source: str | None = None) -> list[str]:
     """What a reader would hold against ``text`` as a continuation of ``prompt`` (empty: fluent); a chat reply
     that mostly repeats ``echo_source`` (the user's turn, earlier replies) is an echo."""
     found = []
-    if not words(text):
+    if is_empty(text):
         found.append("empty")  # is_degenerate counts it too: named once, as what it is
     elif is_degenerate(text):
         found.append("degenerate")

@@ -82,34 +82,32 @@ class Calibration:
 
     def slack(self) -> list[tuple[float, ...]]:
         """Per α of the grid: how far each fluency measure is inside its bound (negative: outside)."""
-        base = (self.base_distinct_2, self.base_rep_4, self.base_degenerate)
+        # a record from before empty replies were measured counts none (their bound never binds), and one from
+        # before the share was stored is judged by the share its α was chosen with
+        empty = self.empty or (0.0,) * len(self.alphas)
+        base = (self.base_distinct_2, self.base_rep_4, self.base_degenerate, self.base_empty or 0.0)
         share = self.distinct_2_share or FORMER_DISTINCT_2_SHARE
-        if self.empty is None:  # a record from before empty replies were measured
-            return slack(self.distinct_2, self.rep_4, self.degenerate, base, share=share)
-        return slack(self.distinct_2, self.rep_4, self.degenerate, (*base, self.base_empty), self.empty, share)
+        return slack(self.distinct_2, self.rep_4, self.degenerate, empty, base, share)
 
 
 def slack(
     distinct_2: Sequence[float],
     rep_4: Sequence[float],
     degenerate: Sequence[float],
-    base: tuple[float, ...],
-    empty: Sequence[float] | None = None,
+    empty: Sequence[float],
+    base: tuple[float, float, float, float],
     share: float = DISTINCT_2_SHARE,
-) -> list[tuple[float, ...]]:
+) -> list[tuple[float, float, float, float]]:
     """Per grid point, (distinct-2 / the base's − ``share`` (DISTINCT_2_SHARE), the base's rep-4 + REP_4_MARGIN −
-    rep-4, the base's degenerate rate + DEGENERATE_MARGIN − degenerate rate[, the base's share of empty replies +
-    EMPTY_MARGIN − the share of empty replies]): all ≥ 0 where the text is as fluent as the base's. ``base``
-    holds the base's measures in that order, its share of empty replies last when ``empty`` is given."""
-    base_distinct_2, base_rep_4, base_degenerate = base[:3]
-    rows = [
+    rep-4, the base's degenerate rate + DEGENERATE_MARGIN − degenerate rate, the base's share of empty replies +
+    EMPTY_MARGIN − the share of empty replies): all ≥ 0 where the text is as fluent as the base's. ``base`` holds
+    the base's four measures in that order."""
+    base_distinct_2, base_rep_4, base_degenerate, base_empty = base
+    return [
         (d2 / max(base_distinct_2, 1e-9) - share, base_rep_4 + REP_4_MARGIN - r4,
-         base_degenerate + DEGENERATE_MARGIN + 1e-9 - dg)
-        for d2, r4, dg in zip(distinct_2, rep_4, degenerate, strict=True)
+         base_degenerate + DEGENERATE_MARGIN + 1e-9 - dg, base_empty + EMPTY_MARGIN + 1e-9 - e)
+        for d2, r4, dg, e in zip(distinct_2, rep_4, degenerate, empty, strict=True)
     ]  # fmt: skip
-    if empty is None:
-        return rows
-    return [(*row, base[3] + EMPTY_MARGIN + 1e-9 - e) for row, e in zip(rows, empty, strict=True)]
 
 
 def recommend_alpha(
@@ -120,7 +118,6 @@ def recommend_alpha(
     its bound is interpolated linearly from the point before; the grid's largest α when every point is inside."""
     previous_alpha, previous = 0.0, [1.0 - share, REP_4_MARGIN, DEGENERATE_MARGIN, EMPTY_MARGIN]
     for alpha, current in sorted(zip(alphas, slacks, strict=True)):
-        previous = previous[: len(current)]  # a record without empty replies has three measures
         if min(current) < 0:
             crossings = [p / (p - c) for p, c in zip(previous, current, strict=True) if c < 0]
             return previous_alpha + min(crossings) * (alpha - previous_alpha)

@@ -298,7 +298,7 @@ def calibrate(
             measured[0.0] = tuple(np.mean([fluency_of(model, d, texts) for d in draws], axis=0).tolist())
             return True
         measured[alpha] = distinct_2, rep_4, degenerate, empty = fluency_of(model, samples, texts)
-        return min(slack([distinct_2], [rep_4], [degenerate], measured[0.0], [empty])[0]) >= 0
+        return min(slack([distinct_2], [rep_4], [degenerate], [empty], measured[0.0])[0]) >= 0
 
     with GuidedModel(config=load) as model:
         texts = [p if isinstance(p, str) else model.detokenize(p) for p in prompts]
@@ -316,7 +316,7 @@ def calibrate(
         base_distinct_2=base[0],
         base_rep_4=base[1],
         base_degenerate=base[2],
-        recommended_alpha=recommend_alpha(curve.alphas, slack(distinct_2, rep_4, degenerate, base, empty)),
+        recommended_alpha=recommend_alpha(curve.alphas, slack(distinct_2, rep_4, degenerate, empty, base)),
         prompts=len({p if isinstance(p, str) else tuple(p) for p in prompts}),
         samples=len(prompts),
         base_name=base_name,

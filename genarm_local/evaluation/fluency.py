@@ -227,11 +227,16 @@ def echo_share(text: str, source: str, n: int = 3) -> float:
     return sum(gram in known for gram in grams) / len(grams)
 
 
+def is_empty(text: str) -> bool:
+    """No word at all: a reply that ended before it began."""
+    return not WORD.search(text)
+
+
 def is_degenerate(text: str, script: str = "LATIN") -> bool:
     """Degenerate output as the evaluations count it (DEGENERATE says the rule in words). An empty reply is one: a
     reader gets nothing (an ARM that learned to answer briefly, pushed too hard, ends the turn before a word)."""
     return (
-        not WORD.search(text)
+        is_empty(text)
         or rep_n(text, 4) > DEGENERATE_REP4
         or line_repeats(text) >= DEGENERATE_LINE_REPEATS
         or markup_spam(text)
@@ -253,7 +258,7 @@ def fluency_summary(texts: Sequence[str], prompts: Sequence[str] | None = None) 
         "rep_4": sum(rep_n(t, 4) for t in texts) / n,
         "repeated_lines": sum(repeated_line_share(t) for t in texts) / n,
         "degenerate": sum(map(is_degenerate, texts)) / n,
-        "empty": sum(not WORD.search(t) for t in texts) / n,
+        "empty": sum(map(is_empty, texts)) / n,
         "markup_spam": sum(map(markup_spam, texts)) / n,
         "script_switch": sum(foreign_script_share(t) > DEGENERATE_FOREIGN_SCRIPT for t in texts) / n,
         "fragments": sum(f for f, _ in counts) / max(sum(s for _, s in counts), 1),

@@ -90,7 +90,7 @@ def test_a_record_from_before_empty_replies_were_measured_is_read_with_the_bound
 
     from genarm_local.convert import write_calibration
 
-    from genarm_local.core.arm_metadata import FORMER_DISTINCT_2_SHARE, PREFIX, read_calibration
+    from genarm_local.core.arm_metadata import EMPTY_MARGIN, FORMER_DISTINCT_2_SHARE, PREFIX, read_calibration
 
     older = dataclasses.replace(CALIBRATION, empty=None, base_empty=None, distinct_2_share=None)
     write_calibration(calibrated_model, older)
@@ -100,7 +100,8 @@ def test_a_record_from_before_empty_replies_were_measured_is_read_with_the_bound
     assert read.empty is None and read.base_empty is None and read.distinct_2_share is None
     assert same_calibration(dataclasses.replace(read, empty=CALIBRATION.empty, base_empty=CALIBRATION.base_empty,
                                                 distinct_2_share=0.875), CALIBRATION)  # fmt: skip
-    assert all(len(s) == 3 for s in read.slack()) and all(len(s) == 4 for s in CALIBRATION.slack())
+    # no empty replies measured: their bound never binds
+    assert [s[3] for s in read.slack()] == pytest.approx([EMPTY_MARGIN] * 4) and CALIBRATION.slack()[3][3] < 0
     # the empty reply at α = 1 (0.0625, base 0) is outside the bound of its own, inside the degenerate margin
     assert read.fluent() == [True, True, True, True] and CALIBRATION.fluent() == [True, True, True, False]
     # distinct-2 at α = 0.5 is 0.889× the base's: inside either share; 0.86× is inside the former share only

@@ -74,8 +74,8 @@ def test_recommend_alpha_is_where_the_first_measure_leaves_its_bound():
     base = (0.80, 0.010, 0.03)  # distinct-2, rep-4, degenerate rate of the base's own text
     share = 0.85  # of the base's distinct-2 (the mechanics, whatever DISTINCT_2_SHARE is)
 
-    def slack(*measures):
-        return slack_of(*measures, share=share)
+    def slack(distinct_2, rep_4, degenerate, base):  # no empty replies, the base's or the guided text's
+        return slack_of(distinct_2, rep_4, degenerate, [0.0] * len(distinct_2), (*base, 0.0), share)
 
     def recommend_alpha(alphas, slacks):
         return recommend_of(alphas, slacks, share)
@@ -111,14 +111,15 @@ def test_empty_replies_have_a_bound_of_their_own():
     base = (0.80, 0.010, 0.03, 0.0)  # ... and the base's share of empty replies
     fluent, rep_4 = [0.8, 0.8, 0.8], [0.01] * 3
     degenerate = [0.03, 0.03 + 2 / 48, 0.03 + 4 / 48]  # inside the degenerate bound (0.13) throughout
-    assert [min(s) >= 0 for s in slack(fluent, rep_4, degenerate, base[:3])] == [True, True, True]
+    none = [0.0] * 3
+    assert [min(s) >= 0 for s in slack(fluent, rep_4, degenerate, none, base)] == [True, True, True]
     for empties, inside in ((1, True), (2, False)):
         empty = [0.0, empties / 48, 4 / 48]
-        assert (min(slack(fluent, rep_4, degenerate, base, empty)[1]) >= 0) is inside
+        assert (min(slack(fluent, rep_4, degenerate, empty, base)[1]) >= 0) is inside
     empty = [0.0, 0.0, 4 / 48]  # none at 2, 4 of 48 at 3: crossed an EMPTY_MARGIN / (4/48) of the way
-    alpha = recommend_alpha(alphas, slack(fluent, rep_4, degenerate, base, empty))
+    alpha = recommend_alpha(alphas, slack(fluent, rep_4, degenerate, empty, base))
     assert alpha == pytest.approx(2 + EMPTY_MARGIN / (4 / 48), abs=1e-6)
-    assert recommend_alpha(alphas, slack(fluent, rep_4, degenerate, base[:3])) == 3.0  # without the bound
+    assert recommend_alpha(alphas, slack(fluent, rep_4, degenerate, none, base)) == 3.0  # the same texts, none empty
 
 
 @pytest.fixture(scope="module")
